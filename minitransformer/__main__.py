@@ -1,0 +1,38 @@
+"""The command line: python -m minitransformer [demo|gradcheck|pretrain|figures|bench] ..."""
+import sys
+
+COMMANDS = {
+    "demo": "load the shipped base, train one task's adapter, prove the base unchanged (default)",
+    "gradcheck": "check every backward pass against finite differences (float64)",
+    "pretrain": "pretrain the shipped base checkpoint, deterministically",
+    "figures": "re-create the paper's figures into figures/ (add --quick for tiny sizes)",
+    "bench": "the performance benchmark (add --json PATH, --quick)",
+}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and not argv[0].startswith("-") else "demo"
+    rest = argv[1:] if argv and argv[0] == command else argv
+    if command in ("-h", "--help", "help"):
+        command = "help"
+    if command == "gradcheck":
+        from .gradcheck import main as run
+    elif command == "demo":
+        from .demo import main as run
+    elif command == "pretrain":
+        from .pretrain import main as run
+    elif command == "figures":
+        from .experiments import main as run
+    elif command == "bench":
+        from .bench import main as run
+    else:
+        print("usage: python -m minitransformer [command] [options]\n")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<10} {text}")
+        return 0 if command == "help" else 2
+    return run(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Gradient checks: centred finite differences in float64 against the hand-written backward.
+
+    numerical  dL/dx_i ~ (L(x + h e_i) - L(x - h e_i)) / 2h,   h = 1e-5, entry restored after
+    rel_error  = max|a - n| / max(max|a| + max|n|, tiny)        over one whole array, tiny = 1e-3
+
+Why over the whole array (max norms) rather than entry by entry: a finite difference carries
+round-off of about 1e-16 |L| / h ~ 1e-11, so an entry whose true gradient is ~0 would divide
+that noise by ~0 and report a "failure" that is no bug. Why tiny = 1e-3: some gradients are
+exactly zero by the maths (the key bias b_k: softmax ignores a shift shared by every key), and
+for an array whose gradient is below 1e-3 everywhere the check becomes an absolute one,
+|a - n| <= threshold * 1e-3 = 1e-10, still ten times tighter than a wrong backward could pass.
+A wrong backward is off by a fraction of the array's scale, not by 1e-7 of it.
+
+Check at a generic point: with the usual 0.02 init, activations are tiny and many gradients
+sink to the round-off floor. The checks therefore use larger weights (init_std ~0.3) and
+LayerNorm parameters moved away from 1 and 0.
+
+Operations are checked against a random linear functional L = sum(out * R) of their output,
+so that every output entry matters with its own weight. Thresholds (float64):
+OP_THRESHOLD = 1e-7 for one operation, MODEL_THRESHOLD = 1e-6 for a whole model's loss.
+"""
+import numpy as np
+
+OP_THRESHOLD = 1e-7
+MODEL_THRESHOLD = 1e-6
+
+
+def rel_error(a, n, tiny=1e-3):
+    """Relative error between an analytic and a numerical gradient array (see module doc)."""
+    a, n = np.asarray(a, np.float64), np.asarray(n, np.float64)
+    if a.shape != n.shape:
+        raise ValueError(f"a: expected the shape of the numerical gradient {n.shape}, got {a.shape}")
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - n)) / max(np.max(np.abs(a)) + np.max(np.abs(n)), tiny))
+
+
+def numerical_gradient(f, x, h=1e-5):
+    """dL/dx by centred differences. f() -> float reads x; x is perturbed in place, one entry
+    at a time, and every entry is restored exactly before the next."""
+    if x.dtype != np.float64:
+        raise TypeError(f"x: expected float64 for a gradient check, got {x.dtype}")
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)  # views: writing flat writes x
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        fp = f()
+        flat[i] = old - h
+        fm = f()
+        flat[i] = old  # restored bit for bit
+        gflat[i] = (fp - fm) / (2 * h)
+    return grad
+
+
+def random_functional(shape, seed):
+    """R with unit-variance entries scaled by 1/sqrt(size): L = sum(out * R) stays O(1) however
+    large the output, and so does the finite differences' round-off (~1e-16 |L| / h)."""
+    R = np.random.default_rng(seed).standard_normal(shape)
+    return R / np.sqrt(max(R.size, 1))
+
+
+def check_function(forward, backward, inputs, wrt=None, seed=0, h=1e-5):
+    """Check backward against finite differences for every array in `wrt` (default: all inputs).
+
+    forward(**inputs) -> (out, cache);  backward(dout, cache) -> {name: gradient}.
+    Returns {name: relative error}.
+    """
+    wrt = list(inputs) if wrt is None else wrt
+    out, cache = forward(**inputs)
+    R = random_functional(np.shape(out), seed)
+    analytic = backward(R.copy(), cache)  # a copy: a backward must not write into dout, but if it did...
+
+    def L():
+        return float(np.sum(forward(**inputs)[0] * R))
+
+    return {name: rel_error(analytic[name], numerical_gradient(L, inputs[name], h)) for name in wrt}
+
+
+def check_module(module, x, seed=0, **kwargs):
+    """Check a container (LayerNorm, Attention, Adapter, ...): its input and every trainable
+    parameter. Returns {"x" or parameter name: relative error}."""
+    out, cache = module.forward(x, **kwargs)
+    R = random_functional(out.shape, seed)
+    for p in module.parameters():
+        p.grad = None
+    dx = module.backward(R.copy(), cache)
+
+    def L():
+        return float(np.sum(module.forward(x, **kwargs)[0] * R))
+
+    errors = {"x": rel_error(dx, numerical_gradient(L, x))}
+    for p in module.parameters():
+        if p.trainable:
+            errors[p.name] = rel_error(p.grad, numerical_gradient(L, p.value))
+    return errors
+
+
+def check_model(model, ids, targets, pad_mask=None, head="lm", dropout_seed=None):
+    """Check the whole model's loss against every parameter.
+
+    Returns rows (name, shape, trainable, error) with error None for a frozen parameter, and
+    raises if a frozen parameter received a gradient. With dropout_seed, the model runs in
+    training mode and every forward draws the same dropout masks from a generator seeded anew.
+    """
+    train = dropout_seed is not None
+
+    def L(backward=False):
+        rng = np.random.default_rng(dropout_seed) if train else None
+        return model.loss(ids, targets, pad_mask, head, train=train, rng=rng, backward=backward)[0]
+
+    model.zero_grad()
+    L(backward=True)
+    rows = []
+    for name, p in model.named_parameters().items():
+        if not p.trainable:
+            if p.grad is not None:
+                raise AssertionError(f"{name}: frozen, yet it received a gradient")
+            rows.append((name, p.value.shape, False, None))
+            continue
+        # a trainable parameter the loss does not use (the LM head under head="cls") gets no
+        # gradient at all; its finite differences must then be zero too
+        analytic = np.zeros_like(p.value) if p.grad is None else p.grad
+        rows.append((name, p.value.shape, True, rel_error(analytic, numerical_gradient(L, p.value))))
+    return rows
+
+
+# ----------------------------------------------------------------------------- every operation
+
+
+def operation_checks(seed=0):
+    """Check every forward/backward pair on small random float64 inputs.
+
+    Yields (operation, input name, shape, relative error) for each input and parameter.
+    """
+    from . import layers as L
+    from .adapters import adapter_backward, adapter_forward
+    from .attention import attention_backward, attention_bias, attention_forward
+    from .losses import cross_entropy_backward, cross_entropy_forward
+    rng = np.random.default_rng(seed)
+
+    def randn(*shape):
+        return rng.standard_normal(shape)
+
+    def run(op, fwd, bwd, inputs, wrt=None, h=1e-5):
+        for name, err in check_function(fwd, bwd, inputs, wrt, seed, h).items():
+            yield op, name, inputs[name].shape, err
+
+    yield from run("linear", L.linear_forward,
+                   lambda d, c: dict(zip(("x", "W", "b"), L.linear_backward(d, c))),
+                   {"x": randn(2, 3, 4), "W": randn(4, 5), "b": randn(5)})
+    ids = np.array([[1, 3, 3], [0, 4, 1]])  # token 3 twice: its gradient rows must add
+    yield from run("token embedding", lambda W: L.embedding_forward(ids, W),
+                   lambda d, c: {"W": L.embedding_backward(d, c)}, {"W": randn(6, 4)})
+    yield from run("position embedding", lambda W: (lambda o, c: (o + np.zeros((2, 1, 1)), c))(
+                       *L.position_forward(3, W)),
+                   lambda d, c: {"W": L.position_backward(d, c)}, {"W": randn(5, 4)})
+    ln_backward = lambda d, c: dict(zip(("x", "gamma", "beta"), L.layernorm_backward(d, c)))  # noqa: E731
+    yield from run("layernorm", L.layernorm_forward, ln_backward,
+                   {"x": randn(2, 3, 6), "gamma": randn(6), "beta": randn(6)})
+    # A constant row has variance 0: the function then curves on the scale sqrt(eps) ~ 3e-3,
+    # and h = 1e-5 leaves a truncation error ~ (h / sqrt(eps))^2 ~ 1e-7 (measured: 3.5e-7);
+    # h = 1e-6 brings it to 3e-9. The backward itself is exact either way.
+    x = randn(2, 3, 6)
+    x[0, 1] = 0.7
+    yield from run("layernorm (constant row, h=1e-6)", L.layernorm_forward, ln_backward,
+                   {"x": x, "gamma": randn(6), "beta": randn(6)}, h=1e-6)
+    for act in ("gelu", "relu", "tanh"):
+        fwd, bwd = L.ACTIVATIONS[act]
+        z = randn(3, 7)
+        z[np.abs(z) < 0.05] = 0.5  # keep relu's kink away from the finite differences
+        yield from run(act, fwd, lambda d, c, bwd=bwd: {"x": bwd(d, c)}, {"x": z})
+    s = randn(2, 3, 5)
+    s[0, 0, 1:3] = -np.inf  # masked entries
+    s[1, 2, :] = -np.inf  # a fully masked row: output 0, no NaN
+    masked = np.isinf(s)
+    yield from run("softmax (masked)", lambda x: L.softmax_forward(np.where(masked, -np.inf, x)),
+                   lambda d, c: {"x": L.softmax_backward(d, c)}, {"x": np.where(masked, 0.0, s)})
+    yield from run("dropout (p=0.3, replayed)",
+                   lambda x: L.dropout_forward(x, 0.3, np.random.default_rng(1), True),
+                   lambda d, c: {"x": L.dropout_backward(d, c)}, {"x": randn(4, 5)})
+    C, H = 6, 2
+    w = {f"{k}_{n}": randn(C, C) * 0.5 if k == "W" else randn(C) * 0.5 for n in "qkvo" for k in "Wb"}
+    pad = np.array([[True] * 4, [True, True, True, False]])
+    for label, bias in (("attention (causal + padding)", attention_bias(4, True, pad, np.float64)),
+                        ("attention (padding)", attention_bias(4, False, pad, np.float64))):
+        names = list(w)
+        yield from run(label,
+                       lambda x, **ws: attention_forward(x, ws, H, bias),
+                       lambda d, c: dict(x=attention_backward(d, c)[0], **attention_backward(d, c)[1]),
+                       {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}}, ["x"] + names)
+    for act, skip, scaling in (("gelu", True, 1.0), ("relu", True, 1.0), ("tanh", True, 1.0),
+                               ("gelu", False, 4.0)):
+        label = f"adapter ({act}{', skip' if skip else ', parallel branch, s=4'})"
+        aw = {"W_down": randn(C, 3) * 0.5, "b_down": randn(3), "W_up": randn(3, C) * 0.5, "b_up": randn(C)}
+        h = randn(2, 4, C)
+        h[np.abs(h) < 0.05] = 0.5
+        yield from run(label,
+                       lambda h, **ws: adapter_forward(h, ws, act, skip, scaling),
+                       lambda d, c: dict(h=adapter_backward(d, c)[0], **adapter_backward(d, c)[1]),
+                       {"h": h, **aw})
+    targets = np.array([[1, 0, -100], [2, -100, 3]])  # -100: ignored positions
+
+    def ce_forward(logits):
+        loss, cache = cross_entropy_forward(logits, targets)
+        return np.array(loss), cache
+    yield from run("cross-entropy (ignored positions)", ce_forward,
+                   lambda d, c: {"logits": float(d) * cross_entropy_backward(c)}, {"logits": randn(2, 3, 4)})
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _generic_model(norm, head, placement=None, seed=0):
+    """A small float64 model at a generic point (see module doc), masks and dropout on."""
+    from .adapters import AdapterConfig
+    from .model import ModelConfig, Transformer
+    cfg = ModelConfig(vocab_size=11, max_len=8, d_model=8, n_heads=2, n_layers=2, d_ff=16,
+                      norm=norm, causal=head == "lm", pooling="mean" if norm == "pre" else "first",
+                      n_classes=3, dropout=0.1, init_std=0.3, dtype="float64")
+    model = Transformer(cfg, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    for ln in model.norms().values():
+        for p in ln.parameters():
+            p.value += 0.3 * rng.standard_normal(p.value.shape)
+    if placement:
+        model.add_adapter("task", AdapterConfig(bottleneck=3, init_std=0.3, placement=placement),
+                          n_classes=3, seed=seed)
+        model.train_adapter("task")
+    ids = rng.integers(0, cfg.vocab_size, (3, 6))
+    pad_mask = np.ones((3, 6), bool)
+    pad_mask[1, 4:] = False  # one padded sequence
+    if head == "lm":
+        targets = rng.integers(0, cfg.vocab_size, (3, 6))
+        targets[~pad_mask] = -100  # padded positions do not count
+    else:
+        targets = np.array([0, 2, 1])
+    return model, ids, targets, pad_mask
+
+
+def model_variants():
+    """(label, norm, head, placement) of every model the command checks."""
+    out = [(f"{norm}-LN, {head} head", norm, head, None) for norm in ("post", "pre") for head in ("lm", "cls")]
+    out += [(f"{norm}-LN, cls head, {pl} adapters, base frozen", norm, "cls", pl)
+            for norm in ("post", "pre") for pl in ("houlsby", "ffn", "parallel")]
+    return out
+
+
+def main(argv=None):
+    """python -m minitransformer gradcheck: every operation, then every parameter of every model."""
+    import time
+
+    start, worst, failed = time.time(), 0.0, []
+    print(f"Gradient checks, float64, centred differences (h=1e-5). Thresholds: "
+          f"{OP_THRESHOLD:.0e} per operation, {MODEL_THRESHOLD:.0e} per model.\n")
+    print(f"{'operation':<34}{'input':<12}{'shape':<16}{'rel. error':>12}")
+    for op, name, shape, err in operation_checks():
+        flag = "" if err <= OP_THRESHOLD else "  FAIL"
+        print(f"{op:<34}{name:<12}{str(shape):<16}{err:>12.2e}{flag}")
+        worst = max(worst, err)
+        if flag:
+            failed.append(f"{op}: {name}")
+    for label, norm, head, placement in model_variants():
+        model, ids, targets, pad_mask = _generic_model(norm, head, placement)
+        print(f"\nmodel: {label} (causal={model.config.causal}, padding mask, dropout 0.1 replayed)")
+        print(f"{'parameter':<40}{'shape':<12}{'trainable':<11}{'max rel. error':>30}")
+        try:
+            rows = check_model(model, ids, targets, pad_mask, head, dropout_seed=7)
+        except AssertionError as e:  # a frozen parameter received a gradient
+            print(f"FAIL: {e}")
+            failed.append(f"{label}: {e}")
+            continue
+        for name, shape, trainable, err in rows:
+            if err is None:
+                print(f"{name:<40}{str(shape):<12}{'no':<11}{'frozen — no gradient computed':>30}")
+                continue
+            flag = "" if err <= MODEL_THRESHOLD else "  FAIL"
+            print(f"{name:<40}{str(shape):<12}{'yes':<11}{err:>30.2e}{flag}")
+            worst = max(worst, err)
+            if flag:
+                failed.append(f"{label}: {name}")
+    print(f"\n{len(failed)} check(s) failed{': ' + ', '.join(failed) if failed else ''}; "
+          f"{time.time() - start:.1f} s")
+    print(f"max relative error: {worst:.2e}")
+    return 1 if failed else 0

@@ -1,0 +1,259 @@
+"""Pure forward/backward pairs for the transformer's building blocks.
+
+Every operation comes as two functions that sit next to each other:
+
+    out, cache = X_forward(...)      # cache: exactly what the backward needs
+    dx, ...    = X_backward(dout, cache)
+
+The backward unpacks its cache on its first line and replays the forward in reverse.
+Every function keeps the dtype of its input (float32 for training, float64 for gradient
+checks): constants are cast to the input's dtype, because a NumPy float64 scalar would
+silently promote a float32 array.
+
+Shape legend (used in comments throughout the package):
+    B  batch size            T  sequence length        C  model width (d_model)
+    H  number of heads       hs head size (C // H)     V  vocabulary size
+    F  feed-forward width    m  adapter bottleneck     N  any leading shape (B, T, ...)
+"""
+import numpy as np
+
+# ----------------------------------------------------------------------------- linear
+
+
+def linear_forward(x, W, b):
+    """y = x @ W + b.   x (..., d_in), W (d_in, d_out), b (d_out,) -> y (..., d_out)."""
+    out = x @ W + b  # (..., d_in) @ (d_in, d_out) -> (..., d_out)
+    cache = (x, W)  # x is needed for dW, W for dx
+    return out, cache
+
+
+def linear_backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
+    """dout (..., d_out) -> dx (..., d_in), dW (d_in, d_out), db (d_out,).
+
+    A gradient that is not needed is not computed and comes back as None: a frozen
+    weight skips its matrix product `x.T @ dout` entirely (that is where training only
+    adapters saves compute), while dx still flows down to the layers below.
+    """
+    x, W = cache
+    dx = dout @ W.T if need_dx else None  # (..., d_out) @ (d_out, d_in) -> (..., d_in)
+    dW = db = None
+    if need_dW or need_db:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in), a view: no copy
+        d2 = dout.reshape(-1, dout.shape[-1])  # (N, d_out)
+        if need_dW:
+            dW = x2.T @ d2  # forward was y = x @ W, so dW = x.T @ dy: (d_in, N) @ (N, d_out)
+        if need_db:
+            db = d2.sum(axis=0)  # b was broadcast over every row, so its gradient sums them
+    return dx, dW, db
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def embedding_forward(ids, W):
+    """Token embedding lookup.   ids (B, T) ints, W (V, C) -> out (B, T, C)."""
+    out = W[ids]  # fancy indexing copies the rows
+    cache = (ids, W.shape)
+    return out, cache
+
+
+def embedding_backward(dout, cache):
+    """dout (B, T, C) -> dW (V, C). Ids have no gradient.
+
+    A token that appears twice receives both rows' gradients: np.add.at accumulates
+    over repeated indices, where dW[ids] += dout would keep only one of them.
+    """
+    ids, W_shape = cache
+    dW = np.zeros(W_shape, dtype=dout.dtype)
+    np.add.at(dW, ids.reshape(-1), dout.reshape(-1, W_shape[1]))
+    return dW
+
+
+def position_forward(T, W_pos):
+    """Learned position embedding.   W_pos (T_max, C) -> out (T, C), broadcast over B."""
+    out = W_pos[:T]  # a view: the caller adds it, never writes it
+    cache = (T, W_pos.shape)
+    return out, cache
+
+
+def position_backward(dout, cache):
+    """dout (B, T, C) -> dW_pos (T_max, C): rows beyond T got no gradient."""
+    T, W_shape = cache
+    dW = np.zeros(W_shape, dtype=dout.dtype)
+    dW[:T] = dout.sum(axis=0)  # the same row was added to every sequence of the batch
+    return dW
+
+
+# ----------------------------------------------------------------------------- layernorm
+
+
+def layernorm_forward(x, gamma, beta, eps=1e-5):
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta over the last axis.
+
+    x (..., C), gamma (C,), beta (C,) -> y (..., C). A constant row has var = 0 and
+    gives xhat = 0 with the finite scale 1/sqrt(eps): no NaN, finite gradients.
+    """
+    mu = x.mean(axis=-1, keepdims=True)  # (..., 1)
+    xc = x - mu  # (..., C)
+    var = np.mean(xc * xc, axis=-1, keepdims=True)  # (..., 1), biased like PyTorch
+    rstd = 1 / np.sqrt(var + x.dtype.type(eps))  # (..., 1), in x's dtype
+    xhat = xc * rstd  # (..., C)
+    out = xhat * gamma + beta
+    cache = (xhat, rstd, gamma)  # xhat and rstd make the backward one pass, no recompute
+    return out, cache
+
+
+def layernorm_backward(dout, cache, need_dx=True, need_dparams=True):
+    """dout (..., C) -> dx (..., C), dgamma (C,), dbeta (C,)."""
+    xhat, rstd, gamma = cache
+    dgamma = dbeta = None
+    if need_dparams:
+        C = dout.shape[-1]
+        d2, xh2 = dout.reshape(-1, C), xhat.reshape(-1, C)
+        dgamma = np.einsum("nc,nc->c", d2, xh2)  # forward was y = xhat * gamma + beta
+        dbeta = d2.sum(axis=0)
+    dx = None
+    if need_dx:
+        dxhat = dout * gamma  # (..., C)
+        # xhat = (x - mu) * rstd, with mu and rstd themselves functions of x. Written out
+        # (derived in the notebooks): dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        m1 = dxhat.mean(axis=-1, keepdims=True)
+        m2 = np.mean(dxhat * xhat, axis=-1, keepdims=True)
+        dx = dxhat
+        dx -= m1  # dxhat is our own temporary, so in-place steps are safe here
+        dx -= xhat * m2
+        dx *= rstd
+    return dx, dgamma, dbeta
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def gelu_forward(x):
+    """GELU, tanh form: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))).  x (N) -> (N)."""
+    t = x.dtype.type
+    k, a = t(np.sqrt(2.0 / np.pi)), t(0.044715)  # constants in x's dtype (see STYLE.md)
+    inner = x * x  # x^2, then built up in place to keep memory traffic low
+    inner *= a
+    inner += 1
+    inner *= x
+    inner *= k  # inner = k * (x + a x^3)
+    th = np.tanh(inner, out=inner)  # tanh(inner), overwriting inner
+    out = th + 1
+    out *= x
+    out *= t(0.5)
+    cache = (x, th)  # tanh is the expensive part: store it rather than recompute
+    return out, cache
+
+
+def gelu_backward(dout, cache):
+    """dout (N) -> dx (N).
+
+    forward was y = 0.5 x (1 + th), th = tanh(u), u = k (x + a x^3), so
+    dy/dx = 0.5 (1 + th) + 0.5 x (1 - th^2) k (1 + 3 a x^2).
+    """
+    x, th = cache
+    t = x.dtype.type
+    k, a = t(np.sqrt(2.0 / np.pi)), t(0.044715)
+    du = x * x
+    du *= t(3) * a
+    du += 1
+    du *= k  # du/dx = k (1 + 3 a x^2)
+    sech2 = th * th
+    np.subtract(1, sech2, out=sech2)  # 1 - th^2 = d tanh(u) / du
+    du *= sech2
+    du *= x
+    du += th
+    du += 1
+    du *= t(0.5)  # dy/dx
+    du *= dout
+    return du
+
+
+def relu_forward(x):
+    """max(x, 0).   x (N) -> (N)."""
+    out = np.maximum(x, 0)
+    return out, x > 0
+
+
+def relu_backward(dout, cache):
+    positive = cache
+    return dout * positive  # a new array: dout is the caller's and stays untouched
+
+
+def tanh_forward(x):
+    """tanh(x).   x (N) -> (N)."""
+    out = np.tanh(x)
+    return out, out
+
+
+def tanh_backward(dout, cache):
+    out = cache
+    return dout * (1 - out * out)  # d tanh / dx = 1 - tanh^2
+
+
+ACTIVATIONS = {
+    "gelu": (gelu_forward, gelu_backward),
+    "relu": (relu_forward, relu_backward),
+    "tanh": (tanh_forward, tanh_backward),
+}
+
+
+# ----------------------------------------------------------------------------- softmax
+
+
+def softmax_forward(x):
+    """Numerically stable softmax over the last axis.   x (..., K) -> p (..., K).
+
+    Subtracting the row maximum keeps exp() from overflowing. Entries equal to -inf are
+    masked out and get probability 0; a row that is -inf everywhere (a query with no key
+    it may attend to) gets all zeros instead of 0/0 = NaN.
+    """
+    m = x.max(axis=-1, keepdims=True)
+    m[~np.isfinite(m)] = 0  # fully masked rows: subtract nothing, exp(-inf) = 0 everywhere
+    p = x - m
+    np.exp(p, out=p)
+    s = p.sum(axis=-1, keepdims=True)
+    s[s == 0] = 1  # fully masked rows stay 0 instead of 0/0
+    p /= s
+    cache = p  # the backward needs only the output
+    return p, cache
+
+
+def softmax_backward(dout, cache):
+    """dout (..., K) -> dx (..., K).   forward was p = exp(x) / sum exp(x), so
+    dx = p * (dout - sum(dout * p)). Masked entries have p = 0 and get no gradient."""
+    p = cache
+    dx = dout * p
+    dx -= p * dx.sum(axis=-1, keepdims=True)  # p*dout - p*sum(p*dout)
+    return dx
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def dropout_forward(x, p, rng=None, train=True):
+    """Inverted dropout: zero each entry with probability p, scale the rest by 1/(1-p).
+
+    x (N) -> (N). In eval mode (train=False) or with p = 0 it is the identity. The mask
+    comes from `rng` (a np.random.Generator), so a gradient check can replay it by
+    passing a generator seeded the same way.
+    """
+    if not train or p == 0:
+        return x, None
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout p: expected 0 <= p < 1, got {p}")
+    if rng is None:
+        raise ValueError("rng: dropout in training mode needs a np.random.Generator, got None")
+    mask = rng.random(x.shape, dtype=x.dtype) >= p  # keep with probability 1 - p
+    scale = x.dtype.type(1 / (1 - p))
+    out = x * mask * scale
+    cache = (mask, scale)
+    return out, cache
+
+
+def dropout_backward(dout, cache):
+    if cache is None:
+        return dout  # identity: the gradient passes unchanged (and is not written to)
+    mask, scale = cache
+    return dout * mask * scale
