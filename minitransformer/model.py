@@ -294,6 +294,16 @@ class Transformer:
         self.freeze()
         self.unfreeze(f"adapters.{name}.*")
 
+    def save_adapter(self, name, path):
+        """Save adapter `name` (weights, head, its LayerNorms when trained, config) to an .npz."""
+        from .checkpoint import save_adapter
+        save_adapter(self, name, path)
+
+    def load_adapter(self, path, name=None):
+        """Add the adapter saved at `path` (validated first; the model is untouched on error)."""
+        from .checkpoint import load_adapter
+        return load_adapter(self, path, name)
+
     # ------------------------------------------------------------------ forward and backward
 
     def _check_inputs(self, ids, pad_mask):
