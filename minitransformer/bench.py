@@ -1,0 +1,317 @@
+"""The performance benchmark: `python -m minitransformer bench [--quick] [--json PATH]`.
+
+On the standard configuration (vocab 128, C 256, 4 layers, 4 heads, F 1024, T 128, B 16,
+Houlsby adapters with m = 64, float32, post-LN) it measures, after warm-up, the median of
+several repetitions of:
+  full_step_s         forward, loss, backward and AdamW update, every weight trainable
+  adapter_step_s      the same step training only the adapters, their LayerNorms and head
+  forward_s           the inference forward pass of the bare base
+  forward_adapters_s  the same with adapters of each size m in {8, 64, 256}
+  matmul_gflops       the machine's float32 matrix-product rate on the model's weight shapes
+  step_gflops         the counted matrix-product work of a full step / full_step_s
+  peak_memory_mb      the tracemalloc peak during one step (see `peak_memory`)
+
+The repetitions of every measurement are interleaved (full, adapter, forwards, full, ...),
+so that a burst of load from other processes hits all of them alike: the ratios within one
+run are the measure, the absolute times vary with the machine and its load.
+Both steps use the classification head ("cls"): full fine-tuning against adapter tuning.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+import tracemalloc
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import optim
+from .adapters import AdapterConfig
+from .model import ModelConfig, Transformer
+
+
+@dataclass
+class BenchConfig:
+    vocab_size: int = 128  # V
+    d_model: int = 256  # C
+    n_layers: int = 4
+    n_heads: int = 4  # H
+    d_ff: int = 1024  # F
+    seq_len: int = 128  # T
+    batch: int = 16  # B
+    bottleneck: int = 64  # m of the adapter step and of the headline latency overhead
+    sizes: tuple = (8, 64, 256)  # every m whose inference latency is reported
+    repeats: int = 7  # timed repetitions per measurement (after warm-up); the median is kept
+    warmup: int = 2
+
+    def model_config(self):
+        return ModelConfig(vocab_size=self.vocab_size, max_len=self.seq_len, d_model=self.d_model,
+                           n_heads=self.n_heads, n_layers=self.n_layers, d_ff=self.d_ff,
+                           norm="post", n_classes=2, dtype="float32")
+
+
+QUICK = BenchConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=16, batch=4,
+                    bottleneck=8, sizes=(2, 8, 16), repeats=3, warmup=1)
+
+# ----------------------------------------------------------------------------- the work counted
+
+
+def step_flops(b, trains="all"):
+    """Floating-point operations of the matrix products of one training step.
+
+    Counted from the shapes, 2 flops per multiply-add, N = B*T rows. Per block, forward:
+      weights    2 N (4 C^2 + 2 C F)      Q, K, V, output projection; FFN up and down
+      attention  2 * 2 B T^2 C            Q K^T and P V over all heads (H * hs = C)
+    The backward of every product costs the same again per gradient it produces:
+      trains="all"      dx and dW of every weight product, 4 batched products in attention;
+      trains="adapters" dx only (frozen weights skip dW), plus the adapters' own products
+                        (forward 2 * 2 N C m per site, backward twice that); block 0 needs no
+                        input gradient and its attention weights are frozen, so its whole
+                        attention backward (4 projections and the 4 batched products) is skipped.
+    Elementwise work (softmax, GELU, LayerNorm, AdamW) is not counted: it is a few percent
+    of the flops but, being memory-bound, a larger share of the time. The classification
+    head (C x 2) is negligible and left out.
+    """
+    N, C, F, T = b.batch * b.seq_len, b.d_model, b.d_ff, b.seq_len
+    weights = 2 * N * (4 * C * C + 2 * C * F)
+    attn = 2 * 2 * b.batch * T * T * C
+    if trains == "all":
+        return b.n_layers * 3 * (weights + attn)
+    adapter = 2 * (2 * 2 * N * C * b.bottleneck)  # two Houlsby sites per block
+    per_block = (weights + attn + adapter) + (weights + 2 * attn + 2 * adapter)
+    block0_attention_backward = 2 * N * 4 * C * C + 2 * attn
+    return b.n_layers * per_block - block0_attention_backward
+
+
+def matmul_shapes(b):
+    """(rows, inner, cols) of the model's weight products: projections, FFN up, FFN down."""
+    N, C, F = b.batch * b.seq_len, b.d_model, b.d_ff
+    return [(N, C, C), (N, C, F), (N, F, C)]
+
+
+def matmul_gflops(b, repeats):
+    """The float32 matrix-product rate on the model's own weight shapes (GFLOP/s):
+    total flops of one product of each shape over the median total time."""
+    rng = np.random.default_rng(0)
+    pairs = [(rng.standard_normal((n, k), dtype=np.float32), rng.standard_normal((k, c), dtype=np.float32))
+             for n, k, c in matmul_shapes(b)]
+    flops = sum(2 * n * k * c for n, k, c in matmul_shapes(b))
+
+    def run():
+        for x, w in pairs:
+            x @ w
+    return flops / median_time(run, repeats, warmup=1) / 1e9
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def median_time(fn, repeats, warmup=0):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_batch(b, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, b.vocab_size, (b.batch, b.seq_len))  # (B,T)
+    labels = rng.integers(0, 2, b.batch)  # (B,)
+    return ids, labels
+
+
+def full_model(b, seed=0):
+    """The base with its own classifier, every weight trainable, and its AdamW."""
+    model = Transformer(b.model_config(), seed)
+    return model, optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def adapter_model(b, m, seed=0):
+    """The same base plus Houlsby adapters of size m; only adapters, LayerNorms, head train."""
+    model = Transformer(b.model_config(), seed)
+    model.add_adapter("task", AdapterConfig(bottleneck=m), n_classes=2, seed=seed)
+    model.train_adapter("task")
+    return model, optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def train_step(model, opt, ids, labels):
+    opt.zero_grad()
+    model.loss(ids, labels, head="cls")
+    opt.step()
+
+
+def peak_memory(model, opt, ids, labels):
+    """tracemalloc's peak (MB) during one step, and the MB traced before it.
+
+    NumPy reports its array allocations to tracemalloc, so the peak covers every array
+    alive during the step: the parameters, gradients and AdamW moments (created before,
+    in the warm-up step) and the activations cached for the backward. The model must be
+    built after tracemalloc.start(), or its arrays are not seen.
+    """
+    train_step(model, opt, ids, labels)  # the AdamW moments exist from here on
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    train_step(model, opt, ids, labels)
+    return tracemalloc.get_traced_memory()[1] / 2**20, before / 2**20
+
+
+def check_float32(model, opt):
+    """A float32 model must stay float32 through forward, backward and AdamW."""
+    bad = [p.name for p in model.parameters() if p.value.dtype != np.float32
+           or (p.grad is not None and p.grad.dtype != np.float32)]
+    bad += [f"AdamW state of {n}" for n, s in opt.state.items()
+            if any(a.dtype != np.float32 for a in s.values())]
+    if bad:
+        raise AssertionError(f"float32 model: expected float32 throughout, got other dtypes in {bad[:5]}")
+
+
+# ----------------------------------------------------------------------------- the environment
+
+
+def environment():
+    """CPU, cores, NumPy, the BLAS in use (threadpoolctl) and BLAS-related environment variables."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        cpu = platform.processor() or cpu
+    blas = []
+    try:
+        from threadpoolctl import threadpool_info
+        blas = [{k: lib.get(k) for k in ("internal_api", "version", "num_threads", "architecture",
+                                           "threading_layer")}
+                for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    except ImportError:
+        blas = [{"internal_api": "unknown (threadpoolctl is not installed)"}]
+    env_names = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                 "MKL_NUM_THREADS")
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "blas": blas,
+            "env": {k: os.environ[k] for k in env_names if k in os.environ}}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(b):
+    """Measure everything; returns the results as a JSON-ready dict."""
+    ids, labels = make_batch(b)
+    tracemalloc.start()
+    memory = {}
+    for kind in ("full", "adapter"):
+        model, opt = full_model(b) if kind == "full" else adapter_model(b, b.bottleneck)
+        memory[kind] = peak_memory(model, opt, ids, labels)
+        check_float32(model, opt)
+        del model, opt
+    tracemalloc.stop()
+
+    full, full_opt = full_model(b)
+    adapted, adapted_opt = adapter_model(b, b.bottleneck)
+    inference = {m: adapter_model(b, m)[0] for m in b.sizes}
+    jobs = {"full_step": lambda: train_step(full, full_opt, ids, labels),
+            "adapter_step": lambda: train_step(adapted, adapted_opt, ids, labels),
+            "forward": lambda: full.forward(ids, head="cls")}
+    jobs.update({f"forward_m{m}": (lambda model=model: model.forward(ids, head="cls"))
+                 for m, model in inference.items()})
+    for _ in range(b.warmup):
+        for fn in jobs.values():
+            fn()
+    times = {name: [] for name in jobs}
+    matmul = []
+    for _ in range(b.repeats):  # interleaved: every measurement sees the same load
+        for name, fn in jobs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        matmul.append(matmul_gflops(b, repeats=3))
+    check_float32(full, full_opt)
+    check_float32(adapted, adapted_opt)
+    t = {name: statistics.median(v) for name, v in times.items()}
+
+    flops = step_flops(b)
+    res = {
+        "config": {k: v for k, v in vars(b).items()},
+        "full_step_s": t["full_step"],
+        "adapter_step_s": t["adapter_step"],
+        "forward_s": t["forward"],
+        "forward_adapters_s": t[f"forward_m{b.bottleneck}"],
+        "forward_adapters_s_by_m": {str(m): t[f"forward_m{m}"] for m in b.sizes},
+        "matmul_gflops": statistics.median(matmul),
+        "full_step_gflop": flops / 1e9,
+        "adapter_step_gflop": step_flops(b, "adapters") / 1e9,
+        "step_gflops": flops / t["full_step"] / 1e9,
+        "peak_memory_mb": {k: v[0] for k, v in memory.items()},
+        "memory_before_step_mb": {k: v[1] for k, v in memory.items()},
+        "memory_method": "tracemalloc peak during one step (NumPy arrays included)",
+    }
+    res["adapter_over_full_step"] = res["adapter_step_s"] / res["full_step_s"]
+    res["gemm_efficiency"] = res["step_gflops"] / res["matmul_gflops"]
+    res["adapter_latency_overhead"] = res["forward_adapters_s"] / res["forward_s"] - 1
+    res["adapter_latency_overhead_by_m"] = {str(m): t[f"forward_m{m}"] / t["forward"] - 1
+                                            for m in b.sizes}
+    res["environment"] = environment()
+    return res
+
+
+TARGETS = {"adapter_over_full_step": ("<=", 0.70), "gemm_efficiency": (">=", 0.50),
+           "adapter_latency_overhead": ("<=", 0.12)}
+
+
+def meets(res):
+    """{ratio: True/False} against the issue's targets."""
+    return {k: (res[k] <= v if op == "<=" else res[k] >= v) for k, (op, v) in TARGETS.items()}
+
+
+def table(res):
+    b = res["config"]
+    ms = lambda s: f"{1e3 * s:9.1f} ms"  # noqa: E731
+    rows = [("full_step_s", ms(res["full_step_s"])), ("adapter_step_s", ms(res["adapter_step_s"])),
+            ("forward_s", ms(res["forward_s"]))]
+    rows += [(f"forward_adapters_s (m={m})", ms(s)) for m, s in res["forward_adapters_s_by_m"].items()]
+    rows += [("matmul_gflops", f"{res['matmul_gflops']:9.1f} GFLOP/s"),
+             ("step_gflops", f"{res['step_gflops']:9.1f} GFLOP/s "
+                             f"({res['full_step_gflop']:.2f} GFLOP counted)")]
+    rows += [(f"peak_memory_mb ({k})", f"{v:9.1f} MB") for k, v in res["peak_memory_mb"].items()]
+    ok = meets(res)
+    rows += [(k, f"{res[k]:9.3f}   target {op} {v}: {'met' if ok[k] else 'NOT met'}")
+             for k, (op, v) in TARGETS.items()]
+    rows += [(f"adapter_latency_overhead (m={m})", f"{v:9.3f}")
+             for m, v in res["adapter_latency_overhead_by_m"].items()]
+    env = res["environment"]
+    blas = ", ".join(f"{x.get('internal_api')} {x.get('version')} ({x.get('architecture')}, "
+                     f"{x.get('num_threads')} threads)" for x in env["blas"]) or "none found"
+    head = (f"minitransformer bench: V={b['vocab_size']} C={b['d_model']} L={b['n_layers']} "
+            f"H={b['n_heads']} F={b['d_ff']} T={b['seq_len']} B={b['batch']} m={b['bottleneck']}, "
+            f"float32, post-LN; median of {b['repeats']}")
+    foot = [f"cpu: {env['cpu']} ({env['cores']} cores); numpy {env['numpy']}; BLAS: {blas}"]
+    if env["env"]:
+        foot.append("env: " + " ".join(f"{k}={v}" for k, v in env["env"].items()))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows] + foot)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minitransformer bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: proves the benchmark runs")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median kept)")
+    args = parser.parse_args(argv)
+    b = QUICK if args.quick else BenchConfig()
+    if args.repeats is not None:
+        if args.repeats < 1:
+            parser.error(f"--repeats: expected a positive integer, got {args.repeats}")
+        b = BenchConfig(**{**vars(b), "repeats": args.repeats})
+    res = run(b)
+    print(table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
