@@ -385,8 +385,8 @@ class Transformer:
             dx = norms["ln_f"].backward(dx, c_ln_f)
         for i in reversed(range(len(self.blocks))):
             dx = self.blocks[i].backward(dx, c_blocks[i], need_dx=below[i])
-        if dx is None:
-            return
+            if dx is None:  # nothing under block i trains: stop here
+                return
         dx = dropout_backward(dx, c_drop)
         if self.ln_emb:
             dx = norms["ln_emb"].backward(dx, c_ln_emb, need_dx=any(p.trainable for p in self.embed.parameters()))
