@@ -1,0 +1,114 @@
+"""Pretrain the shipped base: a small post-LN BERT trained by masked tokens on data.py's corpus.
+
+    python -m minitransformer pretrain [--steps N] [--seed S] [--out PATH] [--quiet]
+
+Deterministic: the corpus, the masks, the dropout and the batch order all come from --seed, and
+the matrix products run on one BLAS thread (threadpoolctl), so a re-run on the same machine
+writes bit-identical weights.
+
+The shipped file (minitransformer/assets/base.npz) is BASE_CONFIG trained for STEPS steps with
+seed 0; see the README's results section for its size, time and final masked-token accuracy.
+"""
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data
+from .model import ModelConfig, Transformer
+from .optim import AdamW, clip_grad_norm, lr_at
+
+BASE_PATH = Path(__file__).parent / "assets" / "base.npz"
+BASE_CONFIG = ModelConfig(vocab_size=data.VOCAB_SIZE, max_len=data.MAX_LEN, d_model=64, n_heads=4,
+                          n_layers=4, d_ff=256, norm="post", causal=False, pooling="first",
+                          dropout=0.1)
+STEPS = 4000  # optimizer steps of the shipped base
+BATCH = 64  # texts per step
+LR, WARMUP, FINAL = 1e-3, 200, 0.1  # peak LR, warmup steps, final LR as a fraction of the peak
+CORPUS = 50_000  # texts in the pretraining corpus
+
+
+def load_pretrained(path=BASE_PATH):
+    """The shipped pretrained base, as a fresh Transformer (no adapters, no classifier)."""
+    from .checkpoint import load_base
+    return load_base(path)
+
+
+def one_thread():
+    """Run NumPy's BLAS on one thread: reproducible sums, and fair to a shared machine."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # the package itself needs only NumPy
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
+
+
+def mlm_eval(model, split, rng, batch_size=256):
+    """Masked-token loss and accuracy on `split` with masks drawn from `rng` -> (loss, acc)."""
+    total = correct = 0
+    loss_sum = 0.0
+    for start in range(0, len(split), batch_size):
+        part = split[start:start + batch_size]
+        inputs, targets = data.mask_tokens(part.ids, part.pad_mask, rng)
+        loss, logits = model.loss(inputs, targets, part.pad_mask, head="lm", backward=False)
+        keep = targets != -100  # (b,T)
+        n = int(keep.sum())
+        loss_sum += loss * n
+        total += n
+        correct += int((logits.argmax(-1)[keep] == targets[keep]).sum())
+    return loss_sum / total, correct / total
+
+
+def pretrain(steps=STEPS, seed=0, config=BASE_CONFIG, progress=True, log=print):
+    """Masked-token pretraining from scratch -> (model, {"loss", "acc", "seconds"}) where loss
+    and acc are measured on held-out texts."""
+    from tqdm import tqdm
+    t0 = time.perf_counter()
+    corpus = data.pretraining_corpus(CORPUS, seed)
+    held_out = data.pretraining_corpus(2000, seed + 1)
+    model = Transformer(config, seed)
+    params = model.parameters(trainable_only=True)
+    opt = AdamW(params, lr=LR, weight_decay=0.01)
+    rng = np.random.default_rng([seed, 7])  # masks, dropout and batch order
+    stream = data.batches(corpus, BATCH, rng)
+    bar = tqdm(range(steps), disable=not progress, desc="pretrain", dynamic_ncols=True)
+    for step in bar:
+        b = next(stream)
+        inputs, targets = data.mask_tokens(b.ids, b.pad_mask, rng)
+        opt.lr = lr_at(step, LR, WARMUP, steps, FINAL)
+        opt.zero_grad()
+        loss, _ = model.loss(inputs, targets, b.pad_mask, head="lm", train=True, rng=rng)
+        clip_grad_norm(params, 1.0)
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(mlm_loss=f"{loss:.3f}")
+        if log and (step + 1) % 500 == 0 and not progress:
+            log(f"step {step + 1}/{steps}: batch MLM loss {loss:.4f}")
+    opt.zero_grad()
+    loss, acc = mlm_eval(model, held_out, np.random.default_rng([seed, 8]))
+    return model, {"loss": loss, "acc": acc, "seconds": time.perf_counter() - t0}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minitransformer pretrain", description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps (default {STEPS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of corpus, init, masks (default 0)")
+    p.add_argument("--out", default=str(BASE_PATH), help="where to write the base (default: the shipped file)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps: expected a positive integer, got {args.steps}")
+    if args.seed < 0:
+        p.error(f"--seed: expected a non-negative integer, got {args.seed}")
+    from .checkpoint import save_base
+    with one_thread():
+        model, result = pretrain(args.steps, args.seed, progress=not args.quiet)
+    save_base(model, args.out)
+    size = Path(args.out).stat().st_size
+    print(f"pretrained {model.num_parameters():,} parameters for {args.steps} steps in "
+          f"{result['seconds']:.0f} s; held-out masked-token loss {result['loss']:.4f}, "
+          f"accuracy {result['acc']:.4f}")
+    print(f"wrote {args.out} ({size / 1e6:.2f} MB)")
+    return 0

@@ -1,0 +1,187 @@
+"""The training loop for a downstream task, and what to train: adapters, head, top layers, all.
+
+    prepare(model, method, n_classes)  -> which parameters train (the rest is frozen)
+    fit(model, task, TrainConfig())    -> History (AdamW, clipping, warmup-then-decay, early
+                                          stopping on validation accuracy, best weights restored)
+    accuracy(model, split)             -> fraction of correct argmax predictions (eval mode)
+
+Everything random (batch order, dropout) comes from TrainConfig.seed: the same seed gives the
+same History, number for number (except `seconds`, the wall-clock time).
+"""
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .adapters import AdapterConfig
+from .data import batches
+from .optim import AdamW, clip_grad_norm, lr_at
+
+METHODS = ("adapter", "head", "layernorm", "top_k", "full")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400  # optimizer steps (at most; early stopping may end sooner)
+    batch_size: int = 32  # examples per step
+    lr: float = 1e-3  # peak learning rate, reached after the warmup
+    warmup: int = 40  # steps of linear warmup from 0; then linear decay to 0 at `steps`
+    weight_decay: float = 0.01  # AdamW's decoupled decay, on weight matrices only
+    clip: float | None = 1.0  # max global gradient norm; None: no clipping
+    eval_every: int = 50  # steps between validation evaluations (and one at the end)
+    patience: int | None = None  # stop after this many evaluations without a new best; None: off
+    seed: int = 0  # batch order and dropout masks
+    progress: bool = True  # show a tqdm bar with the running loss and accuracy
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_every"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if not isinstance(self.warmup, (int, np.integer)) or self.warmup < 0:
+            raise ValueError(f"warmup: expected an integer >= 0, got {self.warmup!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
+        if self.patience is not None and (not isinstance(self.patience, (int, np.integer))
+                                          or self.patience < 1):
+            raise ValueError(f"patience: expected None or a positive integer, got {self.patience!r}")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip: expected None or a positive norm, got {self.clip!r}")
+
+
+@dataclass
+class History:
+    steps: list = field(default_factory=list)  # every step, from 0
+    loss: list = field(default_factory=list)  # training loss of that step's batch
+    train_acc: list = field(default_factory=list)  # training accuracy of that batch (dropout on)
+    eval_steps: list = field(default_factory=list)  # steps after which validation ran
+    val_acc: list = field(default_factory=list)  # validation accuracy there
+    best_val_acc: float = 0.0  # the best of val_acc; its weights are the ones kept
+    best_step: int = -1  # where it was reached
+    seconds: float = 0.0  # wall-clock time of fit
+
+
+# ----------------------------------------------------------------------------- what trains
+
+
+def prepare(model, method, n_classes, seed=0, adapter_config=None, k=None, name="task"):
+    """Set up `model` so that only what `method` trains is trainable -> a short label.
+
+    "adapter"    a new adapter set `name` (adapters, its head, its LayerNorms if the config
+                 trains them), activated; all else frozen
+    "head"       a new base classifier only (a linear probe on the frozen [CLS] state)
+    "layernorm"  every base LayerNorm and a new classifier
+    "top_k"      the top k blocks (and the final LayerNorm if pre-LN) and a new classifier
+    "full"       every base parameter and a new classifier; not lm_head, which the "cls" path
+                 never uses (it would get no gradient, and would only inflate the count)
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
+        raise ValueError(f"n_classes: expected an integer >= 2, got {n_classes!r}")
+    if method == "adapter":
+        config = AdapterConfig() if adapter_config is None else adapter_config
+        model.add_adapter(name, config, n_classes, seed)
+        model.train_adapter(name)
+        return f"adapter (m={config.size(model.config.d_model)})"
+    if adapter_config is not None:
+        raise ValueError(f"adapter_config: only used by method 'adapter', got it with {method!r}")
+    L = model.config.n_layers
+    if method == "top_k":
+        if not isinstance(k, (int, np.integer)) or not 0 <= k <= L:
+            raise ValueError(f"k: expected an integer in [0, {L}] (the model has {L} blocks), got {k!r}")
+    elif k is not None:
+        raise ValueError(f"k: only used by method 'top_k', got k={k!r} with {method!r}")
+    model.set_active_adapter(None)  # head "cls" now goes through the base's cls_head
+    model.add_classifier(n_classes, seed)
+    model.freeze()
+    patterns = ["cls_head.*"]
+    if method == "layernorm":
+        patterns += [f"{key}.*" for key in model.norms()]
+    elif method == "top_k":
+        patterns += [f"blocks.{i}.*" for i in range(L - k, L)]
+        patterns += ["ln_f.*"] if model.ln_f is not None and k > 0 else []
+    elif method == "full":
+        patterns += ["embed.*", "blocks.*"] + [f"{key}.*" for key in model.norms()]
+    model.unfreeze(*patterns)
+    return {"head": "head only", "layernorm": "LayerNorm + head", "top_k": f"top {k} blocks + head",
+            "full": "full fine-tuning"}[method]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def predict(model, split, batch_size=256):
+    """Class predictions (N,) for a Split, in eval mode (no dropout), head "cls"."""
+    out = []
+    for start in range(0, len(split), batch_size):
+        part = split[start:start + batch_size]
+        logits, _ = model.forward(part.ids, part.pad_mask, head="cls")  # (b,K)
+        out.append(logits.argmax(axis=1))
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def accuracy(model, split, batch_size=256):
+    """Fraction of `split` classified correctly (eval mode, head "cls")."""
+    if len(split) == 0:
+        raise ValueError("split: expected at least one example, got an empty split")
+    return float((predict(model, split, batch_size) == split.labels).mean())
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def fit(model, task, config=None):
+    """Train the model's trainable parameters on task.train (head "cls"), evaluate on
+    task.val every config.eval_every steps, and keep the best weights -> History."""
+    config = TrainConfig() if config is None else config
+    params = model.parameters(trainable_only=True)
+    if not params:
+        raise ValueError("model: expected some trainable parameters (see train.prepare), got none")
+    opt = AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    batch_rng = np.random.default_rng([config.seed, 0])
+    dropout_rng = np.random.default_rng([config.seed, 1])
+    stream = batches(task.train, config.batch_size, batch_rng)
+    best = {p.name: p.value.copy() for p in params}
+    hist, since_best = History(), 0
+    t0 = time.perf_counter()
+    bar = _bar(config)
+    for step in range(config.steps):
+        b = next(stream)
+        opt.lr = lr_at(step, config.lr, config.warmup, config.steps)
+        opt.zero_grad()
+        loss, logits = model.loss(b.ids, b.labels, b.pad_mask, head="cls", train=True, rng=dropout_rng)
+        if config.clip is not None:
+            clip_grad_norm(params, config.clip)
+        opt.step()
+        acc = float((logits.argmax(axis=1) == b.labels).mean())
+        hist.steps.append(step)
+        hist.loss.append(loss)
+        hist.train_acc.append(acc)
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            val = accuracy(model, task.val)
+            hist.eval_steps.append(step)
+            hist.val_acc.append(val)
+            if val > hist.best_val_acc or hist.best_step < 0:
+                hist.best_val_acc, hist.best_step, since_best = val, step, 0
+                best = {p.name: p.value.copy() for p in params}
+            else:
+                since_best += 1
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", val=f"{val:.3f}")
+            if config.patience is not None and since_best >= config.patience:
+                break
+        else:
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
+        bar.update(1)
+    bar.close()
+    opt.zero_grad()
+    for p in params:  # the best weights, in place: whoever holds the arrays sees them
+        p.value[...] = best[p.name]
+    hist.seconds = time.perf_counter() - t0
+    return hist
+
+
+def _bar(config):
+    from tqdm import tqdm
+    return tqdm(total=config.steps, disable=not config.progress, leave=False, dynamic_ncols=True,
+                desc="train")
