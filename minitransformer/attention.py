@@ -81,9 +81,10 @@ def attention_backward(dout, cache, need_dx=True, need=None):
     cache_q, cache_k, cache_v, cache_o, q, k, v, p, scale, n_heads = cache
     need = {"W_q", "b_q", "W_k", "b_k", "W_v", "b_v", "W_o", "b_o"} if need is None else need
     grads = {}
+    need_core = need_dx or bool(need & {"W_q", "b_q", "W_k", "b_k", "W_v", "b_v"})
     dctx, grads["W_o"], grads["b_o"] = linear_backward(
-        dout, cache_o, need_dW="W_o" in need, need_db="b_o" in need)
-    if not (need_dx or need & {"W_q", "b_q", "W_k", "b_k", "W_v", "b_v"}):
+        dout, cache_o, need_dx=need_core, need_dW="W_o" in need, need_db="b_o" in need)
+    if not need_core:  # nothing below the output projection wants a gradient
         return None, {n: g for n, g in grads.items() if g is not None}
     dctx = split_heads(dctx, n_heads)  # (B,T,C) -> (B,H,T,hs)
     # forward was ctx = p @ v

@@ -21,10 +21,15 @@ import numpy as np
 
 
 def linear_forward(x, W, b):
-    """y = x @ W + b.   x (..., d_in), W (d_in, d_out), b (d_out,) -> y (..., d_out)."""
-    out = x @ W + b  # (..., d_in) @ (d_in, d_out) -> (..., d_out)
+    """y = x @ W + b.   x (..., d_in), W (d_in, d_out), b (d_out,) -> y (..., d_out).
+
+    The leading axes are flattened to one (N = B*T rows) so that BLAS runs one large
+    matrix product; a 3-D @ 2-D product would be a loop of B small ones.
+    """
+    out = x.reshape(-1, x.shape[-1]) @ W  # (N, d_in) @ (d_in, d_out) -> (N, d_out)
+    out += b  # in place: out is our own fresh array
     cache = (x, W)  # x is needed for dW, W for dx
-    return out, cache
+    return out.reshape(*x.shape[:-1], W.shape[1]), cache
 
 
 def linear_backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
@@ -35,11 +40,11 @@ def linear_backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
     adapters saves compute), while dx still flows down to the layers below.
     """
     x, W = cache
-    dx = dout @ W.T if need_dx else None  # (..., d_out) @ (d_out, d_in) -> (..., d_in)
+    x2 = x.reshape(-1, x.shape[-1])  # (N, d_in), a view: no copy
+    d2 = dout.reshape(-1, dout.shape[-1])  # (N, d_out)
+    dx = (d2 @ W.T).reshape(x.shape) if need_dx else None  # (N, d_out) @ (d_out, d_in) -> (N, d_in)
     dW = db = None
     if need_dW or need_db:
-        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in), a view: no copy
-        d2 = dout.reshape(-1, dout.shape[-1])  # (N, d_out)
         if need_dW:
             dW = x2.T @ d2  # forward was y = x @ W, so dW = x.T @ dy: (d_in, N) @ (N, d_out)
         if need_db:
