@@ -49,12 +49,19 @@ class AdapterConfig:
                              f"got {self.nonlinearity!r}")
         if self.bottleneck is None and self.reduction_factor is None:
             raise ValueError("bottleneck: give a bottleneck size m or a reduction_factor, got neither")
-        if self.init_std < 0:
+        if self.bottleneck is not None and (isinstance(self.bottleneck, bool)
+                                            or not isinstance(self.bottleneck, (int, np.integer))
+                                            or self.bottleneck < 1):
+            raise ValueError(f"bottleneck: expected a positive integer m, got {self.bottleneck!r}")
+        if self.reduction_factor is not None and not self.reduction_factor > 0:
+            raise ValueError(f"reduction_factor: expected a number > 0, got {self.reduction_factor!r}")
+        if not self.init_std >= 0:  # also refuses NaN
             raise ValueError(f"init_std: expected >= 0, got {self.init_std}")
 
     def size(self, d_model):
         """The bottleneck width m for a model of width d_model."""
-        m = int(round(d_model / self.reduction_factor)) if self.reduction_factor else self.bottleneck
+        m = int(round(d_model / self.reduction_factor)) if self.reduction_factor is not None \
+            else self.bottleneck
         if not 1 <= m:
             raise ValueError(f"bottleneck: expected m >= 1 for d_model={d_model}, got {m}")
         return m
