@@ -1,0 +1,412 @@
+"""The paper's figures re-created at classroom scale: `python -m minitransformer figures`.
+
+Houlsby et al. (2019) show (i) accuracy against the number of trained parameters for adapters of
+several sizes, fine-tuning only the top k layers, and full fine-tuning; (ii) what happens when the
+trained adapters of a span of layers are removed at inference time; (iii) how robust adapters are to
+the std of their initialisation. Here the same experiments run on the shipped pretrained base and the
+synthetic tasks of `data.py`, plus the training curves of adapter vs full fine-tuning and the storage
+bill for T tasks. Everything is seeded: a re-run reproduces results.json (timings aside).
+
+    figures/tradeoff.png  figures/ablation.png  figures/init_std.png  figures/curves.png
+    figures/storage.png   figures/results.json  and the README section between the results markers
+
+Every run starts from a fresh copy of the same base (loaded once, deep-copied per run), so no run
+sees another's training. `--quick` runs tiny sizes on a small freshly initialised base (for the tests).
+`--from-json PATH` redraws the figures and the README section from a saved results.json.
+"""
+import argparse
+import copy
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import data, plots, train
+from .adapters import AdapterConfig
+from .checkpoint import save_adapter, save_base
+from .model import ModelConfig, Transformer
+from .pretrain import one_thread
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+MARK_START = "<!-- results:start"
+MARK_END = "<!-- results:end -->"
+
+
+@dataclass
+class Settings:
+    """Everything that decides the numbers (stored in results.json next to them)."""
+    tasks: tuple = data.TASKS  # the downstream tasks (one tradeoff panel and ablation grid each)
+    steps: int = 600  # training steps per run (the trainer early-stops and restores the best)
+    batch_size: int = 32
+    eval_every: int = 50  # validation every this many steps
+    patience: int | None = 4  # early stopping, in evaluations
+    lr: dict = field(default_factory=lambda: {  # per method: small modules take a larger step
+        "adapter": 3e-3, "head": 1e-2, "layernorm": 3e-3, "top_k": 5e-4, "full": 5e-4})
+    adapter_sizes: tuple = (2, 8, 32, 64)  # bottleneck m of the tradeoff's adapter curve
+    main_size: int = 32  # m used for the ablation, the curves and the storage bill
+    init_stds: tuple = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the init-std sweep
+    init_tasks: tuple = data.TASKS[:2]  # tasks of the init-std sweep
+    init_seeds: tuple = (0,)  # seeds per task of the init-std sweep
+    curve_task: str = data.TASKS[0]  # the task whose training curves are drawn
+    storage_T: int = 20  # tasks in the storage bill (measured sizes, repeated past len(tasks))
+    seed: int = 0  # seeds the data, the new heads and adapters, and the batches
+    base: str = "shipped"  # "shipped": pretrain.load_pretrained(); "random": a small fresh base
+
+    def __post_init__(self):
+        unknown = [t for t in (*self.tasks, *self.init_tasks, self.curve_task) if t not in data.TASKS]
+        if unknown:
+            raise ValueError(f"tasks: expected names from {data.TASKS}, got {unknown}")
+        if self.main_size not in self.adapter_sizes:
+            raise ValueError(f"main_size: expected one of adapter_sizes {self.adapter_sizes}, "
+                             f"got {self.main_size}")
+        if self.base not in ("shipped", "random"):
+            raise ValueError(f"base: expected 'shipped' or 'random', got {self.base!r}")
+
+
+def quick_settings(seed=0):
+    """Tiny sizes that prove the pipeline end to end in seconds (numbers mean nothing)."""
+    task = data.TASKS[0]
+    return Settings(tasks=(task,), steps=30, batch_size=16, eval_every=10, patience=None,
+                    adapter_sizes=(2, 8), main_size=8, init_stds=(1e-4, 1e-2, 1.0),
+                    init_tasks=(task,), init_seeds=(0,), curve_task=task, storage_T=5,
+                    seed=seed, base="random")
+
+
+def load_base(settings):
+    """The base every run copies: the shipped checkpoint, or a small random one (quick runs)."""
+    if settings.base == "shipped":
+        from .pretrain import load_pretrained
+        base = load_pretrained()
+    else:
+        cfg = ModelConfig(vocab_size=data.VOCAB_SIZE, max_len=data.MAX_LEN, d_model=32, n_heads=2,
+                          n_layers=2, d_ff=64)
+        base = Transformer(cfg, seed=settings.seed)
+    base.adapters, base.active_adapter = {}, None
+    return base
+
+
+# ----------------------------------------------------------------------------- one training run
+
+
+def run(base, task, method, settings, size=None, k=None, init_std=1e-3, seed=None):
+    """Train one method on a fresh copy of `base` -> (model, record).
+
+    record: test/val accuracy, trained parameters, total parameters on the classification path
+    (all but the masked-token head), % trained, history, seconds.
+    """
+    seed = settings.seed if seed is None else seed
+    model = copy.deepcopy(base)  # a fresh copy of every array: runs never share weights
+    adapter_config = AdapterConfig(bottleneck=size, init_std=init_std) if method == "adapter" else None
+    label = train.prepare(model, method, task.n_classes, seed=seed, adapter_config=adapter_config, k=k)
+    trained = model.num_parameters(trainable_only=True)
+    total = model.num_parameters() - lm_head_size(model)  # what classification uses
+    config = train.TrainConfig(steps=settings.steps, batch_size=settings.batch_size,
+                               lr=settings.lr[method], warmup=settings.steps // 10, weight_decay=0.01,
+                               clip=1.0, eval_every=settings.eval_every, patience=settings.patience,
+                               seed=seed, progress=False)
+    history = train.fit(model, task, config)
+    record = {"method": method, "label": label, "size": size, "k": k,
+              "test_acc": float(train.accuracy(model, task.test)),
+              "val_acc": float(train.accuracy(model, task.val)),
+              "trained": int(trained), "total": int(total), "pct": 100.0 * trained / total,
+              "best_step": int(history.best_step), "seconds": float(history.seconds),
+              "history": {"steps": list(map(int, history.steps)), "loss": list(map(float, history.loss)),
+                          "eval_steps": list(map(int, history.eval_steps)),
+                          "val_acc": list(map(float, history.val_acc))}}
+    return model, record
+
+
+def lm_head_size(model):
+    """Parameters of the masked-token head, which the "cls" path never uses."""
+    return sum(p.value.size for p in model.lm_head.parameters())
+
+
+def method_grid(settings, n_layers):
+    """(key, method, size, k) of every run in the tradeoff figure."""
+    grid = [(f"adapter_m{m}", "adapter", m, None) for m in settings.adapter_sizes]
+    grid += [(f"top_{k}", "top_k", None, k) for k in range(1, n_layers + 1)]
+    return grid + [("layernorm", "layernorm", None, None), ("head", "head", None, None),
+                   ("full", "full", None, None)]
+
+
+# ----------------------------------------------------------------------------- the experiments
+
+
+def ablation(model, name, split):
+    """Accuracy on `split` with the adapters of blocks i..j removed (skipped), for every i <= j.
+
+    -> (N, N) nested list, None below the diagonal. The task's head and LayerNorms stay; the
+    removed adapters are put back afterwards, whatever happens.
+    """
+    blocks = model.adapters[name].blocks
+    n = len(blocks)
+    grid = [[None] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            saved = blocks[i:j + 1]
+            try:
+                blocks[i:j + 1] = [{} for _ in saved]  # an empty dict: the block runs no adapter
+                grid[i][j] = float(train.accuracy(model, split))
+            finally:
+                blocks[i:j + 1] = saved
+    return grid
+
+
+def storage(base, adapter_models, full_models, T):
+    """Parameters and file bytes to serve T tasks: one base + T adapters vs T fine-tuned copies.
+
+    Sizes are measured per task (real counts, real .npz files); past the measured tasks they
+    repeat in order. Counts leave out the masked-token head (classification does not need it);
+    the files are what save_base / save_adapter write, that head included.
+    """
+    names = list(adapter_models)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_base(base, os.path.join(tmp, "base.npz"))
+        base_bytes = os.path.getsize(os.path.join(tmp, "base.npz"))
+        per_task = {}
+        for name in names:
+            a, f = adapter_models[name], full_models[name]
+            a_path, f_path = os.path.join(tmp, f"{name}.npz"), os.path.join(tmp, f"{name}_full.npz")
+            save_adapter(a, "task", a_path)
+            save_base(f, f_path)
+            per_task[name] = {
+                "adapter_params": sum(p.value.size for p in a.adapters["task"].parameters()),
+                "adapter_bytes": os.path.getsize(a_path),
+                "full_params": f.num_parameters() - lm_head_size(f), "full_bytes": os.path.getsize(f_path)}
+    Ts = list(range(1, T + 1))
+    cum = {k: np.cumsum([per_task[names[t % len(names)]][k] for t in range(T)]).tolist()
+           for k in ("adapter_params", "adapter_bytes", "full_params", "full_bytes")}
+    base_params = base.num_parameters() - lm_head_size(base)
+    return {"per_task": per_task, "base_params": base_params, "base_bytes": base_bytes, "T": Ts,
+            "adapters_params": [base_params + c for c in cum["adapter_params"]],
+            "adapters_bytes": [base_bytes + c for c in cum["adapter_bytes"]],
+            "copies_params": cum["full_params"], "copies_bytes": cum["full_bytes"]}
+
+
+def run_all(settings, log=print):
+    """Every experiment -> the results dict that results.json stores."""
+    t0 = time.perf_counter()
+    base = load_base(settings)
+    tasks = {name: data.load_task(name, seed=settings.seed) for name in settings.tasks}
+    n_layers = base.config.n_layers
+    grid = method_grid(settings, n_layers)
+    n_runs = len(tasks) * len(grid) + len(settings.init_tasks) * len(settings.init_seeds) * len(settings.init_stds)
+    done = 0
+
+    def note(what, rec):
+        nonlocal done
+        done += 1
+        log(f"[{done:>3}/{n_runs}] {what:<40} test {rec['test_acc']:.3f}  val {rec['val_acc']:.3f}  "
+            f"trained {rec['trained']:>9,} ({rec['pct']:.2f}%)  {rec['seconds']:.1f}s")
+
+    runs, ablations, adapter_models, full_models = {}, {}, {}, {}
+    for name, task in tasks.items():
+        runs[name] = {}
+        for key, method, size, k in grid:
+            model, rec = run(base, task, method, settings, size=size, k=k)
+            runs[name][key] = rec
+            note(f"{name} {key}", rec)
+            if key == f"adapter_m{settings.main_size}":
+                adapter_models[name] = model
+                ablations[name] = {"size": settings.main_size, "split": "val",
+                                   "grid": ablation(model, "task", task.val)}
+            elif key == "full":
+                full_models[name] = model
+    t_tradeoff = time.perf_counter() - t0
+
+    sweep = []
+    for name in settings.init_tasks:
+        task = tasks[name] if name in tasks else data.load_task(name, seed=settings.seed)
+        for seed in settings.init_seeds:
+            for std in settings.init_stds:
+                _, rec = run(base, task, "adapter", settings, size=settings.main_size, init_std=std,
+                             seed=seed)
+                sweep.append({"task": name, "seed": seed, "std": std, "test_acc": rec["test_acc"],
+                              "val_acc": rec["val_acc"], "seconds": rec["seconds"]})
+                note(f"{name} init_std={std:g} seed={seed}", rec)
+
+    curve_keys = (f"adapter_m{settings.main_size}", "full")
+    curve_task = settings.curve_task if settings.curve_task in runs else next(iter(runs))
+    results = {
+        "settings": {**asdict(settings), "n_layers": n_layers},
+        "base": {"source": settings.base, "config": base.config.to_dict(),
+                 "n_parameters": base.num_parameters()},
+        "tasks": {n: {"n_classes": t.n_classes, "description": t.description,
+                      "sizes": {s: len(getattr(t, s).labels) for s in ("train", "val", "test")}}
+                  for n, t in tasks.items()},
+        "runs": runs,
+        "ablation": ablations,
+        "init_std": sweep,
+        "curves": {"task": curve_task, **{k: runs[curve_task][k]["history"] for k in curve_keys}},
+        "storage": storage(base, adapter_models, full_models, settings.storage_T),
+    }
+    results["seconds"] = {"tradeoff_and_ablation": t_tradeoff, "total": time.perf_counter() - t0}
+    return results
+
+
+# ----------------------------------------------------------------------------- summaries and README
+
+LABELS = {"head": "head only", "layernorm": "LayerNorm + head", "full": "full fine-tuning"}
+
+
+def label(key):
+    """A readable name for a run key: adapter_m8 -> 'adapter m=8', top_2 -> 'top 2 layers'."""
+    if key.startswith("adapter_m"):
+        return f"adapter m={key[len('adapter_m'):]}"
+    if key.startswith("top_"):
+        k = int(key[len("top_"):])
+        return f"top {k} layer{'s' if k > 1 else ''}"
+    return LABELS[key]
+
+
+def table(results):
+    """-> [(key, {task: test acc}, mean acc, mean trained, mean %)] in the order of the runs."""
+    runs = results["runs"]
+    tasks = list(runs)
+    rows = []
+    for key in runs[tasks[0]]:
+        recs = [runs[t][key] for t in tasks]
+        rows.append((key, {t: runs[t][key]["test_acc"] for t in tasks},
+                     float(np.mean([r["test_acc"] for r in recs])),
+                     float(np.mean([r["trained"] for r in recs])), float(np.mean([r["pct"] for r in recs]))))
+    return rows
+
+
+def findings(results):
+    """Sentences computed from the numbers: what they show, whatever that is."""
+    rows = {key: (mean, trained, pct) for key, _, mean, trained, pct in table(results)}
+    m = results["settings"]["main_size"]
+    ad, full, head = rows[f"adapter_m{m}"], rows["full"], rows["head"]
+    gap = 100 * (full[0] - ad[0])
+    if gap <= 0:
+        verdict = f"at or above full fine-tuning ({-gap:.1f} points higher)"
+    elif gap <= 3:
+        verdict = f"within a few points of full fine-tuning ({gap:.1f} points lower)"
+    else:
+        verdict = f"clearly below full fine-tuning ({gap:.1f} points lower), not within a few points"
+    out = [f"Adapters with m={m} reach {100 * ad[0]:.1f} % average test accuracy against "
+           f"{100 * full[0]:.1f} % for full fine-tuning, training {ad[2]:.2f} % of the parameters "
+           f"per task instead of {full[2]:.0f} %: {verdict}."]
+    best = max((k for k in rows if k.startswith("adapter_m")), key=lambda k: rows[k][0])
+    if best != f"adapter_m{m}":
+        out.append(f"The best adapter size on average is {label(best)} ({100 * rows[best][0]:.1f} %).")
+    hgap = 100 * (ad[0] - head[0])
+    if hgap >= 5:
+        out.append(f"Training the head alone on the frozen base is clearly worse: {100 * head[0]:.1f} % "
+                   f"({hgap:.1f} points below the adapters).")
+    else:
+        out.append(f"Training the head alone reaches {100 * head[0]:.1f} %, only {hgap:.1f} points "
+                   f"{'below' if hgap >= 0 else 'above'} the adapters: on these tasks the frozen "
+                   f"base's features already carry much of what a linear probe needs.")
+    out += _ablation_findings(results) + _init_findings(results)
+    return out
+
+
+def _ablation_findings(results):
+    trained, removed_all, worst_single = [], [], []
+    for name, ab in results["ablation"].items():
+        g = ab["grid"]
+        n = len(g)
+        trained.append(results["runs"][name][f"adapter_m{ab['size']}"]["val_acc"])
+        removed_all.append(g[0][n - 1])
+        worst_single.append(min(g[i][i] for i in range(n)))
+    if not trained:
+        return []
+    return [f"Removing the trained adapters of every layer at inference time takes the validation "
+            f"accuracy from {100 * np.mean(trained):.1f} % to {100 * np.mean(removed_all):.1f} % "
+            f"(mean over tasks); removing a single layer's adapters costs at most "
+            f"{100 * (np.mean(trained) - np.mean(worst_single)):.1f} points on average."]
+
+
+def _init_findings(results):
+    sweep = results["init_std"]
+    small = [r["test_acc"] for r in sweep if r["std"] <= 1e-2]
+    large = [r["test_acc"] for r in sweep if r["std"] > 1e-2]
+    if not small or not large:
+        return []
+    diff = 100 * (np.mean(small) - np.mean(large))
+    tail = ("worse above, as in the paper" if diff > 1 else
+            "no clear loss above" if diff > -1 else "better above, unlike the paper")
+    return [f"Across the init-std sweep, adapters initialised with std <= 1e-2 average "
+            f"{100 * np.mean(small):.1f} % test accuracy and those above {100 * np.mean(large):.1f} %: "
+            f"{tail}."]
+
+
+def readme_section(results, readme_dir, out_dir):
+    """The markdown between the README's results markers, from results.json's numbers."""
+    s, rel = results["settings"], os.path.relpath(out_dir, readme_dir)
+    tasks = list(results["runs"])
+    minutes, secs = divmod(round(results["seconds"]["total"]), 60)
+    lines = [f"Generated by `python -m minitransformer figures` from `{rel}/results.json` "
+             f"(base: {results['base']['source']}, {results['base']['n_parameters']:,} parameters; "
+             f"{s['steps']} steps of batch {s['batch_size']} per run with early stopping, seed {s['seed']}). "
+             f"The run took {minutes} min {secs} s on this 2-core machine. Re-run it with the same "
+             f"command; `--from-json {rel}/results.json` redraws figures and this section without training.",
+             "", "Test accuracy (%) per task, and the parameters each method trains per task (mean over tasks):",
+             "", "| method | " + " | ".join(tasks) + " | average | trained params | % of total |",
+             "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: | ---: |"]
+    for key, accs, mean, trained, pct in table(results):
+        lines.append(f"| {label(key)} | " + " | ".join(f"{100 * accs[t]:.1f}" for t in tasks)
+                     + f" | {100 * mean:.1f} | {trained:,.0f} | {pct:.2f} |")
+    lines += [""] + [f"- {sentence}" for sentence in findings(results)] + [""]
+    captions = {"tradeoff": "accuracy vs trained parameters", "ablation": "removing adapters of layers i..j",
+                "init_std": "accuracy vs adapter init std", "curves": "training curves, adapter vs full",
+                "storage": "parameters stored for T tasks"}
+    lines += [f"![{text}]({rel}/{name}.png)" for name, text in captions.items()]
+    return "\n".join(lines)
+
+
+def write_readme_section(results, readme_path=README, out_dir=None):
+    """Replace the text between the results markers of `readme_path`; nothing else changes."""
+    readme_path = Path(readme_path)
+    text = readme_path.read_text()
+    start, end = text.find(MARK_START), text.find(MARK_END)
+    if start < 0 or end < start:
+        raise ValueError(f"readme_path: expected the markers {MARK_START!r} ... {MARK_END!r} in "
+                         f"{readme_path}, got none (or in the wrong order)")
+    body_start = text.index("\n", start) + 1  # keep the start marker's own line as it is
+    out_dir = readme_path.parent / "figures" if out_dir is None else Path(out_dir)
+    section = readme_section(results, readme_path.parent.resolve(), Path(out_dir).resolve())
+    readme_path.write_text(text[:body_start] + section + "\n" + text[end:])
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def dumps(results):
+    """JSON with one key per line but every list of numbers on a single line (diff-friendly)."""
+    text = json.dumps(results, indent=1)
+    return re.sub(r"\[[-+.\deE,\s]*\]", lambda m: " ".join(m.group(0).split()), text) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minitransformer figures", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes on a small random base (seconds)")
+    p.add_argument("--out", default=str(ROOT / "figures"), help="folder for the PNGs and results.json")
+    p.add_argument("--readme", default=None,
+                   help="README to update (default: the repository's, except with --quick)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-json", default=None, help="redraw from this results.json, no training")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+    else:
+        settings = quick_settings(args.seed) if args.quick else replace(Settings(), seed=args.seed)
+        with one_thread():  # reproducible sums, and fair to a shared machine
+            results = run_all(settings)
+        (out / "results.json").write_text(dumps(results))
+    plots.draw_all(results, out)
+    readme = args.readme or (None if args.quick else README)
+    if readme:
+        write_readme_section(results, readme, out)
+    print(f"wrote {', '.join(plots.NAMES)} (.png) and results.json to {out}"
+          + (f"; updated {readme}" if readme else ""))
+    return 0
