@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 NAMES = ("tradeoff", "ablation", "init_std", "curves", "storage")
@@ -141,6 +142,7 @@ def storage(results, path):
             y = np.array(st[f"{key}_{unit}"]) / scale
             ax.plot(T, y, color=color, label=text)
             ax.plot(T[:n_measured], y[:n_measured], "o", color=color, markersize=4)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(f"number of tasks T (dots: the {n_measured} measured; beyond, sizes repeat)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
