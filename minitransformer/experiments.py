@@ -30,7 +30,7 @@ from . import data, plots, train
 from .adapters import AdapterConfig
 from .checkpoint import save_adapter, save_base
 from .model import ModelConfig, Transformer
-from .pretrain import one_thread
+from .pretrain import load_pretrained, one_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -57,7 +57,8 @@ class Settings:
     curve_task: str = data.TASKS[0]  # the task whose training curves are drawn
     storage_T: int = 20  # tasks in the storage bill (measured sizes, repeated past len(tasks))
     seed: int = 0  # seeds the data, the new heads and adapters, and the batches
-    base: str = "shipped"  # "shipped": pretrain.load_pretrained(); "random": a small fresh base
+    base: str = "shipped"  # "shipped": pretrain.load_pretrained(); "random": a small fresh base;
+    #                        or the path of another base .npz (checkpoint.save_base)
 
     def __post_init__(self):
         unknown = [t for t in (*self.tasks, *self.init_tasks, self.curve_task) if t not in data.TASKS]
@@ -66,8 +67,8 @@ class Settings:
         if self.main_size not in self.adapter_sizes:
             raise ValueError(f"main_size: expected one of adapter_sizes {self.adapter_sizes}, "
                              f"got {self.main_size}")
-        if self.base not in ("shipped", "random"):
-            raise ValueError(f"base: expected 'shipped' or 'random', got {self.base!r}")
+        if self.base not in ("shipped", "random") and not Path(self.base).is_file():
+            raise ValueError(f"base: expected 'shipped', 'random' or an existing .npz file, got {self.base!r}")
 
 
 def quick_settings(seed=0):
@@ -82,8 +83,9 @@ def quick_settings(seed=0):
 def load_base(settings):
     """The base every run copies: the shipped checkpoint, or a small random one (quick runs)."""
     if settings.base == "shipped":
-        from .pretrain import load_pretrained
         base = load_pretrained()
+    elif settings.base != "random":
+        base = load_pretrained(settings.base)
     else:
         cfg = ModelConfig(vocab_size=data.VOCAB_SIZE, max_len=data.MAX_LEN, d_model=32, n_heads=2,
                           n_layers=2, d_ff=64)
@@ -397,6 +399,7 @@ def main(argv=None):
     p.add_argument("--readme", default=None,
                    help="README to update (default: the repository's, except with --quick)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", default=None, help="'shipped' (default), 'random', or a base .npz path")
     p.add_argument("--from-json", default=None, help="redraw from this results.json, no training")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -404,7 +407,9 @@ def main(argv=None):
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
     else:
-        settings = quick_settings(args.seed) if args.quick else replace(Settings(), seed=args.seed)
+        settings = quick_settings(args.seed) if args.quick else Settings(seed=args.seed)
+        if args.base:
+            settings = replace(settings, base=args.base)
         with one_thread():  # reproducible sums, and fair to a shared machine
             results = run_all(settings)
         (out / "results.json").write_text(dumps(results))
