@@ -375,35 +375,45 @@ class Transformer:
     def backward(self, dlogits, cache):
         """Accumulate the gradient of every trainable parameter; frozen ones get none.
 
-        The gradient with respect to a block's input is computed only if something below it
-        trains: with a frozen base and its embeddings, block 0 skips its input gradient.
+        Gradients flow down only as far as something still trains: a block whose input
+        gradient nobody below needs skips that product (block 0 under a frozen base and its
+        embeddings), and blocks with nothing trainable in or under them are not visited at
+        all (head-only training stops at the head).
         """
         norms, head_mod, c_emb, c_ln_emb, c_drop, c_blocks, c_ln_f, c_head = cache
-        below = self._trains_below(norms)
-        dx = head_mod.backward(dlogits, c_head)
+        upto = self._trains_upto(norms)  # upto[i]: does anything under block i train?
+        L = len(self.blocks)
+        below_head = upto[L] or (self.ln_f is not None and bool(norms["ln_f"].trainable()))
+        dx = head_mod.backward(dlogits, c_head, need_dx=below_head)
+        if not below_head:
+            return
         if self.ln_f:
-            dx = norms["ln_f"].backward(dx, c_ln_f)
-        for i in reversed(range(len(self.blocks))):
-            dx = self.blocks[i].backward(dx, c_blocks[i], need_dx=below[i])
-            if dx is None:  # nothing under block i trains: stop here
+            dx = norms["ln_f"].backward(dx, c_ln_f, need_dx=upto[L])
+        for i in reversed(range(L)):
+            if not upto[i + 1]:  # nothing in block i or under it trains: stop here
                 return
+            dx = self.blocks[i].backward(dx, c_blocks[i], need_dx=upto[i])
+        if not upto[0]:
+            return
         dx = dropout_backward(dx, c_drop)
         if self.ln_emb:
             dx = norms["ln_emb"].backward(dx, c_ln_emb, need_dx=any(p.trainable for p in self.embed.parameters()))
         if dx is not None:
             self.embed.backward(dx, c_emb)
 
-    def _trains_below(self, norms):
-        """below[i]: does any parameter under block i (embeddings, earlier blocks) train?"""
+    def _trains_upto(self, norms):
+        """upto[i], i = 0..n_layers: does any parameter under block i train (the embeddings and
+        blocks 0..i-1, with the active task's adapters and LayerNorms)? upto[n_layers] covers
+        every block."""
         def trains(mods):
             return any(p.trainable for m in mods for p in m.parameters())
         s = self.adapters[self.active_adapter] if self.active_adapter else None
-        below = [trains([self.embed] + ([norms["ln_emb"]] if self.ln_emb else []))]
-        for i, b in enumerate(self.blocks[:-1]):
+        upto = [trains([self.embed] + ([norms["ln_emb"]] if self.ln_emb else []))]
+        for i, b in enumerate(self.blocks):
             mods = [b.attn, b.ffn, norms[f"blocks.{i}.ln1"], norms[f"blocks.{i}.ln2"]]
             mods += list(s.blocks[i].values()) if s else []
-            below.append(below[-1] or trains(mods))
-        return below
+            upto.append(upto[-1] or trains(mods))
+        return upto
 
     def loss(self, ids, targets, pad_mask=None, head="lm", train=False, rng=None, backward=True,
              ignore_index=-100):
