@@ -46,6 +46,18 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * hs)
 
 
+def heads_matmul(a, b):
+    """a @ b per head, written straight into the heads' slices of a new (B, T, C) array.
+
+    a (B, H, T, K), b (B, H, K, hs) -> (B, T, C): merge_heads(a @ b) without the merging
+    copy, because the product lands in split_heads(out), a view of the result.
+    """
+    B, H, T, _ = a.shape
+    out = np.empty((B, T, H * b.shape[-1]), dtype=a.dtype)
+    np.matmul(a, b, out=split_heads(out, H))  # (B,H,T,K) @ (B,H,K,hs) -> (B,H,T,hs) view of (B,T,C)
+    return out
+
+
 def attention_forward(x, w, n_heads, bias=None):
     """softmax(Q K^T / sqrt(hs) + bias) V, per head, then the output projection.
 
@@ -56,14 +68,13 @@ def attention_forward(x, w, n_heads, bias=None):
     q, cache_q = linear_forward(x, w["W_q"], w["b_q"])  # (B,T,C)
     k, cache_k = linear_forward(x, w["W_k"], w["b_k"])
     v, cache_v = linear_forward(x, w["W_v"], w["b_v"])
-    q = split_heads(q, n_heads) * scale  # (B,H,T,hs); scaling q is cheaper than scaling (T,T)
-    k = split_heads(k, n_heads)  # (B,H,T,hs)
-    v = split_heads(v, n_heads)  # (B,H,T,hs)
+    q *= scale  # in place on our fresh q; scaling q is cheaper than scaling (T,T)
+    q, k, v = (split_heads(a, n_heads) for a in (q, k, v))  # (B,H,T,hs) views: no copies
     att = q @ k.transpose(0, 1, 3, 2)  # (B,H,T,hs) @ (B,H,hs,T) -> (B,H,T,T)
     if bias is not None:
         att += bias  # -inf on every forbidden (query, key) pair
     p, _ = softmax_forward(att)  # (B,H,T,T); its cache is p itself
-    ctx = merge_heads(p @ v)  # (B,H,T,T) @ (B,H,T,hs) -> (B,H,T,hs) -> (B,T,C)
+    ctx = heads_matmul(p, v)  # (B,H,T,T) @ (B,H,T,hs) -> (B,T,C)
     out, cache_o = linear_forward(ctx, w["W_o"], w["b_o"])  # (B,T,C)
     # cache: the three projections' inputs (one shared x), the heads and the probabilities
     cache = (cache_q, cache_k, cache_v, cache_o, q, k, v, p, scale, n_heads)
@@ -86,19 +97,19 @@ def attention_backward(dout, cache, need_dx=True, need=None):
         dout, cache_o, need_dx=need_core, need_dW="W_o" in need, need_db="b_o" in need)
     if not need_core:  # nothing below the output projection wants a gradient
         return None, {n: g for n, g in grads.items() if g is not None}
-    dctx = split_heads(dctx, n_heads)  # (B,T,C) -> (B,H,T,hs)
+    dctx = split_heads(dctx, n_heads)  # (B,T,C) -> (B,H,T,hs) view
     # forward was ctx = p @ v
     dp = dctx @ v.transpose(0, 1, 3, 2)  # (B,H,T,hs) @ (B,H,hs,T) -> (B,H,T,T)
-    dv = p.transpose(0, 1, 3, 2) @ dctx  # (B,H,T,T) @ (B,H,T,hs) -> (B,H,T,hs)
+    dv = heads_matmul(p.transpose(0, 1, 3, 2), dctx)  # (B,H,T,T) @ (B,H,T,hs) -> (B,T,C)
     datt = softmax_backward(dp, p)  # (B,H,T,T); masked pairs had p = 0 and get 0
     # forward was att = (q * scale) @ k^T, with q already scaled
-    dq = datt @ k  # (B,H,T,T) @ (B,H,T,hs) -> (B,H,T,hs)
+    dq = heads_matmul(datt, k)  # (B,H,T,T) @ (B,H,T,hs) -> (B,T,C)
     dq *= scale
-    dk = datt.transpose(0, 1, 3, 2) @ q  # (B,H,T,T) @ (B,H,T,hs) -> (B,H,T,hs)
+    dk = heads_matmul(datt.transpose(0, 1, 3, 2), q)  # (B,H,T,T) @ (B,H,T,hs) -> (B,T,C)
     dx = None
     for name, dh, c in (("q", dq, cache_q), ("k", dk, cache_k), ("v", dv, cache_v)):
         dxi, grads[f"W_{name}"], grads[f"b_{name}"] = linear_backward(
-            merge_heads(dh), c, need_dx=need_dx,
+            dh, c, need_dx=need_dx,
             need_dW=f"W_{name}" in need, need_db=f"b_{name}" in need)
         if need_dx and dx is None:
             dx = dxi  # a fresh array from the matmul: safe to accumulate into

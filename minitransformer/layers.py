@@ -98,12 +98,14 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     x (..., C), gamma (C,), beta (C,) -> y (..., C). A constant row has var = 0 and
     gives xhat = 0 with the finite scale 1/sqrt(eps): no NaN, finite gradients.
     """
+    C = x.shape[-1]
     mu = x.mean(axis=-1, keepdims=True)  # (..., 1)
-    xc = x - mu  # (..., C)
-    var = np.mean(xc * xc, axis=-1, keepdims=True)  # (..., 1), biased like PyTorch
+    xhat = x - mu  # (..., C), centred; normalised in place below
+    var = np.einsum("...c,...c->...", xhat, xhat)[..., None] / C  # (..., 1), biased like PyTorch
     rstd = 1 / np.sqrt(var + x.dtype.type(eps))  # (..., 1), in x's dtype
-    xhat = xc * rstd  # (..., C)
-    out = xhat * gamma + beta
+    xhat *= rstd  # (..., C)
+    out = xhat * gamma
+    out += beta  # in place: out is our own fresh array
     cache = (xhat, rstd, gamma)  # xhat and rstd make the backward one pass, no recompute
     return out, cache
 
@@ -119,14 +121,15 @@ def layernorm_backward(dout, cache, need_dx=True, need_dparams=True):
         dbeta = d2.sum(axis=0)
     dx = None
     if need_dx:
+        C = dout.shape[-1]
         dxhat = dout * gamma  # (..., C)
         # xhat = (x - mu) * rstd, with mu and rstd themselves functions of x. Written out
         # (derived in the notebooks): dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-        m1 = dxhat.mean(axis=-1, keepdims=True)
-        m2 = np.mean(dxhat * xhat, axis=-1, keepdims=True)
-        dx = dxhat
-        dx -= m1  # dxhat is our own temporary, so in-place steps are safe here
-        dx -= xhat * m2
+        m1 = dxhat.mean(axis=-1, keepdims=True)  # (..., 1)
+        m2 = np.einsum("...c,...c->...", dxhat, xhat)[..., None] / C  # (..., 1), no (..., C) temporary
+        dx = xhat * m2
+        np.subtract(dxhat, dx, out=dx)  # dxhat - xhat * m2
+        dx -= m1
         dx *= rstd
     return dx, dgamma, dbeta
 
@@ -138,39 +141,35 @@ def gelu_forward(x):
     """GELU, tanh form: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))).  x (N) -> (N)."""
     t = x.dtype.type
     k, a = t(np.sqrt(2.0 / np.pi)), t(0.044715)  # constants in x's dtype (see STYLE.md)
-    inner = x * x  # x^2, then built up in place to keep memory traffic low
-    inner *= a
-    inner += 1
-    inner *= x
-    inner *= k  # inner = k * (x + a x^3)
-    th = np.tanh(inner, out=inner)  # tanh(inner), overwriting inner
-    out = th + 1
-    out *= x
-    out *= t(0.5)
-    cache = (x, th)  # tanh is the expensive part: store it rather than recompute
+    g = x * x  # x^2, then built up in place: each step is one pass over memory
+    g *= a * k
+    g += k
+    g *= x  # u = k (x + a x^3)
+    np.tanh(g, out=g)
+    g *= t(0.5)
+    g += t(0.5)  # g = 0.5 (1 + tanh(u)), the gate
+    out = x * g  # y = x * g
+    cache = (x, g)  # tanh is the expensive part: store the gate rather than recompute it
     return out, cache
 
 
 def gelu_backward(dout, cache):
     """dout (N) -> dx (N).
 
-    forward was y = 0.5 x (1 + th), th = tanh(u), u = k (x + a x^3), so
-    dy/dx = 0.5 (1 + th) + 0.5 x (1 - th^2) k (1 + 3 a x^2).
+    forward was y = x g, g = 0.5 (1 + tanh(u)), u = k (x + a x^3). With tanh' = 1 - tanh^2
+    = 4 g (1 - g):  dy/dx = g + x * 2 g (1 - g) * k (1 + 3 a x^2).
     """
-    x, th = cache
+    x, g = cache
     t = x.dtype.type
     k, a = t(np.sqrt(2.0 / np.pi)), t(0.044715)
     du = x * x
-    du *= t(3) * a
-    du += 1
-    du *= k  # du/dx = k (1 + 3 a x^2)
-    sech2 = th * th
-    np.subtract(1, sech2, out=sech2)  # 1 - th^2 = d tanh(u) / du
-    du *= sech2
-    du *= x
-    du += th
-    du += 1
-    du *= t(0.5)  # dy/dx
+    du *= t(6) * a * k
+    du += t(2) * k
+    du *= x  # x * 2 k (1 + 3 a x^2)
+    gg = g * g
+    np.subtract(g, gg, out=gg)  # g (1 - g)
+    du *= gg
+    du += g  # dy/dx
     du *= dout
     return du
 
@@ -229,8 +228,9 @@ def softmax_backward(dout, cache):
     """dout (..., K) -> dx (..., K).   forward was p = exp(x) / sum exp(x), so
     dx = p * (dout - sum(dout * p)). Masked entries have p = 0 and get no gradient."""
     p = cache
-    dx = dout * p
-    dx -= p * dx.sum(axis=-1, keepdims=True)  # p*dout - p*sum(p*dout)
+    s = np.einsum("...k,...k->...", dout, p)[..., None]  # (..., 1) sum(dout * p), no temporary
+    dx = dout - s
+    dx *= p  # p * (dout - sum(dout * p))
     return dx
 
 

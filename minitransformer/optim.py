@@ -58,18 +58,22 @@ class AdamW(Optimizer):
     def update(self, p):
         s = self.state.setdefault(p.name, {"m": np.zeros_like(p.value), "v": np.zeros_like(p.value)})
         m, v, g = s["m"], s["v"], p.grad
+        # every step in place on our own arrays; Python-float factors keep the dtype
         m *= self.b1
         m += (1 - self.b1) * g
         v *= self.b2
-        v += (1 - self.b2) * (g * g)
-        # bias corrections are Python floats, so the arrays keep their dtype
-        step = self.lr / (1 - self.b1 ** self.t)
-        denom = np.sqrt(v)
-        denom /= math.sqrt(1 - self.b2 ** self.t)
-        denom += self.eps
+        g2 = g * g
+        g2 *= 1 - self.b2
+        v += g2
+        step = self.lr / (1 - self.b1 ** self.t)  # the bias corrections
+        update = np.sqrt(v, out=g2)  # g2 is spent: reuse its memory
+        update /= math.sqrt(1 - self.b2 ** self.t)
+        update += self.eps
+        np.divide(m, update, out=update)  # m_hat / (sqrt(v_hat) + eps), up to the factor in step
         if self.weight_decay and p.value.ndim >= 2:
-            p.value -= (self.lr * self.weight_decay) * p.value  # decoupled: not through m, v
-        p.value -= step * (m / denom)
+            p.value *= 1 - self.lr * self.weight_decay  # decoupled: not through m, v
+        update *= step
+        p.value -= update
 
 
 def clip_grad_norm(params, max_norm):
