@@ -9,7 +9,7 @@ Post-LN block (BERT, the architecture the adapter paper adapted):
 Pre-LN block (GPT-2): x = x + Adapter_attn(Attn(LN1(x)));  x = x + Adapter_ffn(FFN(LN2(x)))
 """
 import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -254,6 +254,9 @@ class Transformer:
     def add_classifier(self, n_classes, seed=0):
         """A fresh base classification head cls_head.W (C, K), cls_head.b (K,)."""
         rng = np.random.default_rng(seed)
+        # the config must describe the model, or a saved base would not load: a new config,
+        # not an edit of one another model may share
+        self.config = replace(self.config, n_classes=n_classes)
         self.cls_head = ClassifierHead("cls_head", self.config.d_model, n_classes,
                                        self.config.pooling, rng, self.dtype, self.config.init_std)
         return self.cls_head
