@@ -113,15 +113,16 @@ def test_frozen_parameter_refuses_a_gradient():
 
 
 def test_head_only_training_asks_only_for_the_head_gradient(monkeypatch, real_batch):
-    """Only the base classifier trains: the only weight gradient computed is the head's."""
+    """Only the base classifier trains: the only weight gradient computed is the head's, and the
+    backward stops at the head (no input gradient, no block visited)."""
     model = base_model("post")
     model.freeze()
     model.unfreeze("cls_head.*")
     params = model.named_parameters()
     by_id = {id(p.value): n for n, p in params.items()}
-    asked = []
+    calls = []
     spy(monkeypatch, (modules, attention, adapters), "linear_backward",
-        lambda a, k: asked.append(by_id[id(a[1][1])]) if k.get("need_dW", True) else None)
+        lambda a, k: calls.append((by_id[id(a[1][1])], k.get("need_dx", True))))
     model.loss(real_batch.ids, real_batch.labels, real_batch.pad_mask, head="cls")
-    assert asked == ["cls_head.W"]
+    assert calls == [("cls_head.W", False)]
     assert {n for n, p in params.items() if p.grad is not None} == {"cls_head.W", "cls_head.b"}
