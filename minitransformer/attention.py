@@ -58,16 +58,19 @@ def heads_matmul(a, b):
     return out
 
 
-def attention_forward(x, w, n_heads, bias=None):
+def attention_forward(x, w, n_heads, bias=None, keep=None):
     """softmax(Q K^T / sqrt(hs) + bias) V, per head, then the output projection.
 
     x (B, T, C), w weights (see module doc), bias None or (B|1, 1, T, T) -> out (B, T, C).
+    keep: the weight names whose gradient the backward may want (default: all). A frozen
+    projection does not keep its input in the cache (see linear_forward's keep_x).
     """
+    keep = w.keys() if keep is None else keep
     hs = x.shape[-1] // n_heads
     scale = x.dtype.type(1 / np.sqrt(hs))
-    q, cache_q = linear_forward(x, w["W_q"], w["b_q"])  # (B,T,C)
-    k, cache_k = linear_forward(x, w["W_k"], w["b_k"])
-    v, cache_v = linear_forward(x, w["W_v"], w["b_v"])
+    q, cache_q = linear_forward(x, w["W_q"], w["b_q"], keep_x="W_q" in keep)  # (B,T,C)
+    k, cache_k = linear_forward(x, w["W_k"], w["b_k"], keep_x="W_k" in keep)
+    v, cache_v = linear_forward(x, w["W_v"], w["b_v"], keep_x="W_v" in keep)
     q *= scale  # in place on our fresh q; scaling q is cheaper than scaling (T,T)
     q, k, v = (split_heads(a, n_heads) for a in (q, k, v))  # (B,H,T,hs) views: no copies
     att = q @ k.transpose(0, 1, 3, 2)  # (B,H,T,hs) @ (B,H,hs,T) -> (B,H,T,T)
@@ -75,7 +78,7 @@ def attention_forward(x, w, n_heads, bias=None):
         att += bias  # -inf on every forbidden (query, key) pair
     p, _ = softmax_forward(att)  # (B,H,T,T); its cache is p itself
     ctx = heads_matmul(p, v)  # (B,H,T,T) @ (B,H,T,hs) -> (B,T,C)
-    out, cache_o = linear_forward(ctx, w["W_o"], w["b_o"])  # (B,T,C)
+    out, cache_o = linear_forward(ctx, w["W_o"], w["b_o"], keep_x="W_o" in keep)  # (B,T,C)
     # cache: the three projections' inputs (one shared x), the heads and the probabilities
     cache = (cache_q, cache_k, cache_v, cache_o, q, k, v, p, scale, n_heads)
     return out, cache

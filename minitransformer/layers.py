@@ -20,15 +20,18 @@ import numpy as np
 # ----------------------------------------------------------------------------- linear
 
 
-def linear_forward(x, W, b):
+def linear_forward(x, W, b, keep_x=True):
     """y = x @ W + b.   x (..., d_in), W (d_in, d_out), b (d_out,) -> y (..., d_out).
 
     The leading axes are flattened to one (N = B*T rows) so that BLAS runs one large
     matrix product; a 3-D @ 2-D product would be a loop of B small ones.
+    keep_x=False (a frozen W): x is needed only for dW, so the cache does not hold it and
+    its memory can be freed as soon as nothing else uses it. PyTorch does the same: a
+    linear layer saves its input for the backward only when the weight requires grad.
     """
     out = x.reshape(-1, x.shape[-1]) @ W  # (N, d_in) @ (d_in, d_out) -> (N, d_out)
     out += b  # in place: out is our own fresh array
-    cache = (x, W)  # x is needed for dW, W for dx
+    cache = (x if keep_x else None, W, x.shape)  # x is needed for dW, W for dx
     return out.reshape(*x.shape[:-1], W.shape[1]), cache
 
 
@@ -39,16 +42,18 @@ def linear_backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
     weight skips its matrix product `x.T @ dout` entirely (that is where training only
     adapters saves compute), while dx still flows down to the layers below.
     """
-    x, W = cache
-    x2 = x.reshape(-1, x.shape[-1])  # (N, d_in), a view: no copy
+    x, W, x_shape = cache
     d2 = dout.reshape(-1, dout.shape[-1])  # (N, d_out)
-    dx = (d2 @ W.T).reshape(x.shape) if need_dx else None  # (N, d_out) @ (d_out, d_in) -> (N, d_in)
+    dx = (d2 @ W.T).reshape(x_shape) if need_dx else None  # (N, d_out) @ (d_out, d_in) -> (N, d_in)
     dW = db = None
-    if need_dW or need_db:
-        if need_dW:
-            dW = x2.T @ d2  # forward was y = x @ W, so dW = x.T @ dy: (d_in, N) @ (N, d_out)
-        if need_db:
-            db = d2.sum(axis=0)  # b was broadcast over every row, so its gradient sums them
+    if need_dW:
+        if x is None:
+            raise ValueError("need_dW: the forward ran with keep_x=False (a frozen weight), so x "
+                             "was not kept; unfreeze before the forward, not between it and the backward")
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in), a view: no copy
+        dW = x2.T @ d2  # forward was y = x @ W, so dW = x.T @ dy: (d_in, N) @ (N, d_out)
+    if need_db:
+        db = d2.sum(axis=0)  # b was broadcast over every row, so its gradient sums them
     return dx, dW, db
 
 

@@ -98,7 +98,7 @@ class Attention(Module):
         self.n_heads = n_heads
 
     def forward(self, x, bias=None):
-        return attention_forward(x, self.w, self.n_heads, bias)
+        return attention_forward(x, self.w, self.n_heads, bias, keep=self.trainable())
 
     def backward(self, dout, cache, need_dx=True):
         dx, grads = attention_backward(dout, cache, need_dx=need_dx, need=self.trainable())
@@ -114,9 +114,10 @@ class FeedForward(Module):
                                   "W_2": normal(rng, (F, C), std, dtype), "b_2": np.zeros(C, dtype)})
 
     def forward(self, x):
-        h, cache_1 = linear_forward(x, self.p["W_1"].value, self.p["b_1"].value)  # (B,T,C) -> (B,T,F)
+        p = self.p  # a frozen W does not keep its input (linear_forward's keep_x): less memory
+        h, cache_1 = linear_forward(x, p["W_1"].value, p["b_1"].value, p["W_1"].trainable)  # (B,T,C) -> (B,T,F)
         a, cache_g = gelu_forward(h)  # (B,T,F)
-        out, cache_2 = linear_forward(a, self.p["W_2"].value, self.p["b_2"].value)  # (B,T,F) -> (B,T,C)
+        out, cache_2 = linear_forward(a, p["W_2"].value, p["b_2"].value, p["W_2"].trainable)  # (B,T,F) -> (B,T,C)
         return out, (cache_1, cache_g, cache_2)
 
     def backward(self, dout, cache, need_dx=True):
