@@ -188,6 +188,23 @@ def test_fully_padded_row_no_nan(norm, pooling):
         assert grads and all(np.all(np.isfinite(g)) for g in grads)
 
 
+def test_gradients_accumulate_until_zero_grad():
+    """Two backward passes without zero_grad add their gradients (STYLE.md rule 5)."""
+    model = generic_model()
+    ids, targets, pad_mask = batch(model.config)
+    model.loss(ids, targets, pad_mask)
+    once = {n: p.grad.copy() for n, p in model.named_parameters().items() if p.grad is not None}
+    assert set(once) == {n for n in model.named_parameters() if not n.startswith("cls_head.")}  # unused under "lm"
+    model.loss(ids, targets, pad_mask)
+    for n in once:
+        p = model.named_parameters()[n]
+        np.testing.assert_allclose(p.grad, 2 * once[n], rtol=1e-12, atol=1e-15, err_msg=n)
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    model.loss(ids, targets, pad_mask, backward=False)
+    assert all(p.grad is None for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------- determinism
 
 
