@@ -1,0 +1,101 @@
+"""The benchmark runs end to end in --quick mode, its numbers are consistent, and a float32
+model stays float32. No test asserts a timing: the machine is shared and timings are noisy."""
+import json
+
+import numpy as np
+import pytest
+
+from minitransformer import bench, optim
+from minitransformer.__main__ import main as cli
+from minitransformer.adapters import AdapterConfig
+from minitransformer.model import ModelConfig, Transformer
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "out.json"
+    code = cli(["bench", "--quick", "--json", str(path)])
+    return code, json.loads(path.read_text())
+
+
+def test_quick_bench_writes_every_number(quick_run):
+    code, res = quick_run
+    assert code == 0
+    for key in ("full_step_s", "adapter_step_s", "forward_s", "forward_adapters_s", "matmul_gflops",
+                "step_gflops", "adapter_over_full_step", "gemm_efficiency", "adapter_latency_overhead"):
+        assert np.isfinite(res[key]) and res[key] > -1, key
+    for key in ("full_step_s", "adapter_step_s", "forward_s", "forward_adapters_s", "matmul_gflops"):
+        assert res[key] > 0, key
+    assert set(res["forward_adapters_s_by_m"]) == {str(m) for m in bench.QUICK.sizes}
+    assert set(res["adapter_latency_overhead_by_m"]) == {str(m) for m in bench.QUICK.sizes}
+    assert set(res["peak_memory_mb"]) == {"full", "adapter"}
+    assert all(v > 0 for v in res["peak_memory_mb"].values())
+    assert res["environment"]["numpy"] == np.__version__
+    assert res["environment"]["blas"], "threadpoolctl should see the BLAS NumPy uses"
+
+
+def test_ratios_are_computed_from_the_timings(quick_run):
+    _, r = quick_run
+    assert r["adapter_over_full_step"] == pytest.approx(r["adapter_step_s"] / r["full_step_s"])
+    assert r["gemm_efficiency"] == pytest.approx(r["step_gflops"] / r["matmul_gflops"])
+    assert r["step_gflops"] == pytest.approx(r["full_step_gflop"] / r["full_step_s"])
+    assert r["adapter_latency_overhead"] == pytest.approx(r["forward_adapters_s"] / r["forward_s"] - 1)
+    m = str(bench.QUICK.bottleneck)
+    assert r["adapter_latency_overhead_by_m"][m] == pytest.approx(r["adapter_latency_overhead"])
+
+
+def test_flop_count_matches_the_shapes():
+    """2 N C C per projection and so on, recounted here from the model's own parameter shapes."""
+    b = bench.BenchConfig(vocab_size=16, d_model=8, n_layers=3, n_heads=2, d_ff=12, seq_len=5, batch=2,
+                          bottleneck=3)
+    model = Transformer(b.model_config())
+    N, T = b.batch * b.seq_len, b.seq_len
+    weights = sum(2 * N * p.value.shape[0] * p.value.shape[1] for n, p in model.named_parameters().items()
+                  if n.startswith("blocks.") and p.value.ndim == 2)  # every block's matrices
+    attention = b.n_layers * 2 * (2 * b.batch * T * T * b.d_model)  # Q K^T and P V
+    assert bench.step_flops(b) == 3 * (weights + attention)
+    model.add_adapter("t", AdapterConfig(bottleneck=3))
+    adapters = sum(2 * N * p.value.shape[0] * p.value.shape[1] for n, p in model.named_parameters().items()
+                   if n.startswith("adapters.t.blocks.") and p.value.ndim == 2)
+    block0_attention_backward = 4 * 2 * N * b.d_model ** 2 + 2 * (attention // b.n_layers)
+    assert bench.step_flops(b, "adapters") == ((weights + attention + adapters) + (weights + 2 * attention
+                                               + 2 * adapters) - block0_attention_backward)
+
+
+def test_float32_stays_float32_through_forward_backward_and_adamw():
+    cfg = ModelConfig(vocab_size=20, max_len=8, d_model=16, n_heads=2, n_layers=2, d_ff=32, n_classes=3,
+                      dropout=0.1)
+    model = Transformer(cfg, seed=0)
+    model.add_adapter("t", AdapterConfig(bottleneck=4), n_classes=3)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 20, (3, 8))
+    pad = np.ones((3, 8), bool)
+    pad[0, 5:] = False
+    for adapter in (None, "t"):
+        if adapter:
+            model.train_adapter(adapter)
+        opt = optim.AdamW(model.parameters(), lr=1e-3)
+        logits, _ = model.forward(ids, pad, head="cls", train=True, rng=rng)
+        assert logits.dtype == np.float32
+        opt.zero_grad()
+        model.loss(ids, np.array([0, 1, 2]), pad, head="cls", train=True, rng=rng)
+        opt.step()
+        grads = [p.grad for p in model.parameters(trainable_only=True) if p.grad is not None]
+        assert len(grads) >= 10 and all(g.dtype == np.float32 for g in grads)
+        assert all(a.dtype == np.float32 for s in opt.state.values() for a in s.values())
+        assert all(p.value.dtype == np.float32 for p in model.parameters())
+        bench.check_float32(model, opt)  # the benchmark's own check agrees
+
+
+def test_check_float32_catches_a_promoted_array():
+    model = Transformer(ModelConfig(vocab_size=10, max_len=4, d_model=8, n_heads=2, n_layers=1, d_ff=8))
+    opt = optim.AdamW(model.parameters())
+    model.named_parameters()["blocks.0.ffn.W_1"].grad = np.zeros((8, 8))  # float64
+    with pytest.raises(AssertionError, match="blocks.0.ffn.W_1"):
+        bench.check_float32(model, opt)
+
+
+def test_bad_repeats_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--repeats", "0"])
+    assert "--repeats" in capsys.readouterr().err
