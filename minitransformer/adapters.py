@@ -103,8 +103,10 @@ def adapter_forward(h, w, nonlinearity="gelu", skip=True, scaling=1.0):
     a, cache_act = act_forward(z)  # (N,m)
     u, cache_up = linear_forward(a, w["W_up"], w["b_up"])  # (N,m) @ (m,C) -> (N,C)
     if scaling != 1:
-        u *= h.dtype.type(scaling)  # u is our own fresh array
-    out = h + u if skip else u
+        u *= h.dtype.type(scaling)  # u is our own fresh array: scale and add in place
+    if skip:
+        u += h  # out = h + branch(h)
+    out = u
     cache = (cache_down, cache_act, cache_up, nonlinearity, skip, scaling)
     return out, cache
 

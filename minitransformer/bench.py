@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 import tracemalloc
@@ -45,6 +46,7 @@ class BenchConfig:
     sizes: tuple = (8, 64, 256)  # every m whose inference latency is reported
     repeats: int = 7  # timed repetitions per measurement (after warm-up); the median is kept
     warmup: int = 2
+    budget_s: float = 120.0  # stop repeating (after 3 repetitions at least) once this much time passed
 
     def model_config(self):
         return ModelConfig(vocab_size=self.vocab_size, max_len=self.seq_len, d_model=self.d_model,
@@ -117,6 +119,12 @@ def median_time(fn, repeats, warmup=0):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def minor_faults():
+    """Minor page faults of this process so far: each fresh page NumPy touches costs one,
+    and on a virtual machine they are expensive (see the README's Performance section)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def make_batch(b, seed=0):
@@ -202,6 +210,7 @@ def environment():
 
 def run(b):
     """Measure everything; returns the results as a JSON-ready dict."""
+    load_before = os.getloadavg()[0]
     ids, labels = make_batch(b)
     tracemalloc.start()
     memory = {}
@@ -224,12 +233,18 @@ def run(b):
         for fn in jobs.values():
             fn()
     times = {name: [] for name in jobs}
+    faults = {name: [] for name in jobs}
     matmul = []
-    for _ in range(b.repeats):  # interleaved: every measurement sees the same load
+    start = time.perf_counter()
+    for rep in range(b.repeats):  # interleaved: every measurement sees the same load
+        if rep >= 3 and time.perf_counter() - start > b.budget_s:
+            break
         for name, fn in jobs.items():
+            f0 = minor_faults()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            faults[name].append(minor_faults() - f0)
         matmul.append(matmul_gflops(b, repeats=3))
     check_float32(full, full_opt)
     check_float32(adapted, adapted_opt)
@@ -250,6 +265,10 @@ def run(b):
         "peak_memory_mb": {k: v[0] for k, v in memory.items()},
         "memory_before_step_mb": {k: v[1] for k, v in memory.items()},
         "memory_method": "tracemalloc peak during one step (NumPy arrays included)",
+        "page_faults_per_step": {"full": statistics.median(faults["full_step"]),
+                                 "adapter": statistics.median(faults["adapter_step"])},
+        "repeats_done": len(times["full_step"]),
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
     }
     res["adapter_over_full_step"] = res["adapter_step_s"] / res["full_step_s"]
     res["gemm_efficiency"] = res["step_gflops"] / res["matmul_gflops"]
@@ -293,6 +312,13 @@ def table(res):
     foot = [f"cpu: {env['cpu']} ({env['cores']} cores); numpy {env['numpy']}; BLAS: {blas}"]
     if env["env"]:
         foot.append("env: " + " ".join(f"{k}={v}" for k, v in env["env"].items()))
+    load = res["load_average_before_after"]
+    foot.append(f"page faults per step: full {res['page_faults_per_step']['full']:.0f}, adapter "
+                f"{res['page_faults_per_step']['adapter']:.0f}; load average {load[0]:.1f} before, "
+                f"{load[1]:.1f} after, on {env['cores']} cores; {res['repeats_done']} repetitions")
+    if max(load) > 0.5 * (env["cores"] or 1):
+        foot.append("WARNING: other processes are using the CPU: BLAS threads wait for each other "
+                    "and times can be many times longer; ratios are still from one run")
     width = max(len(r[0]) for r in rows)
     return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows] + foot)
 
@@ -302,13 +328,22 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves the benchmark runs")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median kept)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="limit the BLAS threads (threadpoolctl); default: what the BLAS chose")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads: expected a positive integer, got {args.threads}")
     b = QUICK if args.quick else BenchConfig()
     if args.repeats is not None:
         if args.repeats < 1:
             parser.error(f"--repeats: expected a positive integer, got {args.repeats}")
         b = BenchConfig(**{**vars(b), "repeats": args.repeats})
-    res = run(b)
+    if args.threads is None:
+        res = run(b)
+    else:
+        from threadpoolctl import threadpool_limits
+        with threadpool_limits(limits=args.threads, user_api="blas"):
+            res = run(b)
     print(table(res))
     if args.json:
         with open(args.json, "w") as f:
