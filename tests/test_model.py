@@ -79,6 +79,31 @@ def test_check_module_classifier_head(pooling, rng):
     assert_module_ok(head, check_module(head, rng.standard_normal((2, 4, 6)), pad_mask=pad))
 
 
+@pytest.mark.parametrize("make", ["ln", "attn", "ffn", "adapter", "parallel", "lm_head", "cls_mean", "block_post", "block_pre"])
+def test_container_backward_never_writes_into_dout(make, rng):
+    """STYLE.md rule 5, for every container: the caller's upstream gradient stays as it was."""
+    C = 6
+    acfg = AdapterConfig(bottleneck=3, init_std=0.5)
+    module = {"ln": lambda: moved_layernorm("ln", C, rng),
+              "attn": lambda: Attention("attn", C, 2, rng, F64, std=0.5),
+              "ffn": lambda: FeedForward("ffn", C, 12, rng, F64, std=0.5),
+              "adapter": lambda: Adapter("ad", C, acfg, rng, F64),
+              "parallel": lambda: Adapter("ad", C, acfg, rng, F64, skip=False),
+              "lm_head": lambda: LMHead("lm_head", C, 7, rng, F64, std=0.5),
+              "cls_mean": lambda: ClassifierHead("cls", C, 3, "mean", rng, F64, std=0.5),
+              "block_post": lambda: BlockUnderTest(Block(0, small_config(d_model=C), rng, F64),
+                                                   {"attn": Adapter("a", C, acfg, rng, F64),
+                                                    "ffn": Adapter("f", C, acfg, rng, F64)}, 0),
+              "block_pre": lambda: BlockUnderTest(Block(0, small_config(d_model=C, norm="pre"), rng, F64),
+                                                  {"parallel": Adapter("p", C, acfg, rng, F64, skip=False)}, 0),
+              }[make]()
+    out, cache = module.forward(rng.standard_normal((2, 4, C)))
+    dout = rng.standard_normal(out.shape)
+    before = dout.copy()
+    module.backward(dout, cache)
+    np.testing.assert_array_equal(dout, before)
+
+
 class BlockUnderTest:
     """A Block (with optional adapters) in check_module's container protocol; dropout replayed."""
 
