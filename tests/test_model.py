@@ -79,7 +79,8 @@ def test_check_module_classifier_head(pooling, rng):
     assert_module_ok(head, check_module(head, rng.standard_normal((2, 4, 6)), pad_mask=pad))
 
 
-@pytest.mark.parametrize("make", ["ln", "attn", "ffn", "adapter", "parallel", "lm_head", "cls_mean", "block_post", "block_pre"])
+@pytest.mark.parametrize("make", ["ln", "attn", "ffn", "adapter", "parallel", "lm_head", "cls_mean",
+                                  "block_post", "block_pre"])
 def test_container_backward_never_writes_into_dout(make, rng):
     """STYLE.md rule 5, for every container: the caller's upstream gradient stays as it was."""
     C = 6
