@@ -62,10 +62,11 @@ def _read(path, expected_format):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"path: expected an existing checkpoint file, got {str(path)!r}")
+    if not zipfile.is_zipfile(path):  # else np.load would take a .npy for one array, other bytes for a pickle
+        raise CheckpointError(f"{path}: not a readable .npz checkpoint, truncated or corrupt "
+                              "(no zip archive found)")
     try:
         with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise CheckpointError(f"{path}: expected an .npz archive, got a single array")
             arrays = {k: z[k] for k in z.files}
     except CheckpointError:
         raise
@@ -82,6 +83,8 @@ def _read(path, expected_format):
         meta = json.loads(str(arrays.pop("__meta__")))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: '__meta__' is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: '__meta__' expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != expected_format:
         raise CheckpointError(f"{path}: expected format {expected_format!r}, got {meta.get('format')!r}")
     if meta.get("version") != VERSION:
