@@ -180,6 +180,32 @@ def test_truncated_file_is_refused(files):
     assert untouched(model, before, [])
 
 
+@pytest.mark.parametrize("content", ["npy", "text", "empty"])
+def test_a_file_that_is_no_npz_archive_is_refused(files, content):
+    bad = files / "bad.npz"
+    if content == "npy":  # a single array saved with np.save, then renamed
+        with open(bad, "wb") as f:
+            np.save(f, np.zeros(3))
+    else:
+        bad.write_bytes(b"" if content == "empty" else b"weights, honest")
+    model = load_base(files / "base.npz")
+    before = snapshot(model)
+    for load in (model.load_adapter, load_base):
+        with pytest.raises(CheckpointError, match=r"not a readable .npz checkpoint, truncated or corrupt"):
+            load(bad)
+    assert untouched(model, before, [])
+
+
+@pytest.mark.parametrize("meta, message", [("{oops", r"'__meta__' is not valid JSON"),
+                                           ("[1, 2]", r"'__meta__' expected a JSON object, got list")])
+def test_bad_meta_is_refused(files, meta, message):
+    bad = rewrite(files / "task.npz", files / "bad.npz", replace={"__meta__": np.array(meta)})
+    model = load_base(files / "base.npz")
+    with pytest.raises(CheckpointError, match=message):
+        model.load_adapter(bad)
+    assert model.adapters == {}
+
+
 class Trap:
     """Unpickling this object would create the file `marker`: proof that nothing was unpickled."""
 
