@@ -5,7 +5,9 @@ import pytest
 from conftest import batch, generic_adapter, generic_model, snapshot
 
 from minitransformer import AdapterConfig, ModelConfig, Transformer
+from minitransformer import layers as L
 from minitransformer.adapters import adapter_backward, adapter_forward
+from minitransformer.attention import attention_bias, attention_forward
 from minitransformer.gradcheck import MODEL_THRESHOLD, OP_THRESHOLD, check_function, check_model
 from minitransformer.optim import AdamW
 
@@ -95,6 +97,55 @@ def test_gradcheck_lm_head_through_frozen_base_with_causal_mask():
     rows = check_model(model, ids, targets, pad_mask, head="lm", dropout_seed=2)
     errors = {name: err for name, _, trainable, err in rows if trainable and ".head." not in name}
     assert errors and max(errors.values()) <= MODEL_THRESHOLD, errors
+
+
+# ----------------------------------------------------------------------------- where adapters sit
+
+
+def reference_forward(model, ids, pad_mask):
+    """The model's LM logits recomputed from the pure operations, wired as the paper describes:
+    post-LN: x = LN1(x + Ad_attn(Attn(x)));  x = LN2(x + Ad_ffn(FFN(x)))      (Houlsby et al.)
+    pre-LN:  x = x + Ad_attn(Attn(LN1(x)));  x = x + Ad_ffn(FFN(LN2(x)))
+    parallel: the FFN's output plus s * W_up f(W_down x_in) of the FFN's own input x_in."""
+    cfg, s = model.config, model.adapters[model.active_adapter]
+    ad_cfg, norms = s.config, {**model.norms(), **s.norms}
+
+    def ln(key, x):
+        return L.layernorm_forward(x, norms[key].p["gamma"].value, norms[key].p["beta"].value, cfg.ln_eps)[0]
+
+    def adapter(block, site, x):
+        return adapter_forward(x, s.blocks[block][site].w, ad_cfg.nonlinearity, site != "parallel",
+                               ad_cfg.scaling)[0]
+
+    def ffn(block, x):
+        w = model.blocks[block].ffn.w
+        hidden = L.gelu_forward(L.linear_forward(x, w["W_1"], w["b_1"])[0])[0]
+        return L.linear_forward(hidden, w["W_2"], w["b_2"])[0]
+
+    x = model.embed.w["W_tok"][ids] + model.embed.w["W_pos"][:ids.shape[1]]
+    x = ln("ln_emb", x) if cfg.norm == "post" else x
+    bias = attention_bias(ids.shape[1], cfg.causal, pad_mask, x.dtype)
+    for i, block in enumerate(model.blocks):
+        pre = cfg.norm == "pre"
+        a = attention_forward(ln(f"blocks.{i}.ln1", x) if pre else x, block.attn.w, cfg.n_heads, bias)[0]
+        a = adapter(i, "attn", a) if "attn" in s.blocks[i] else a
+        h = x + a if pre else ln(f"blocks.{i}.ln1", x + a)
+        f_in = ln(f"blocks.{i}.ln2", h) if pre else h
+        f = ffn(i, f_in)
+        f = adapter(i, "ffn", f) if "ffn" in s.blocks[i] else f
+        f = f + adapter(i, "parallel", f_in) if "parallel" in s.blocks[i] else f
+        x = h + f if pre else ln(f"blocks.{i}.ln2", h + f)
+    x = ln("ln_f", x) if cfg.norm == "pre" else x
+    return L.linear_forward(x, model.lm_head.w["W"], model.lm_head.w["b"])[0]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_adapters_sit_where_the_paper_puts_them(placement, norm):
+    model = generic_model(adapter=generic_adapter(placement=placement, scaling=2.0), norm=norm, causal=True)
+    ids, _, pad_mask = batch(model.config)
+    logits, _ = model.forward(ids, pad_mask)
+    np.testing.assert_allclose(logits, reference_forward(model, ids, pad_mask), rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- 3. near identity
