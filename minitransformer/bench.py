@@ -17,6 +17,7 @@ run are the measure, the absolute times vary with the machine and its load.
 Both steps use the classification head ("cls"): full fine-tuning against adapter tuning.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -125,6 +126,27 @@ def minor_faults():
     """Minor page faults of this process so far: each fresh page NumPy touches costs one,
     and on a virtual machine they are expensive (see the README's Performance section)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
+
+    By default glibc gives large freed blocks back (munmap, or trimming the heap top), so
+    every training step touches its ~150 MB of activations as fresh pages again, one page
+    fault each. mallopt(M_MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD) set high keep the
+    memory in the process, like PyTorch's caching allocator or jemalloc would. Same effect
+    as the environment variables MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_.
+    Returns True if it took effect (glibc found), False otherwise.
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def make_batch(b, seed=0):
@@ -279,6 +301,31 @@ def run(b):
     return res
 
 
+def profile(b, steps=5, top=12):
+    """cProfile of `steps` full training steps (after warm-up): the functions with the most
+    time of their own, in ms per step. Returns the printed text."""
+    import cProfile
+    import io
+    import pstats
+    ids, labels = make_batch(b)
+    model, opt = full_model(b)
+    for _ in range(b.warmup):
+        train_step(model, opt, ids, labels)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        train_step(model, opt, ids, labels)
+    prof.disable()
+    stats = pstats.Stats(prof, stream=io.StringIO())
+    total = sum(row[2] for row in stats.stats.values())  # every function's own time
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    lines = [f"cProfile of {steps} full steps: {1e3 * total / steps:.1f} ms per step; own time per step:"]
+    for (path, line, fn), (_, calls, own, _, _) in rows:
+        where = f"{os.path.basename(path)}:{line}({fn})" if line else fn
+        lines.append(f"  {1e3 * own / steps:8.1f} ms  {calls // steps:5d} calls  {where}")
+    return "\n".join(lines)
+
+
 TARGETS = {"adapter_over_full_step": ("<=", 0.70), "gemm_efficiency": (">=", 0.50),
            "adapter_latency_overhead": ("<=", 0.12)}
 
@@ -315,7 +362,8 @@ def table(res):
     load = res["load_average_before_after"]
     foot.append(f"page faults per step: full {res['page_faults_per_step']['full']:.0f}, adapter "
                 f"{res['page_faults_per_step']['adapter']:.0f}; load average {load[0]:.1f} before, "
-                f"{load[1]:.1f} after, on {env['cores']} cores; {res['repeats_done']} repetitions")
+                f"{load[1]:.1f} after, on {env['cores']} cores; {res['repeats_done']} repetitions; "
+                f"malloc: {res.get('malloc', 'default')}")
     if max(load) > 0.5 * (env["cores"] or 1):
         foot.append("WARNING: other processes are using the CPU: BLAS threads wait for each other "
                     "and times can be many times longer; ratios are still from one run")
@@ -328,6 +376,10 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves the benchmark runs")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median kept)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the benchmark: cProfile of a few full steps, by function")
+    parser.add_argument("--keep-memory", action="store_true",
+                        help="tell glibc malloc to keep freed memory (fewer page faults); see keep_freed_memory")
     parser.add_argument("--threads", type=int, default=None,
                         help="limit the BLAS threads (threadpoolctl); default: what the BLAS chose")
     args = parser.parse_args(argv)
@@ -338,12 +390,19 @@ def main(argv=None):
         if args.repeats < 1:
             parser.error(f"--repeats: expected a positive integer, got {args.repeats}")
         b = BenchConfig(**{**vars(b), "repeats": args.repeats})
-    if args.threads is None:
-        res = run(b)
-    else:
+    limits = contextlib.nullcontext()
+    if args.threads is not None:
         from threadpoolctl import threadpool_limits
-        with threadpool_limits(limits=args.threads, user_api="blas"):
-            res = run(b)
+        limits = threadpool_limits(limits=args.threads, user_api="blas")
+    kept = keep_freed_memory() if args.keep_memory else False
+    if args.keep_memory and not kept:
+        print("--keep-memory: glibc's mallopt was not found; running with the default allocator")
+    with limits:
+        if args.profile:
+            print(profile(b))
+            return 0
+        res = run(b)
+    res["malloc"] = "keep freed memory (mallopt)" if kept else "default"
     print(table(res))
     if args.json:
         with open(args.json, "w") as f:
