@@ -53,7 +53,7 @@ class Settings:
     adapter_sizes: tuple = (2, 8, 32, 64)  # bottleneck m of the tradeoff's adapter curve
     main_size: int = 32  # m used for the ablation, the curves, the init-std sweep and storage
     init_stds: tuple = (1e-7, 1e-5, 1e-3, 1e-2, 1e-1, 1.0)  # the init-std sweep
-    init_tasks: tuple = ("shuffle",)  # tasks of the init-std sweep
+    init_tasks: tuple = ("nesting",)  # tasks of the init-std sweep
     init_seeds: tuple = (0, 1)  # seeds per task of the init-std sweep
     curve_task: str = "agreement"  # the task whose training curves are drawn
     storage_T: int = 20  # tasks in the storage bill (measured sizes, repeated past len(tasks))

@@ -61,12 +61,12 @@ def mlm_eval(model, split, rng, batch_size=256):
     return loss_sum / total, correct / total
 
 
-def pretrain(steps=STEPS, seed=0, config=BASE_CONFIG, progress=True, log=print):
-    """Masked-token pretraining from scratch -> (model, {"loss", "acc", "seconds"}) where loss
-    and acc are measured on held-out texts."""
+def pretrain(steps=STEPS, seed=0, config=BASE_CONFIG, progress=True, log=print, n_texts=CORPUS):
+    """Masked-token pretraining from scratch on n_texts texts -> (model, {"loss", "acc",
+    "seconds"}) where loss and acc are measured on 2000 held-out texts."""
     from tqdm import tqdm
     t0 = time.perf_counter()
-    corpus = data.pretraining_corpus(CORPUS, seed)
+    corpus = data.pretraining_corpus(n_texts, seed)
     held_out = data.pretraining_corpus(2000, seed + 1)
     model = Transformer(config, seed)
     params = model.parameters(trainable_only=True)
@@ -104,7 +104,7 @@ def main(argv=None):
         p.error(f"--seed: expected a non-negative integer, got {args.seed}")
     from .checkpoint import save_base
     with one_thread():
-        model, result = pretrain(args.steps, args.seed, progress=not args.quiet)
+        model, result = pretrain(args.steps, args.seed, progress=not args.quiet, n_texts=CORPUS)
     save_base(model, args.out)
     size = Path(args.out).stat().st_size
     print(f"pretrained {model.num_parameters():,} parameters for {args.steps} steps in "

@@ -106,18 +106,28 @@ def test_splits_disjoint_and_balanced(tasks):
             assert counts.max() - counts.min() <= 1
 
 
+def filled(text, *tokens):
+    """`text` with its MASKs replaced by `tokens`, left to right."""
+    out, fill = list(text), iter(tokens)
+    return [next(fill) if t == data.MASK else t for t in out]
+
+
 def test_labels_mean_what_they_say(tasks):
-    # clean texts parse; a corrupted text (label 0) never does
-    for name in ("agreement", "brackets", "shuffle"):
-        split = tasks[name].train
-        ok = np.array([parses(t) for t in texts(split)])
-        assert ok[split.labels == 1].all(), name
-        assert not ok[split.labels == 0].any(), name
     assert all(parses(t) for t in texts(tasks["topic"].train))
-    # brackets swaps two closers: every text, clean or not, has both kinds, counts balanced
-    for t in texts(tasks["brackets"].train):
-        assert t.count(data.OPEN[0]) == t.count(data.CLOSE[0]) >= 1
-        assert t.count(data.OPEN[1]) == t.count(data.CLOSE[1]) >= 1
+    verb = {0: VERB0, 1: VERB0 + 1}  # the singular and plural forms of verb lemma 0
+    for t, y in zip(texts(tasks["agreement"].train), tasks["agreement"].train.labels):
+        assert t.count(data.MASK) == 1
+        assert parses(filled(t, verb[y])) and not parses(filled(t, verb[1 - y]))
+    for t, y in zip(texts(tasks["brackets"].train), tasks["brackets"].train.labels):
+        assert t.count(data.MASK) == 2
+        assert parses(filled(t, data.CLOSE[y], data.CLOSE[1 - y]))
+        assert not parses(filled(t, data.CLOSE[1 - y], data.CLOSE[y]))
+    for t, y in zip(texts(tasks["nesting"].train), tasks["nesting"].train.labels):
+        m = t.index(data.MASK)
+        depth = sum(tok in data.OPEN for tok in t[:m]) - sum(tok in data.CLOSE for tok in t[:m])
+        assert (depth > 0) == y
+        assert parses(filled(t, verb[0])) or parses(filled(t, verb[1]))
+        assert data.OPEN[0] in t or data.OPEN[1] in t  # brackets in every text, either label
 
 
 def test_topic_is_visible_in_the_words(tasks):
