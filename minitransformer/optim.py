@@ -65,14 +65,15 @@ class AdamW(Optimizer):
         g2 = g * g
         g2 *= 1 - self.b2
         v += g2
-        step = self.lr / (1 - self.b1 ** self.t)  # the bias corrections
+        # the bias corrections, folded into two scalars: m_hat / (sqrt(v_hat) + eps)
+        # = (c2 / c1) * m / (sqrt(v) + eps * c2), with c1 = 1 - b1^t and c2 = sqrt(1 - b2^t)
+        c1, c2 = 1 - self.b1 ** self.t, math.sqrt(1 - self.b2 ** self.t)
         update = np.sqrt(v, out=g2)  # g2 is spent: reuse its memory
-        update /= math.sqrt(1 - self.b2 ** self.t)
-        update += self.eps
-        np.divide(m, update, out=update)  # m_hat / (sqrt(v_hat) + eps), up to the factor in step
+        update += self.eps * c2
+        np.divide(m, update, out=update)
         if self.weight_decay and p.value.ndim >= 2:
             p.value *= 1 - self.lr * self.weight_decay  # decoupled: not through m, v
-        update *= step
+        update *= self.lr * c2 / c1
         p.value -= update
 
 
