@@ -50,6 +50,9 @@ def _atomic_savez(path, arrays, meta):
             np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600); give it a normal file's mode
         os.replace(tmp, path)  # atomic on POSIX and Windows: the old file or the new, never half
     except BaseException:
         if os.path.exists(tmp):
