@@ -16,6 +16,7 @@ sees another's training. `--quick` runs tiny sizes on a small freshly initialise
 """
 import argparse
 import copy
+import hashlib
 import json
 import os
 import re
@@ -124,6 +125,15 @@ def run(base, task, method, settings, size=None, k=None, init_std=1e-3, seed=Non
                           "eval_steps": list(map(int, history.eval_steps)),
                           "val_acc": list(map(float, history.val_acc))}}
     return model, record
+
+
+def base_digest(model):
+    """sha256 over every base array's name and bytes: which base the numbers came from."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters().items():
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(p.value).tobytes())
+    return h.hexdigest()
 
 
 def lm_head_size(model):
@@ -241,7 +251,7 @@ def run_all(settings, log=print):
     results = {
         "settings": {**asdict(settings), "n_layers": n_layers},
         "base": {"source": settings.base, "config": base.config.to_dict(),
-                 "n_parameters": base.num_parameters()},
+                 "n_parameters": base.num_parameters(), "sha256": base_digest(base)},
         "tasks": {n: {"n_classes": t.n_classes, "description": t.description,
                       "sizes": {s: len(getattr(t, s).labels) for s in ("train", "val", "test")}}
                   for n, t in tasks.items()},
