@@ -46,8 +46,8 @@ class BenchConfig:
     bottleneck: int = 64  # m of the adapter step and of the headline latency overhead
     sizes: tuple = (8, 64, 256)  # every m whose inference latency is reported
     repeats: int = 7  # timed repetitions per measurement (after warm-up); the median is kept
-    warmup: int = 2
-    budget_s: float = 90.0  # stop repeating (after 3 repetitions at least) once this much time passed
+    warmup: int = 1
+    budget_s: float = 60.0  # stop repeating (after 3 repetitions at least) once this much time passed
 
     def model_config(self):
         return ModelConfig(vocab_size=self.vocab_size, max_len=self.seq_len, d_model=self.d_model,
