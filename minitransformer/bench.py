@@ -21,13 +21,17 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 import tracemalloc
 from dataclasses import dataclass
 
 import numpy as np
+
+try:
+    import resource  # Unix only: page-fault counts
+except ImportError:
+    resource = None
 
 from . import optim
 from .adapters import AdapterConfig
@@ -46,7 +50,7 @@ class BenchConfig:
     bottleneck: int = 64  # m of the adapter step and of the headline latency overhead
     sizes: tuple = (8, 64, 256)  # every m whose inference latency is reported
     repeats: int = 7  # timed repetitions per measurement (after warm-up); the median is kept
-    warmup: int = 1
+    warmup: int = 1  # untimed rounds first: first touches of memory, BLAS thread start-up
     budget_s: float = 60.0  # stop repeating (after 3 repetitions at least) once this much time passed
 
     def model_config(self):
@@ -127,7 +131,7 @@ def median_time(fn, repeats, warmup=0):
 def minor_faults():
     """Minor page faults of this process so far: each fresh page NumPy touches costs one,
     and on a virtual machine they are expensive (see the README's Performance section)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 def keep_freed_memory():
