@@ -17,11 +17,11 @@ COLORS = {"adapter": "tab:blue", "top_k": "tab:orange", "layernorm": "tab:green"
           "full": "black"}
 
 
-def _panels(n, width=4.2, height=3.6):
-    """A row (up to 4 wide) of n panels -> (figure, flat list of n axes)."""
-    cols = min(n, 4)
+def _panels(n, width=4.2, height=3.6, cols=4, **kw):
+    """A grid (up to `cols` wide) of n panels -> (figure, flat list of n axes)."""
+    cols = min(n, cols)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, **kw)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
@@ -35,7 +35,7 @@ def _save(fig, path):
 
 def tradeoff(results, path):
     """Test accuracy vs trained parameters (log x), one panel per task."""
-    fig, axes = _panels(len(results["runs"]))
+    fig, axes = _panels(len(results["runs"]), width=5.2, height=3.8, cols=2, sharey=True)
     for ax, (task, runs) in zip(axes, results["runs"].items()):
         for method, marker, text in (("adapter", "o", "adapters (m)"), ("top_k", "s", "top k layers (k)")):
             recs = [r for r in runs.values() if r["method"] == method]
@@ -55,31 +55,41 @@ def tradeoff(results, path):
         ax.set_xlabel("trained parameters (log scale)")
         ax.set_ylabel("test accuracy")
         ax.grid(True, which="major", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle("Accuracy vs number of trained parameters", y=1.0)
-    _save(fig, path)
+        ax.yaxis.set_tick_params(labelleft=True)
+    fig.suptitle("Accuracy vs number of trained parameters (dotted: full fine-tuning)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=9,
+               frameon=False)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def ablation(results, path):
     """Validation accuracy with the adapters of layers i..j removed, one heat map per task."""
-    fig, axes = _panels(len(results["ablation"]), width=4.0, height=3.6)
+    fig, axes = _panels(len(results["ablation"]), width=3.6, height=3.9)
+    grids = {task: np.array([[np.nan if v is None else v for v in row] for row in ab["grid"]])
+             for task, ab in results["ablation"].items()}
+    lo = min(np.nanmin(g) for g in grids.values())  # one colour scale for every task
     for ax, (task, ab) in zip(axes, results["ablation"].items()):
-        grid = np.array([[np.nan if v is None else v for v in row] for row in ab["grid"]])
+        grid = grids[task]
         n = len(grid)
-        im = ax.imshow(grid, cmap="viridis", origin="upper")
+        im = ax.imshow(grid, cmap="viridis", origin="upper", vmin=lo, vmax=1.0)
         for i in range(n):
             for j in range(i, n):
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if grid[i, j] < np.nanmean(grid) else "black")
+                        color="white" if grid[i, j] < (lo + 1.0) / 2 else "black")
         ax.set_xticks(range(n))
         ax.set_yticks(range(n))
         ax.set_xlabel("last layer removed (j)")
         ax.set_ylabel("first layer removed (i)")
         full = results["runs"][task][f"adapter_m{ab['size']}"]["val_acc"]
         ax.set_title(f"{task} (nothing removed: {full:.2f})", fontsize=10)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=f"{ab['split']} accuracy")
-    fig.suptitle("Removing trained adapters of layers i..j at inference (no retraining)", y=1.0)
-    _save(fig, path)
+    fig.suptitle("Removing the trained adapters of layers i..j at inference (no retraining)")
+    fig.tight_layout(rect=(0, 0, 0.93, 0.97))
+    cax = fig.add_axes((0.94, 0.2, 0.012, 0.6))
+    fig.colorbar(im, cax=cax, label=f"{ab['split']} accuracy")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def init_std(results, path):
@@ -125,7 +135,7 @@ def curves(results, path):
     for ax in (ax_loss, ax_acc):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Training curves on '{cv['task']}'", y=1.0)
+    fig.suptitle(f"Training curves on '{cv['task']}'")
     _save(fig, path)
 
 
@@ -143,11 +153,12 @@ def storage(results, path):
             ax.plot(T, y, color=color, label=text)
             ax.plot(T[:n_measured], y[:n_measured], "o", color=color, markersize=4)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0)
         ax.set_xlabel(f"number of tasks T (dots: the {n_measured} measured; beyond, sizes repeat)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Storage for T tasks", y=1.0)
+    fig.suptitle("Storage for T tasks")
     _save(fig, path)
 
 

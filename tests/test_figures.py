@@ -156,3 +156,17 @@ def test_findings_follow_the_numbers(quick):
     text = " ".join(experiments.findings(res))
     assert "within a few points of full fine-tuning (1.0 points lower)" in text
     assert "clearly worse: 50.0 % (39.0 points below" in text
+
+
+def test_init_std_finding_follows_the_numbers(quick):
+    _, res = quick
+    res = copy.deepcopy(res)
+    for r in res["init_std"]:
+        r["test_acc"] = 0.9
+    assert "every std tried stays within 1 point" in " ".join(experiments.findings(res))
+    largest = max(r["std"] for r in res["init_std"])
+    for r in res["init_std"]:
+        r["test_acc"] = 0.5 if r["std"] == largest else 0.9
+    text = " ".join(experiments.findings(res))
+    second = sorted({r["std"] for r in res["init_std"]})[-2]
+    assert f"within 1 point of the best up to std {second:g} and drops above" in text
