@@ -31,12 +31,10 @@ from . import data, plots, train
 from .adapters import AdapterConfig
 from .checkpoint import save_adapter, save_base
 from .model import ModelConfig, Transformer
+from .plots import README, write_readme_section
 from .pretrain import load_pretrained, one_thread
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
-MARK_START = "<!-- results:start"
-MARK_END = "<!-- results:end -->"
 EVAL_BATCH = 64  # examples per evaluation forward: measured faster here than 256 (cache-sized)
 
 
@@ -70,7 +68,8 @@ class Settings:
             raise ValueError(f"main_size: expected one of adapter_sizes {self.adapter_sizes}, "
                              f"got {self.main_size}")
         if self.base not in ("shipped", "random") and not Path(self.base).is_file():
-            raise ValueError(f"base: expected 'shipped', 'random' or an existing .npz file, got {self.base!r}")
+            raise ValueError(f"base: expected 'shipped', 'random' or an existing .npz file, "
+                             f"got {self.base!r}")
 
 
 def quick_settings(seed=0):
@@ -210,7 +209,8 @@ def run_all(settings, log=print):
     tasks = {name: data.load_task(name, seed=settings.seed) for name in settings.tasks}
     n_layers = base.config.n_layers
     grid = method_grid(settings, n_layers)
-    n_runs = len(tasks) * len(grid) + len(settings.init_tasks) * len(settings.init_seeds) * len(settings.init_stds)
+    n_sweep = len(settings.init_tasks) * len(settings.init_seeds) * len(settings.init_stds)
+    n_runs = len(tasks) * len(grid) + n_sweep
     done = 0
 
     def note(what, rec):
@@ -263,154 +263,6 @@ def run_all(settings, log=print):
     }
     results["seconds"] = {"tradeoff_and_ablation": t_tradeoff, "total": time.perf_counter() - t0}
     return results
-
-
-# ----------------------------------------------------------------------------- summaries and README
-
-LABELS = {"head": "head only", "layernorm": "LayerNorm + head", "full": "full fine-tuning"}
-
-
-def label(key):
-    """A readable name for a run key: adapter_m8 -> 'adapter m=8', top_2 -> 'top 2 layers'."""
-    if key.startswith("adapter_m"):
-        return f"adapter m={key[len('adapter_m'):]}"
-    if key.startswith("top_"):
-        k = int(key[len("top_"):])
-        return f"top {k} layer{'s' if k > 1 else ''}"
-    return LABELS[key]
-
-
-def table(results):
-    """-> [(key, {task: test acc}, mean acc, mean trained, mean %)] in the order of the runs."""
-    runs = results["runs"]
-    tasks = list(runs)
-    rows = []
-    for key in runs[tasks[0]]:
-        recs = [runs[t][key] for t in tasks]
-        rows.append((key, {t: runs[t][key]["test_acc"] for t in tasks},
-                     float(np.mean([r["test_acc"] for r in recs])),
-                     float(np.mean([r["trained"] for r in recs])), float(np.mean([r["pct"] for r in recs]))))
-    return rows
-
-
-def findings(results):
-    """Sentences computed from the numbers: what they show, whatever that is."""
-    rows = {key: (mean, trained, pct) for key, _, mean, trained, pct in table(results)}
-    m = results["settings"]["main_size"]
-    ad, full, head = rows[f"adapter_m{m}"], rows["full"], rows["head"]
-    gap = 100 * (full[0] - ad[0])
-    if gap <= 0:
-        verdict = f"at or above full fine-tuning ({-gap:.1f} points higher)"
-    elif gap <= 3:
-        verdict = f"within a few points of full fine-tuning ({gap:.1f} points lower)"
-    else:
-        verdict = f"clearly below full fine-tuning ({gap:.1f} points lower), not within a few points"
-    out = [f"Adapters with m={m} reach {100 * ad[0]:.1f} % average test accuracy against "
-           f"{100 * full[0]:.1f} % for full fine-tuning, training {ad[2]:.2f} % of the parameters "
-           f"per task instead of {full[2]:.0f} %: {verdict}."]
-    best = max((k for k in rows if k.startswith("adapter_m")), key=lambda k: rows[k][0])
-    if best != f"adapter_m{m}":
-        out.append(f"The best adapter size on average is {label(best)} ({100 * rows[best][0]:.1f} %).")
-    hgap = 100 * (ad[0] - head[0])
-    if hgap >= 5:
-        out.append(f"Training the head alone on the frozen base is clearly worse: {100 * head[0]:.1f} % "
-                   f"({hgap:.1f} points below the adapters).")
-    else:
-        out.append(f"Training the head alone reaches {100 * head[0]:.1f} %, only {hgap:.1f} points "
-                   f"{'below' if hgap >= 0 else 'above'} the adapters: on these tasks the frozen "
-                   f"base's features already carry much of what a linear probe needs.")
-    out += _ablation_findings(results) + _init_findings(results)
-    st = results["storage"]
-    T, ours, copies = st["T"][-1], st["adapters_params"][-1], st["copies_params"][-1]
-    out.append(f"Serving {T} tasks takes {ours / 1e6:.2f} M parameters as one base plus {T} adapter sets, "
-               f"against {copies / 1e6:.2f} M as {T} fine-tuned copies ({copies / ours:.1f} times more).")
-    return out
-
-
-def _ablation_findings(results):
-    trained, removed_all, worst, lowest, top = [], [], [], [], []
-    for name, ab in results["ablation"].items():
-        g, n = ab["grid"], len(ab["grid"])
-        trained.append(results["runs"][name][f"adapter_m{ab['size']}"]["val_acc"])
-        removed_all.append(g[0][n - 1])
-        worst.append(min(g[i][i] for i in range(n)))
-        lowest.append(g[0][0])
-        top.append(g[n - 1][n - 1])
-    if not trained:
-        return []
-    acc = 100 * np.mean(trained)
-    cost_low, cost_top = acc - 100 * np.mean(lowest), acc - 100 * np.mean(top)
-    where = ("the lowest layer's adapters matter more than the top layer's here, the opposite of the "
-             "paper, where removing the lower layers' adapters cost little" if cost_low > cost_top + 1 else
-             "the top layer's adapters matter more than the lowest layer's, as in the paper"
-             if cost_top > cost_low + 1 else "the lowest and the top layer's adapters matter about equally")
-    return [f"Removing the trained adapters of every layer at inference time (the task's head and "
-            f"LayerNorms stay) takes the validation "
-            f"accuracy from {acc:.1f} % to {100 * np.mean(removed_all):.1f} % (mean over tasks); removing "
-            f"one layer's adapters costs at most {acc - 100 * np.mean(worst):.1f} points on average. "
-            f"Removing only the lowest layer's costs {cost_low:.1f} points, only the top layer's "
-            f"{cost_top:.1f}: {where}."]
-
-
-def _init_findings(results):
-    sweep = results["init_std"]
-    stds = sorted({r["std"] for r in sweep})
-    if len(stds) < 2:
-        return []
-    mean = {s: 100 * np.mean([r["test_acc"] for r in sweep if r["std"] == s]) for s in stds}
-    best = max(mean.values())
-    fine = [s for s in stds if all(mean[t] >= best - 1 for t in stds if t <= s)]  # a prefix
-    per_std = ", ".join(f"{s:g}: {mean[s]:.1f} %" for s in stds)
-    if fine and fine[-1] == stds[-1]:
-        verdict = "every std tried stays within 1 point of the best, unlike the paper (worse above ~1e-2)"
-    elif fine:
-        verdict = (f"accuracy stays within 1 point of the best up to std {fine[-1]:g} and drops above "
-                   f"(the paper: fine below ~1e-2, worse above)")
-    else:
-        verdict = "even the smallest std tried is more than 1 point below the best"
-    return [f"Init-std sweep (m={results['settings']['main_size']}, mean test accuracy over "
-            f"{len({(r['task'], r['seed']) for r in sweep})} task/seed runs per std): {per_std}; {verdict}."]
-
-
-def readme_section(results, readme_dir, out_dir):
-    """The markdown between the README's results markers, from results.json's numbers."""
-    s, rel = results["settings"], os.path.relpath(out_dir, readme_dir)
-    tasks = list(results["runs"])
-    minutes, secs = divmod(round(results["seconds"]["total"]), 60)
-    lines = [f"Generated by `python -m minitransformer figures` from `{rel}/results.json` "
-             f"(base: {results['base']['source']}, {results['base']['n_parameters']:,} parameters; "
-             f"{s['steps']} steps of batch {s['batch_size']} per run with early stopping, seed {s['seed']}). "
-             f"The run took {minutes} min {secs} s on this shared 2-core machine (one BLAS thread). "
-             f"Re-run it with the same "
-             f"command; `--from-json {rel}/results.json` redraws figures and this section without training.",
-             "", "Test accuracy (%) per task, and the parameters each method trains per task (mean over tasks; "
-             "an adapter set counts its adapters, its head and its own LayerNorm copies; % of the "
-             "parameters the classification uses, i.e. all but the masked-token head):",
-             "", "| method | " + " | ".join(tasks) + " | average | trained params | % of total |",
-             "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: | ---: |"]
-    for key, accs, mean, trained, pct in table(results):
-        lines.append(f"| {label(key)} | " + " | ".join(f"{100 * accs[t]:.1f}" for t in tasks)
-                     + f" | {100 * mean:.1f} | {trained:,.0f} | {pct:.2f} |")
-    lines += [""] + [f"- {sentence}" for sentence in findings(results)] + [""]
-    captions = {"tradeoff": "accuracy vs trained parameters", "ablation": "removing adapters of layers i..j",
-                "init_std": "accuracy vs adapter init std", "curves": "training curves, adapter vs full",
-                "storage": "parameters stored for T tasks"}
-    lines += [f"![{text}]({rel}/{name}.png)" for name, text in captions.items()]
-    return "\n".join(lines)
-
-
-def write_readme_section(results, readme_path=README, out_dir=None):
-    """Replace the text between the results markers of `readme_path`; nothing else changes."""
-    readme_path = Path(readme_path)
-    text = readme_path.read_text()
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start < 0 or end < start:
-        raise ValueError(f"readme_path: expected the markers {MARK_START!r} ... {MARK_END!r} in "
-                         f"{readme_path}, got none (or in the wrong order)")
-    body_start = text.index("\n", start) + 1  # keep the start marker's own line as it is
-    out_dir = readme_path.parent / "figures" if out_dir is None else Path(out_dir)
-    section = readme_section(results, readme_path.parent.resolve(), Path(out_dir).resolve())
-    readme_path.write_text(text[:body_start] + section + "\n" + text[end:])
 
 
 # ----------------------------------------------------------------------------- command line

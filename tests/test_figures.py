@@ -109,21 +109,23 @@ def test_ablation_restores_the_adapters():
     split = task.val[:64]
     before, _ = model.forward(split.ids, split.pad_mask, head="cls")
     grid = experiments.ablation(model, "task", split)
-    assert model.adapters["task"].blocks == blocks and all(a is b for a, b in zip(model.adapters["task"].blocks, blocks))
+    restored = model.adapters["task"].blocks
+    assert len(restored) == len(blocks) and all(a is b for a, b in zip(restored, blocks))
     after, _ = model.forward(split.ids, split.pad_mask, head="cls")
     np.testing.assert_array_equal(before, after)
     model.adapters["task"].blocks[:] = [{} for _ in blocks]  # every adapter removed by hand
     assert grid[0][-1] == train.accuracy(model, split)
 
 
-README = "# title\n\nintro\n\n## Results\n\n<!-- results:start (generated) -->\nold text\n<!-- results:end -->\n\n## After\nkeep me\n"
+README = ("# title\n\nintro\n\n## Results\n\n<!-- results:start (generated) -->\nold text\n"
+          "<!-- results:end -->\n\n## After\nkeep me\n")
 
 
 def test_readme_writer_replaces_only_the_marked_section(quick, tmp_path):
     out, res = quick
     path = tmp_path / "README.md"
     path.write_text(README)
-    experiments.write_readme_section(res, path, out)
+    plots.write_readme_section(res, path, out)
     text = path.read_text()
     head, rest = text.split("<!-- results:start (generated) -->\n")
     body, tail = rest.split("<!-- results:end -->")
@@ -131,7 +133,7 @@ def test_readme_writer_replaces_only_the_marked_section(quick, tmp_path):
     assert "old text" not in body and "| method |" in body
     for name in plots.NAMES:
         assert f"{name}.png)" in body
-    experiments.write_readme_section(res, path, out)  # idempotent: same numbers, same text
+    plots.write_readme_section(res, path, out)  # idempotent: same numbers, same text
     assert path.read_text() == text
 
 
@@ -140,7 +142,7 @@ def test_readme_writer_refuses_a_file_without_markers(quick, tmp_path):
     path = tmp_path / "README.md"
     path.write_text("# no markers here\n")
     with pytest.raises(ValueError, match="readme_path"):
-        experiments.write_readme_section(res, path, out)
+        plots.write_readme_section(res, path, out)
     assert path.read_text() == "# no markers here\n"
 
 
@@ -150,10 +152,10 @@ def test_findings_follow_the_numbers(quick):
     m = res["settings"]["main_size"]
     runs = res["runs"][res["settings"]["tasks"][0]]
     runs["full"]["test_acc"], runs[f"adapter_m{m}"]["test_acc"], runs["head"]["test_acc"] = 0.9, 0.6, 0.58
-    text = " ".join(experiments.findings(res))
+    text = " ".join(plots.findings(res))
     assert "clearly below full fine-tuning (30.0 points lower)" in text and "only 2.0 points below" in text
     runs[f"adapter_m{m}"]["test_acc"], runs["head"]["test_acc"] = 0.89, 0.5
-    text = " ".join(experiments.findings(res))
+    text = " ".join(plots.findings(res))
     assert "within a few points of full fine-tuning (1.0 points lower)" in text
     assert "clearly worse: 50.0 % (39.0 points below" in text
 
@@ -163,10 +165,10 @@ def test_init_std_finding_follows_the_numbers(quick):
     res = copy.deepcopy(res)
     for r in res["init_std"]:
         r["test_acc"] = 0.9
-    assert "every std tried stays within 1 point" in " ".join(experiments.findings(res))
+    assert "every std tried stays within 1 point" in " ".join(plots.findings(res))
     largest = max(r["std"] for r in res["init_std"])
     for r in res["init_std"]:
         r["test_acc"] = 0.5 if r["std"] == largest else 0.9
-    text = " ".join(experiments.findings(res))
+    text = " ".join(plots.findings(res))
     second = sorted({r["std"] for r in res["init_std"]})[-2]
     assert f"within 1 point of the best up to std {second:g} and drops above" in text
