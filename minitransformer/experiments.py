@@ -284,6 +284,8 @@ def main(argv=None):
     p.add_argument("--base", default=None, help="'shipped' (default), 'random', or a base .npz path")
     p.add_argument("--from-json", default=None, help="redraw from this results.json, no training")
     args = p.parse_args(argv)
+    if args.from_json and not Path(args.from_json).is_file():
+        p.error(f"--from-json: expected an existing results.json, got {args.from_json!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_json:

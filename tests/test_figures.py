@@ -172,3 +172,15 @@ def test_init_std_finding_follows_the_numbers(quick):
     text = " ".join(plots.findings(res))
     second = sorted({r["std"] for r in res["init_std"]})[-2]
     assert f"within 1 point of the best up to std {second:g} and drops above" in text
+
+
+def test_from_json_redraws_without_training(quick, tmp_path, capsys):
+    out, _ = quick
+    redraw = tmp_path / "redraw"
+    assert experiments.main(["--from-json", str(out / "results.json"), "--out", str(redraw)]) == 0
+    for name in plots.NAMES:
+        assert (redraw / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+    assert not (redraw / "results.json").exists()
+    with pytest.raises(SystemExit):
+        experiments.main(["--from-json", str(tmp_path / "missing.json"), "--out", str(redraw)])
+    assert "--from-json: expected an existing results.json" in capsys.readouterr().err
