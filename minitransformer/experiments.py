@@ -279,7 +279,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes on a small random base (seconds)")
     p.add_argument("--out", default=str(ROOT / "figures"), help="folder for the PNGs and results.json")
     p.add_argument("--readme", default=None,
-                   help="README to update (default: the repository's, except with --quick)")
+                   help="README to update (default: the repository's, when --out is its figures/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None, help="'shipped' (default), 'random', or a base .npz path")
     p.add_argument("--from-json", default=None, help="redraw from this results.json, no training")
@@ -298,7 +298,9 @@ def main(argv=None):
             results = run_all(settings)
         (out / "results.json").write_text(dumps(results))
     plots.draw_all(results, out)
-    readme = args.readme or (None if args.quick else README)
+    # the repository's README shows the repository's figures only: other --out folders leave it alone
+    default_out = out.resolve() == (ROOT / "figures").resolve() and not args.quick
+    readme = args.readme or (README if default_out else None)
     if readme:
         write_readme_section(results, readme, out)
     print(f"wrote {', '.join(plots.NAMES)} (.png){'' if args.from_json else ' and results.json'} to {out}"

@@ -177,7 +177,9 @@ def test_init_std_finding_follows_the_numbers(quick):
 def test_from_json_redraws_without_training(quick, tmp_path, capsys):
     out, _ = quick
     redraw = tmp_path / "redraw"
+    readme = plots.README.read_text()
     assert experiments.main(["--from-json", str(out / "results.json"), "--out", str(redraw)]) == 0
+    assert plots.README.read_text() == readme  # another --out leaves the repository's README alone
     for name in plots.NAMES:
         assert (redraw / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
     assert not (redraw / "results.json").exists()
