@@ -1,6 +1,6 @@
 """The demo, `python -m minitransformer`: one task's adapter on the shipped base, end to end.
 
-    python -m minitransformer [--task agreement] [--bottleneck 8] [--steps 400] [--seed 0] [--out PATH]
+    python -m minitransformer [--task agreement] [--bottleneck 8] [--steps 300] [--seed 0] [--out PATH]
 
 1. load the shipped pretrained base and fingerprint every base array (sha256 of its bytes);
 2. add a Houlsby adapter for the task, print the parameter report, train only the adapter;
@@ -39,7 +39,7 @@ def digest(checksums):
 def _config(method, args):
     """The same budget for every method; each with its own learning rate (train.METHOD_LR)."""
     return TrainConfig(steps=args.steps, lr=METHOD_LR[method], warmup=max(args.steps // 10, 1),
-                       eval_every=max(args.steps // 8, 1), seed=args.seed, progress=not args.quiet)
+                       eval_every=max(args.steps // 4, 10), seed=args.seed, progress=not args.quiet)
 
 
 def run(args):
@@ -105,7 +105,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minitransformer", description=__doc__.split("\n")[0])
     p.add_argument("--task", default="agreement", choices=data.TASKS, help="the downstream task")
     p.add_argument("--bottleneck", type=int, default=8, help="adapter bottleneck size m (default 8)")
-    p.add_argument("--steps", type=int, default=400, help="training steps per method (default 400)")
+    p.add_argument("--steps", type=int, default=300, help="training steps per method (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task data, init and training")
     p.add_argument("--out", default=None, help="where to save the adapter (default: a temp folder)")
     p.add_argument("--base", default=str(BASE_PATH), help="the pretrained base (default: the shipped one)")

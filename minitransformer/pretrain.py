@@ -6,8 +6,12 @@ Deterministic: the corpus, the masks, the dropout and the batch order all come f
 the matrix products run on one BLAS thread (threadpoolctl), so a re-run on the same machine
 writes bit-identical weights.
 
-The shipped file (minitransformer/assets/base.npz) is BASE_CONFIG trained for STEPS steps with
-seed 0; see the README's results section for its size, time and final masked-token accuracy.
+The shipped file (minitransformer/assets/base.npz) is BASE_CONFIG (post-LN, 4 blocks, 4 heads,
+d_model 64, d_ff 256, vocabulary 99, max_len 32, dropout 0.1): 214,883 parameters, a 0.88 MB
+file, trained for STEPS = 4000 steps of 64 texts with seed 0. Measured with `time python -m
+minitransformer pretrain --quiet` on the shared 2-core machine, other jobs running: 397 s
+(6.6 min; 479 s in a busier earlier run, same result); held-out masked-token loss 1.8551,
+accuracy 0.4392. (Much of the text is unpredictable by design: which noun, which adjective.)
 """
 import argparse
 import contextlib

@@ -18,8 +18,11 @@ from .data import batches
 from .optim import AdamW, clip_grad_norm, lr_at
 
 METHODS = ("adapter", "head", "layernorm", "top_k", "full")
-# a good peak learning rate per method on data.py's tasks (fewer trained weights take larger steps)
-METHOD_LR = {"adapter": 1e-3, "head": 3e-3, "layernorm": 1e-3, "top_k": 5e-4, "full": 5e-4}
+# peak learning rates for ~300 steps on data.py's tasks: fewer trained weights take larger steps.
+# Chosen on validation accuracy with the shipped base (adapter m=8: 1e-3 left nesting at 0.62,
+# 3e-3 reached 0.98; head-only stays near 0.6 on agreement for 3e-3..3e-2). layernorm and top_k
+# were not tuned here (the figures' settings tune their own).
+METHOD_LR = {"adapter": 3e-3, "head": 1e-2, "layernorm": 3e-3, "top_k": 5e-4, "full": 5e-4}
 
 
 @dataclass
