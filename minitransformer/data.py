@@ -38,6 +38,16 @@ test accuracy head-only 0.968, adapter 0.971, full 0.964; agreement head-only 0.
 0.506 (chance; full fine-tuning not measured, the run was cut short). Adapters could not find
 one wrong token among thirty in that budget, so the tasks now ask what the base computes.
 
+Measured with the shipped base, 300 steps, seed 0, adapter m=8 (train.METHOD_LR), test accuracy
+from `python -m minitransformer --quiet --task <name>` (about 35 s each on 2 cores):
+    task        head only   adapter (10k params, 4.7 %)   full fine-tuning (209k)
+    topic         0.972          0.973                       0.964
+    agreement     0.586          0.997                       0.993
+    brackets      0.521          0.944                       0.981
+    nesting       0.541          0.986                       0.999
+With the adapter's first learning rate (1e-3) nesting stayed at 0.574 and brackets at 0.713
+after 300 steps; 3e-3 is what they needed.
+
 Shapes: N examples, T = MAX_LEN positions ([CLS] + text + PAD).
 """
 from dataclasses import dataclass
@@ -72,16 +82,12 @@ N_CLASSES = {"topic": N_TOPICS, "agreement": 2, "brackets": 2, "nesting": 2}
 SIZES = {"train": 2000, "val": 500, "test": 1000}  # examples per split
 
 
-def is_verb(ids):
-    return (ids >= _VERB0) & (ids < _ADJ0)
-
-
 # ----------------------------------------------------------------------------- the grammar
 
 
 class _Text:
-    """One generated text: its tokens and, for the corruptions, where its verbs and bracket
-    pairs are."""
+    """One generated text: its tokens and, for making task examples, where its verbs and
+    bracket pairs are."""
 
     def __init__(self, rng, topic):
         self.rng, self.topic = rng, topic
@@ -93,8 +99,7 @@ class _Text:
 
     def noun_phrase(self):
         plural = int(self.rng.random() < 0.5)
-        r = self.rng.random()
-        if r < 0.5:
+        if self.rng.random() < 0.5:
             self.tokens.append((DET_SING, DET_PLUR)[plural] if self.rng.random() < 0.5 else DET_THE)
         if self.rng.random() < 0.3:
             self.tokens.append(_ADJ0 + self._lemma(ADJS_PER_TOPIC))
@@ -213,6 +218,14 @@ def _pack(texts, T):
     return ids, ids != PAD
 
 
+CORPUS_STREAM = 4  # the corpus's random stream: fixed, so the shipped base stays reproducible
+
+
+def _stream(name):
+    i = TASKS.index(name)
+    return i if i < CORPUS_STREAM else i + 1  # a task added later never shares the corpus's
+
+
 def _check_seed(seed):
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
@@ -226,7 +239,7 @@ def load_task(name, seed=0):
     if name not in TASKS:
         raise ValueError(f"name: expected one of {TASKS}, got {name!r}")
     _check_seed(seed)
-    rng = np.random.default_rng([seed, TASKS.index(name), 4])  # its own stream per task
+    rng = np.random.default_rng([seed, _stream(name), 4])  # its own stream per task
     K, T = N_CLASSES[name], MAX_LEN
     seen, splits = set(), {}
     for split, n in SIZES.items():
@@ -256,7 +269,7 @@ def pretraining_corpus(n=20000, seed=0):
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n: expected a positive integer, got {n!r}")
     _check_seed(seed)
-    rng = np.random.default_rng([seed, len(TASKS), 4])  # a stream no task uses
+    rng = np.random.default_rng([seed, CORPUS_STREAM, 4])  # a stream no task uses
     topics = rng.integers(N_TOPICS, size=n)
     texts = [_generate(rng, z, _random_length(rng, MAX_LEN)).tokens for z in topics]
     ids, pad_mask = _pack(texts, MAX_LEN)
