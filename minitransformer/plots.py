@@ -221,6 +221,13 @@ def findings(results):
     best = max((k for k in rows if k.startswith("adapter_m")), key=lambda k: rows[k][0])
     if best != f"adapter_m{m}":
         out.append(f"The best adapter size on average is {label(best)} ({100 * rows[best][0]:.1f} %).")
+    small = [k for k in rows if k.startswith("adapter_m") and rows[k][2] < 10]
+    if small:  # the bar: within a few points of full fine-tuning while training < 10 %
+        k = max(small, key=lambda k: rows[k][0])
+        sgap = 100 * (full[0] - rows[k][0])
+        out.append(f"The best adapter that trains under 10 % of the parameters is {label(k)}: "
+                   f"{100 * rows[k][0]:.1f} % with {rows[k][2]:.2f} % trained, "
+                   f"{abs(sgap):.1f} points {'below' if sgap >= 0 else 'above'} full fine-tuning.")
     hgap = 100 * (ad[0] - head[0])
     if hgap >= 5:
         out.append(f"Training the head alone on the frozen base is clearly worse: {100 * head[0]:.1f} % "
