@@ -9,9 +9,12 @@ writes bit-identical weights.
 The shipped file (minitransformer/assets/base.npz) is BASE_CONFIG (post-LN, 4 blocks, 4 heads,
 d_model 64, d_ff 256, vocabulary 99, max_len 32, dropout 0.1): 214,883 parameters, a 0.88 MB
 file, trained for STEPS = 4000 steps of 64 texts with seed 0. Measured with `time python -m
-minitransformer pretrain --quiet` on the shared 2-core machine, other jobs running: 397 s
-(6.6 min; 479 s in a busier earlier run, same result); held-out masked-token loss 1.8551,
-accuracy 0.4392. (Much of the text is unpredictable by design: which noun, which adjective.)
+minitransformer pretrain --quiet` on the shared 2-core machine, other jobs running: 363 s and
+365 s (up to 479 s when busier); held-out masked-token loss 1.8551, accuracy 0.4392. (Much of
+the text is unpredictable by design: which noun, which adjective.) Those two runs wrote
+bit-identical arrays (all 71 compared). The weights depend on the exact order of floating-point
+operations, so a change to the numerics of layers.py or optim.py moves their last bits (~1e-6):
+re-run this command and commit the new file after such a change.
 """
 import argparse
 import contextlib
