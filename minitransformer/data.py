@@ -46,7 +46,10 @@ from `python -m minitransformer --quiet --task <name>` (about 35 s each on 2 cor
     brackets      0.521          0.944                       0.981
     nesting       0.541          0.986                       0.999
 With the adapter's first learning rate (1e-3) nesting stayed at 0.574 and brackets at 0.713
-after 300 steps; 3e-3 is what they needed.
+after 300 steps; 3e-3 is what they needed. Control, the same runs on an untrained base
+(Transformer(pretrain.BASE_CONFIG, seed=0), then train.prepare and train.fit as in the demo):
+adapter 0.500 on agreement, nesting and brackets; full fine-tuning 0.717, 0.829, 0.917. The
+pretrained representations are what the adapters use.
 
 Shapes: N examples, T = MAX_LEN positions ([CLS] + text + PAD).
 """
