@@ -12,10 +12,10 @@ COMMANDS = {
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        argv = ["help"]
     command = argv[0] if argv and not argv[0].startswith("-") else "demo"
     rest = argv[1:] if argv and argv[0] == command else argv
-    if command in ("-h", "--help", "help"):
-        command = "help"
     if command == "gradcheck":
         from .gradcheck import main as run
     elif command == "demo":
@@ -27,7 +27,9 @@ def main(argv=None):
     elif command == "bench":
         from .bench import main as run
     else:
-        print("usage: python -m minitransformer [command] [options]\n")
+        if command != "help":
+            print(f"command: expected one of {', '.join(COMMANDS)}, got {command!r}\n")
+        print("usage: python -m minitransformer [command] [options]   (each command takes --help)\n")
         for name, text in COMMANDS.items():
             print(f"  {name:<10} {text}")
         return 0 if command == "help" else 2
