@@ -96,6 +96,18 @@ def check_module(module, x, seed=0, **kwargs):
     return errors
 
 
+def model_loss(model, ids, targets, pad_mask=None, head="lm", dropout_seed=None):
+    """L(backward=False) -> the model's loss, a float. With dropout_seed, the model runs in
+    training mode and every call draws the same dropout masks from a generator seeded anew."""
+    train = dropout_seed is not None
+
+    def L(backward=False):
+        rng = np.random.default_rng(dropout_seed) if train else None
+        return model.loss(ids, targets, pad_mask, head, train=train, rng=rng, backward=backward)[0]
+
+    return L
+
+
 def check_model(model, ids, targets, pad_mask=None, head="lm", dropout_seed=None):
     """Check the whole model's loss against every parameter.
 
@@ -103,12 +115,7 @@ def check_model(model, ids, targets, pad_mask=None, head="lm", dropout_seed=None
     raises if a frozen parameter received a gradient. With dropout_seed, the model runs in
     training mode and every forward draws the same dropout masks from a generator seeded anew.
     """
-    train = dropout_seed is not None
-
-    def L(backward=False):
-        rng = np.random.default_rng(dropout_seed) if train else None
-        return model.loss(ids, targets, pad_mask, head, train=train, rng=rng, backward=backward)[0]
-
+    L = model_loss(model, ids, targets, pad_mask, head, dropout_seed)
     model.zero_grad()
     L(backward=True)
     rows = []

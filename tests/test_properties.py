@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minitransformer import AdapterConfig, ModelConfig, Transformer
-from minitransformer.gradcheck import MODEL_THRESHOLD, numerical_gradient, rel_error
+from minitransformer.gradcheck import MODEL_THRESHOLD, model_loss, numerical_gradient, rel_error
 from minitransformer.optim import AdamW
 
 V, K = 7, 3  # vocabulary size, classes
@@ -75,12 +75,7 @@ def test_gradcheck_loss_on_random_parameters(setup, head, data):
     model = build(cfg, placement, seed, init_std=0.3)
     move_layernorms(model, seed)
     targets = np.where(pad_mask, ids, -100) if head == "lm" else ids[:, 0] % K
-    train = cfg.dropout > 0
-
-    def L(backward=False):
-        rng = np.random.default_rng(seed) if train else None
-        return model.loss(ids, targets, pad_mask, head, train=train, rng=rng, backward=backward)[0]
-
+    L = model_loss(model, ids, targets, pad_mask, head, dropout_seed=seed if cfg.dropout > 0 else None)
     model.zero_grad()
     L(backward=True)
     names = sorted(p.name for p in model.parameters(trainable_only=True))
