@@ -1,5 +1,8 @@
 """The command line: python -m minitransformer [demo|gradcheck|pretrain|figures|bench] ..."""
+import os
 import sys
+
+from . import runtime
 
 COMMANDS = {
     "demo": "load the shipped base, train one task's adapter, prove the base unchanged (default)",
@@ -14,6 +17,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         argv = ["help"]
+    if os.environ.get("MINITRANSFORMER_KEEP_MEMORY", "1") != "0":
+        runtime.keep_freed_memory()  # fewer page faults in every step (see runtime.py)
     command = argv[0] if argv and not argv[0].startswith("-") else "demo"
     rest = argv[1:] if argv and argv[0] == command else argv
     if command == "gradcheck":

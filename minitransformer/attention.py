@@ -10,6 +10,7 @@ b_o of shape (C,), stored as y = x @ W + b like every linear layer of the packag
 import numpy as np
 
 from .layers import linear_backward, linear_forward, softmax_backward, softmax_forward
+from .runtime import matmul
 
 PROJECTIONS = ("q", "k", "v")
 
@@ -54,7 +55,14 @@ def heads_matmul(a, b):
     """
     B, H, T, _ = a.shape
     out = np.empty((B, T, H * b.shape[-1]), dtype=a.dtype)
-    np.matmul(a, b, out=split_heads(out, H))  # (B,H,T,K) @ (B,H,K,hs) -> (B,H,T,hs) view of (B,T,C)
+    matmul(a, b, out=split_heads(out, H))  # (B,H,T,K) @ (B,H,K,hs) -> (B,H,T,hs) view of (B,T,C)
+    return out
+
+
+def scores_matmul(a, b):
+    """a @ b^T per head: (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T), a new array."""
+    out = np.empty((*a.shape[:-1], b.shape[-2]), dtype=a.dtype)
+    matmul(a, b.transpose(0, 1, 3, 2), out=out)
     return out
 
 
@@ -73,7 +81,7 @@ def attention_forward(x, w, n_heads, bias=None, keep=None):
     v, cache_v = linear_forward(x, w["W_v"], w["b_v"], keep_x="W_v" in keep)
     q *= scale  # in place on our fresh q; scaling q is cheaper than scaling (T,T)
     q, k, v = (split_heads(a, n_heads) for a in (q, k, v))  # (B,H,T,hs) views: no copies
-    att = q @ k.transpose(0, 1, 3, 2)  # (B,H,T,hs) @ (B,H,hs,T) -> (B,H,T,T)
+    att = scores_matmul(q, k)  # (B,H,T,hs) @ (B,H,hs,T) -> (B,H,T,T)
     if bias is not None:
         att += bias  # -inf on every forbidden (query, key) pair
     p, _ = softmax_forward(att)  # (B,H,T,T); its cache is p itself
@@ -102,7 +110,7 @@ def attention_backward(dout, cache, need_dx=True, need=None):
         return None, {n: g for n, g in grads.items() if g is not None}
     dctx = split_heads(dctx, n_heads)  # (B,T,C) -> (B,H,T,hs) view
     # forward was ctx = p @ v
-    dp = dctx @ v.transpose(0, 1, 3, 2)  # (B,H,T,hs) @ (B,H,hs,T) -> (B,H,T,T)
+    dp = scores_matmul(dctx, v)  # (B,H,T,hs) @ (B,H,hs,T) -> (B,H,T,T)
     dv = heads_matmul(p.transpose(0, 1, 3, 2), dctx)  # (B,H,T,T) @ (B,H,T,hs) -> (B,T,C)
     datt = softmax_backward(dp, p)  # (B,H,T,T); masked pairs had p = 0 and get 0
     # forward was att = (q * scale) @ k^T, with q already scaled

@@ -6,6 +6,10 @@ Every operation comes as two functions that sit next to each other:
     dx, ...    = X_backward(dout, cache)
 
 The backward unpacks its cache on its first line and replays the forward in reverse.
+The row-by-row operations (LayerNorm, GELU, softmax) do their passes over memory in a
+`_..._rows` function that writes into arrays made by the caller. `by_rows` (runtime.py) hands
+each thread one block of rows. Each row is computed on its own, so the result does not
+depend on the number of threads.
 Every function keeps the dtype of its input (float32 for training, float64 for gradient
 checks): constants are cast to the input's dtype, because a NumPy float64 scalar would
 silently promote a float32 array.
@@ -16,6 +20,8 @@ Shape legend (used in comments throughout the package):
     F  feed-forward width    m  adapter bottleneck     N  any leading shape (B, T, ...)
 """
 import numpy as np
+
+from .runtime import by_rows
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -115,16 +121,22 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     x (..., C), gamma (C,), beta (C,) -> y (..., C). A constant row has var = 0 and
     gives xhat = 0 with the finite scale 1/sqrt(eps): no NaN, finite gradients.
     """
-    C = x.shape[-1]
-    mu = row_sum(x) / C  # (..., 1), the mean
-    xhat = x - mu  # (..., C), centred; normalised in place below
-    var = np.einsum("...c,...c->...", xhat, xhat)[..., None] / C  # (..., 1), biased like PyTorch
-    rstd = 1 / np.sqrt(var + x.dtype.type(eps))  # (..., 1), in x's dtype
-    xhat *= rstd  # (..., C)
-    out = xhat * gamma
-    out += beta  # in place: out is our own fresh array
+    out, xhat = np.empty_like(x), np.empty_like(x)  # (..., C)
+    rstd = np.empty((*x.shape[:-1], 1), dtype=x.dtype)  # (..., 1)
+    by_rows(_layernorm_forward_rows, x, out, xhat, rstd, gamma=gamma, beta=beta, eps=x.dtype.type(eps))
     cache = (xhat, rstd, gamma)  # xhat and rstd make the backward one pass, no recompute
     return out, cache
+
+
+def _layernorm_forward_rows(x, out, xhat, rstd, gamma, beta, eps):
+    C = x.shape[-1]
+    mu = row_sum(x) / C  # (..., 1), the mean
+    np.subtract(x, mu, out=xhat)  # (..., C), centred; normalised in place below
+    var = np.einsum("...c,...c->...", xhat, xhat)[..., None] / C  # (..., 1), biased like PyTorch
+    np.divide(1, np.sqrt(var + eps), out=rstd)  # (..., 1), in x's dtype
+    xhat *= rstd  # (..., C)
+    np.multiply(xhat, gamma, out=out)
+    out += beta
 
 
 def layernorm_backward(dout, cache, need_dx=True, need_dparams=True):
@@ -138,17 +150,22 @@ def layernorm_backward(dout, cache, need_dx=True, need_dparams=True):
         dbeta = d2.sum(axis=0)
     dx = None
     if need_dx:
-        C = dout.shape[-1]
-        dxhat = dout * gamma  # (..., C)
-        # xhat = (x - mu) * rstd, with mu and rstd themselves functions of x. Written out
-        # (derived in the notebooks): dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-        m1 = row_sum(dxhat) / C  # (..., 1), mean(dxhat)
-        m2 = np.einsum("...c,...c->...", dxhat, xhat)[..., None] / C  # (..., 1), no (..., C) temporary
-        dx = xhat * m2
-        np.subtract(dxhat, dx, out=dx)  # dxhat - xhat * m2
-        dx -= m1
-        dx *= rstd
+        dx = np.empty_like(dout)
+        by_rows(_layernorm_backward_rows, dout, xhat, rstd, dx, gamma=gamma)
     return dx, dgamma, dbeta
+
+
+def _layernorm_backward_rows(dout, xhat, rstd, dx, gamma):
+    C = dout.shape[-1]
+    dxhat = dout * gamma  # (..., C)
+    # xhat = (x - mu) * rstd, with mu and rstd themselves functions of x. Written out
+    # (derived in the notebooks): dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    m1 = row_sum(dxhat) / C  # (..., 1), mean(dxhat)
+    m2 = np.einsum("...c,...c->...", dxhat, xhat)[..., None] / C  # (..., 1), no (..., C) temporary
+    np.multiply(xhat, m2, out=dx)
+    np.subtract(dxhat, dx, out=dx)  # dxhat - xhat * m2
+    dx -= m1
+    dx *= rstd
 
 
 # ----------------------------------------------------------------------------- activations
@@ -156,18 +173,23 @@ def layernorm_backward(dout, cache, need_dx=True, need_dparams=True):
 
 def gelu_forward(x):
     """GELU, tanh form: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))).  x (N) -> (N)."""
+    out, g = np.empty_like(x), np.empty_like(x)
+    by_rows(_gelu_forward_rows, x, out, g)
+    cache = (x, g)  # tanh is the expensive part: store the gate rather than recompute it
+    return out, cache
+
+
+def _gelu_forward_rows(x, out, g):
     t = x.dtype.type
     k, a = t(np.sqrt(2.0 / np.pi)), t(0.044715)  # constants in x's dtype (see STYLE.md)
-    g = x * x  # x^2, then built up in place: each step is one pass over memory
+    np.multiply(x, x, out=g)  # x^2, then built up in place: each step is one pass over memory
     g *= a * k
     g += k
     g *= x  # u = k (x + a x^3)
     np.tanh(g, out=g)
     g *= t(0.5)
     g += t(0.5)  # g = 0.5 (1 + tanh(u)), the gate
-    out = x * g  # y = x * g
-    cache = (x, g)  # tanh is the expensive part: store the gate rather than recompute it
-    return out, cache
+    np.multiply(x, g, out=out)  # y = x * g
 
 
 def gelu_backward(dout, cache):
@@ -177,9 +199,15 @@ def gelu_backward(dout, cache):
     = 4 g (1 - g):  dy/dx = g + x * 2 g (1 - g) * k (1 + 3 a x^2).
     """
     x, g = cache
+    dx = np.empty_like(dout)
+    by_rows(_gelu_backward_rows, dout, x, g, dx)
+    return dx
+
+
+def _gelu_backward_rows(dout, x, g, du):
     t = x.dtype.type
     k, a = t(np.sqrt(2.0 / np.pi)), t(0.044715)
-    du = x * x
+    np.multiply(x, x, out=du)
     du *= t(6) * a * k
     du += t(2) * k
     du *= x  # x * 2 k (1 + 3 a x^2)
@@ -188,7 +216,6 @@ def gelu_backward(dout, cache):
     du *= gg
     du += g  # dy/dx
     du *= dout
-    return du
 
 
 def relu_forward(x):
@@ -230,25 +257,35 @@ def softmax_forward(x):
     masked out and get probability 0; a row that is -inf everywhere (a query with no key
     it may attend to) gets all zeros instead of 0/0 = NaN.
     """
+    p = np.empty_like(x)
+    by_rows(_softmax_forward_rows, x, p)
+    cache = p  # the backward needs only the output
+    return p, cache
+
+
+def _softmax_forward_rows(x, p):
     m = x.max(axis=-1, keepdims=True)
     m[~np.isfinite(m)] = 0  # fully masked rows: subtract nothing, exp(-inf) = 0 everywhere
-    p = x - m
+    np.subtract(x, m, out=p)
     np.exp(p, out=p)
     s = row_sum(p)  # (..., 1)
     s[s == 0] = 1  # fully masked rows stay 0 instead of 0/0
     p /= s
-    cache = p  # the backward needs only the output
-    return p, cache
 
 
 def softmax_backward(dout, cache):
     """dout (..., K) -> dx (..., K).   forward was p = exp(x) / sum exp(x), so
     dx = p * (dout - sum(dout * p)). Masked entries have p = 0 and get no gradient."""
     p = cache
-    s = np.einsum("...k,...k->...", dout, p)[..., None]  # (..., 1) sum(dout * p), no temporary
-    dx = dout - s
-    dx *= p  # p * (dout - sum(dout * p))
+    dx = np.empty_like(dout)
+    by_rows(_softmax_backward_rows, dout, p, dx)
     return dx
+
+
+def _softmax_backward_rows(dout, p, dx):
+    s = np.einsum("...k,...k->...", dout, p)[..., None]  # (..., 1) sum(dout * p), no temporary
+    np.subtract(dout, s, out=dx)
+    dx *= p  # p * (dout - sum(dout * p))
 
 
 # ----------------------------------------------------------------------------- dropout

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+from .runtime import for_each
+
 
 class Optimizer:
     def __init__(self, params, lr):
@@ -17,9 +19,9 @@ class Optimizer:
 
     def step(self):
         self.t += 1
-        for p in self.params:
-            if p.trainable and p.grad is not None:
-                self.update(p)
+        todo = [p for p in self.params if p.trainable and p.grad is not None]
+        # every parameter updates on its own: the threads share them out (runtime.py)
+        for_each(self.update, todo, size=lambda p: p.value.size)
 
     def zero_grad(self):
         for p in self.params:

@@ -1,0 +1,214 @@
+"""How the process runs the maths: elementwise work on every core, and memory kept for reuse.
+
+NumPy runs a matrix product on every core (BLAS threads), but a ufunc such as np.tanh on
+one. In a training step the elementwise work (GELU, LayerNorm, softmax, AdamW) is about a
+third of the time, so it ran on half the machine. `by_rows` splits that work into one block
+of rows per thread. NumPy lets go of Python's GIL inside a ufunc, so the threads really do
+run at once. Only operations that treat every row on its own go through it. Their result is
+then bit-for-bit the result of one thread, and tests/test_runtime.py checks that this holds.
+
+    set_threads(1)   # everything on the calling thread, e.g. to step through in a debugger
+
+The environment variable MINITRANSFORMER_THREADS sets the starting value (default: every
+core). A cross-row reduction, such as a bias gradient summed over every row, stays on one
+thread, because splitting it would change the order of its additions.
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import numpy as np
+
+MIN_SIZE = 1 << 18  # elements (1 MiB of float32): below this, handing work to a thread costs
+# more than it saves. Waking a sleeping thread took about 0.1 ms on the benchmark's
+# virtual machine. Gradient checks work on small arrays, so they stay on one thread.
+
+_threads = None  # how many threads by_rows uses (None: not decided yet, see threads())
+_pool = None  # the worker threads, made on first use
+_pool_pid = None  # the process that made them: a forked child must make its own
+_memory = "returned to the OS (glibc's default)"  # what keep_freed_memory did, in words
+
+
+def threads():
+    """The number of threads `by_rows` splits work into."""
+    global _threads
+    if _threads is None:
+        env = os.environ.get("MINITRANSFORMER_THREADS", "")
+        _threads = _check_threads(int(env), "MINITRANSFORMER_THREADS") if env else (os.cpu_count() or 1)
+    return _threads
+
+
+def set_threads(n):
+    """Use n threads for elementwise work from now on (1: all on the calling thread)."""
+    global _threads, _pool
+    _threads = _check_threads(n, "n")
+    if _pool is not None:
+        _pool.shutdown()
+        _pool = None
+
+
+def _check_threads(n, name):
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{name}: expected a positive integer number of threads, got {n!r}")
+    return n
+
+
+def _workers():
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid():
+        _pool = ThreadPoolExecutor(max_workers=threads() - 1, thread_name_prefix="minitransformer")
+        _pool_pid = os.getpid()
+    return _pool
+
+
+def by_rows(kernel, *arrays, **shared):
+    """Run kernel(*blocks, **shared) on matching blocks of rows of `arrays`, in parallel.
+
+    Every array is cut along its first axis at the same places, and all of them must have
+    the same length along that axis. The kernel reads its inputs and writes its outputs
+    (with out=) block by block. `shared` holds values every block needs whole, such as
+    gamma or a scalar. The calling thread does the first block itself. A kernel's error
+    comes back as the same exception, raised here.
+    """
+    first = arrays[0]
+    k = min(threads(), first.shape[0]) if first.ndim >= 2 else 1  # a 1-D array is one row
+    if k == 1 or first.size < MIN_SIZE:
+        kernel(*arrays, **shared)
+        return
+    n = first.shape[0]
+    if any(a.shape[0] != n for a in arrays):
+        raise ValueError(f"arrays: expected the same first axis everywhere, got shapes "
+                         f"{[a.shape for a in arrays]}")
+    cuts = [n * i // k for i in range(k + 1)]  # k blocks of n/k rows, give or take one
+    futures = [_workers().submit(kernel, *(a[lo:hi] for a in arrays), **shared)
+               for lo, hi in zip(cuts[1:-1], cuts[2:])]
+    try:
+        kernel(*(a[cuts[0]:cuts[1]] for a in arrays), **shared)
+    finally:
+        wait(futures)  # no block may still be writing when we return, or raise
+    for f in futures:
+        f.result()  # re-raises a worker's exception here
+
+
+def matmul(a, b, out):
+    """np.matmul(a, b, out=out) for stacks of small matrices, such as attention's heads.
+
+    Each thread takes one block of the stack, and BLAS runs on one core inside each thread.
+    A (128 x 64) @ (64 x 128) product is too small to be worth splitting between BLAS's own
+    threads: with both cores, BLAS spent more time handing each product over than computing
+    it. Each product is still one whole BLAS call, so the numbers do not change.
+    """
+    limit = _blas_limit(1) if threads() > 1 and a.size >= MIN_SIZE else None
+    if limit is None:
+        np.matmul(a, b, out=out)
+        return
+    with limit:
+        by_rows(_matmul_block, a, b, out)
+
+
+def _matmul_block(a, b, out):
+    np.matmul(a, b, out=out)
+
+
+_blas = []  # threadpoolctl's handle on the BLAS NumPy uses, found on first use ([None]: none)
+
+
+def _blas_limit(n):
+    """A context that runs BLAS on n threads, or None when the BLAS cannot be told
+    (threadpoolctl is not installed, or it finds no BLAS)."""
+    if not _blas:
+        try:
+            from threadpoolctl import ThreadpoolController
+            found = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+        except ImportError:
+            found = []
+        _blas.append(found[0] if found else None)
+    blas = _blas[0]
+    return None if blas is None else _BlasThreads(blas, n)
+
+
+class _BlasThreads:
+    def __init__(self, blas, n):
+        self.blas, self.n = blas, n
+
+    def __enter__(self):
+        self.before = self.blas.get_num_threads()
+        self.blas.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        self.blas.set_num_threads(self.before)
+
+
+def for_each(fn, items, size):
+    """fn(item) for every item, the items shared out among the threads by total size(item).
+
+    One hand-off per thread for the whole list, so it pays off for many small pieces of
+    work (an optimizer step over every parameter) where by_rows per piece would not.
+    fn must touch only its own item's arrays. Each item is computed exactly as on one thread.
+    """
+    items = list(items)
+    total = sum(size(it) for it in items)
+    k = min(threads(), len(items))
+    if k <= 1 or total < MIN_SIZE:
+        for it in items:
+            fn(it)
+        return
+    groups, load = [[] for _ in range(k)], [0] * k
+    for it in sorted(items, key=size, reverse=True):  # largest first, each to the lightest group
+        j = load.index(min(load))
+        groups[j].append(it)
+        load[j] += size(it)
+
+    def run(group):
+        for it in group:
+            fn(it)
+    futures = [_workers().submit(run, g) for g in groups[1:]]
+    try:
+        run(groups[0])
+    finally:
+        wait(futures)
+    for f in futures:
+        f.result()
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse instead of giving it back to the OS.
+
+    By default glibc returns large freed blocks to the OS at once (munmap, or trimming the
+    top of the heap). A training step then meets its ~150 MB of activations as fresh pages
+    every time, with one page fault per 4 KiB page. On a virtual machine that cost 15 % of a
+    step in the benchmark. mallopt(M_MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD), both set
+    to 1 GiB, keep the memory in the process, as PyTorch's caching allocator or jemalloc
+    would. The environment variables MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ have
+    the same effect. `python -m minitransformer` calls this for every command, unless the
+    environment variable MINITRANSFORMER_KEEP_MEMORY is 0.
+    Returns True if it took effect, and False where there is no glibc (macOS, Windows,
+    musl), which leaves the allocator as it was.
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    kept = bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    if kept:
+        global _memory
+        _memory = "kept for reuse (glibc mallopt)"
+    return kept
+
+
+def memory_status():
+    """What happens to freed memory in this process, in words (see keep_freed_memory)."""
+    return _memory
+
+
+def blas_timeout_status():
+    """How long OpenBLAS's idle threads spin in this process (see __init__.py), in words."""
+    from . import _BLAS_TIMEOUT_BEFORE, _NUMPY_WAS_LOADED
+    if _BLAS_TIMEOUT_BEFORE is not None:
+        return f"OPENBLAS_THREAD_TIMEOUT={_BLAS_TIMEOUT_BEFORE} (set by the user)"
+    if _NUMPY_WAS_LOADED:
+        return "OpenBLAS's default (numpy was imported before minitransformer)"
+    return f"OPENBLAS_THREAD_TIMEOUT={os.environ['OPENBLAS_THREAD_TIMEOUT']} (set by minitransformer)"

@@ -1,0 +1,135 @@
+"""runtime.py: splitting elementwise work among threads gives bit-for-bit the one-thread result,
+errors come back to the caller, and the settings are checked."""
+import numpy as np
+import pytest
+
+from minitransformer import AdapterConfig, ModelConfig, Transformer, attention, gradcheck, layers, runtime
+from minitransformer.optim import SGD, AdamW
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Split even tiny arrays, so that the threaded path runs on test-sized inputs; the thread
+    count is restored afterwards."""
+    monkeypatch.setattr(runtime, "MIN_SIZE", 1)
+    before = runtime.threads()
+    yield
+    runtime.set_threads(before)
+
+
+def on_threads(n, fn):
+    runtime.set_threads(n)
+    return fn()
+
+
+def assert_same_bits(a, b):
+    """Every array of two nested results equal bit for bit (NaN-free here)."""
+    if isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_bits(x, y)
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.array_equal(a, b), f"max difference {np.max(np.abs(a - b))}"
+    else:
+        assert a == b
+
+
+def rowwise_ops(rng, dtype):
+    x = rng.standard_normal((7, 5, 33)).astype(dtype)  # 7 rows on axis 0: blocks of 2-3 for 3 threads
+    dout = rng.standard_normal((7, 5, 33)).astype(dtype)
+    gamma, beta = (rng.standard_normal(33).astype(dtype) for _ in range(2))
+    att = rng.standard_normal((7, 2, 5, 5)).astype(dtype)
+    att[0, 1, 2] = -np.inf  # a fully masked row takes the special path
+    att[3, :, :, 1] = -np.inf  # a masked key
+    datt = rng.standard_normal(att.shape).astype(dtype)
+    return {
+        "layernorm": lambda: layers.layernorm_forward(x, gamma, beta),
+        "layernorm backward": lambda: layers.layernorm_backward(dout, layers.layernorm_forward(x, gamma, beta)[1]),
+        "gelu": lambda: layers.gelu_forward(x),
+        "gelu backward": lambda: layers.gelu_backward(dout, layers.gelu_forward(x)[1]),
+        "softmax": lambda: layers.softmax_forward(att),
+        "softmax backward": lambda: layers.softmax_backward(datt, layers.softmax_forward(att)[1]),
+        "heads matmul": lambda: attention.heads_matmul(datt, x[:, None, :, :4].repeat(2, axis=1)),
+        "scores matmul": lambda: attention.scores_matmul(x[:, None, :, :8].repeat(2, axis=1),
+                                                         dout[:, None, :, :8].repeat(2, axis=1)),
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", list(rowwise_ops(np.random.default_rng(0), np.float32)))
+def test_each_rowwise_op_gives_the_same_bits_on_any_number_of_threads(op, dtype, split_everything):
+    ops = rowwise_ops(np.random.default_rng(0), dtype)
+    one = on_threads(1, ops[op])
+    for n in (2, 3):
+        assert_same_bits(one, on_threads(n, ops[op]))
+
+
+def train_steps(optimizer, steps=3):
+    """A few steps of a small post-LN model with adapters and padding; returns every parameter."""
+    cfg = ModelConfig(vocab_size=23, max_len=9, d_model=16, n_heads=4, n_layers=2, d_ff=40, n_classes=3)
+    model = Transformer(cfg, seed=0)
+    model.add_adapter("t", AdapterConfig(bottleneck=4, init_std=0.1), n_classes=3, seed=1)
+    model.unfreeze()
+    rng = np.random.default_rng(0)
+    ids, labels = rng.integers(0, 23, (6, 9)), rng.integers(0, 3, 6)
+    pad = np.ones((6, 9), bool)
+    pad[1, 5:] = False
+    opt = optimizer(model.parameters())
+    for _ in range(steps):
+        opt.zero_grad()
+        model.loss(ids, labels, pad, head="cls")
+        opt.step()
+    return [p.value.copy() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("optimizer", [AdamW, SGD])
+def test_a_training_run_is_bit_identical_on_one_and_two_threads(optimizer, split_everything):
+    one = on_threads(1, lambda: train_steps(optimizer))
+    two = on_threads(2, lambda: train_steps(optimizer))
+    assert len(one) > 40
+    assert_same_bits(one, two)
+
+
+def test_gradients_still_check_when_every_operation_is_split(split_everything):
+    runtime.set_threads(2)
+    model, ids, targets, pad = gradcheck._generic_model("post", "cls", placement="houlsby")
+    rows = gradcheck.check_model(model, ids, targets, pad, head="cls", dropout_seed=0)
+    errors = [err for _, _, trains, err in rows if trains]
+    assert len(errors) > 10 and max(errors) < 1e-6  # the model threshold of the gradcheck command
+
+
+def test_a_kernels_error_reaches_the_caller(split_everything):
+    runtime.set_threads(2)
+    a = np.zeros((4, 3))
+
+    def kernel(block):
+        if block.shape[0] and np.shares_memory(block, a[2:]):  # the worker thread's block
+            raise FloatingPointError("in the second block")
+    with pytest.raises(FloatingPointError, match="second block"):
+        runtime.by_rows(kernel, a)
+
+
+def test_arrays_of_different_lengths_are_refused(split_everything):
+    runtime.set_threads(2)
+    with pytest.raises(ValueError, match=r"arrays: expected the same first axis.*\(4, 3\).*\(5, 3\)"):
+        runtime.by_rows(lambda a, b: None, np.zeros((4, 3)), np.zeros((5, 3)))
+
+
+def test_for_each_does_every_item_once(split_everything):
+    runtime.set_threads(3)
+    seen = []
+    runtime.for_each(seen.append, range(10), size=lambda i: i + 1)
+    assert sorted(seen) == list(range(10))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_bad_thread_counts_are_refused(bad):
+    with pytest.raises(ValueError, match=r"n: expected a positive integer number of threads, got"):
+        runtime.set_threads(bad)
+
+
+def test_the_process_settings_report_themselves():
+    assert isinstance(runtime.keep_freed_memory(), bool)
+    assert runtime.memory_status()
+    assert "OPENBLAS_THREAD_TIMEOUT" in runtime.blas_timeout_status() or "default" in runtime.blas_timeout_status()
