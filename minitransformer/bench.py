@@ -3,8 +3,11 @@
 On the standard configuration (vocab 128, C 256, 4 layers, 4 heads, F 1024, T 128, B 16,
 Houlsby adapters with m = 64, float32, post-LN) it measures, after warm-up, the median of
 several repetitions of:
-  full_step_s         forward, loss, backward and AdamW update, every weight trainable
-  adapter_step_s      the same step training only the adapters, their LayerNorms and head
+  full_step_s         forward, loss, backward and AdamW update of the base with Houlsby
+                      adapters (m = 64), every weight trainable
+  adapter_step_s      the same step on the same model, training only the adapters, their
+                      LayerNorms and head: the ratio of the two is what freezing saves
+  base_full_step_s    (extra) full fine-tuning of the bare base, no adapters, for comparison
   forward_s           the inference forward pass of the bare base
   forward_adapters_s  the same with adapters of each size m in {8, 64, 256}
   matmul_gflops       the machine's float32 matrix-product rate on the model's weight shapes
@@ -14,7 +17,10 @@ several repetitions of:
 The repetitions of every measurement are interleaved (full, adapter, forwards, full, ...),
 so that a burst of load from other processes hits all of them alike: the ratios within one
 run are the measure, the absolute times vary with the machine and its load.
-Both steps use the classification head ("cls"): full fine-tuning against adapter tuning.
+Every step uses the classification head ("cls"). The process runs as
+`python -m minitransformer` runs it: elementwise work on every core, OpenBLAS's idle threads
+told not to spin for long, and freed memory kept for reuse (runtime.py). The table's last
+lines say which of these were in effect.
 """
 import argparse
 import contextlib
@@ -33,7 +39,7 @@ try:
 except ImportError:
     resource = None
 
-from . import optim
+from . import optim, runtime
 from .adapters import AdapterConfig
 from .model import ModelConfig, Transformer
 
@@ -65,20 +71,21 @@ QUICK = BenchConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, s
 # ----------------------------------------------------------------------------- the work counted
 
 
-def step_flops(b, trains="all", train_layernorm=True):
+def step_flops(b, trains="all", train_layernorm=True, adapters=True):
     """Floating-point operations of the matrix products of one training step.
 
     Counted from the shapes, 2 flops per multiply-add, N = B*T rows. Per block, forward:
       weights    2 N (4 C^2 + 2 C F)      Q, K, V, output projection; FFN up and down
       attention  2 * 2 B T^2 C            Q K^T and P V over all heads (H * hs = C)
+      adapters   2 * 2 * 2 N C m          two Houlsby sites, a down and an up projection each
     The backward of every product costs the same again per gradient it produces:
-      trains="all"      dx and dW of every weight product, 4 batched products in attention;
-      trains="adapters" dx only (frozen weights skip dW), plus the adapters' own products
-                        (forward 2 * 2 N C m per site, backward twice that). With the paper's
-                        trained LayerNorms the embedding LayerNorm trains, so the gradient
-                        must flow through every block down to it; with train_layernorm=False
-                        nothing below block 0 trains and its attention backward (4
-                        projections and 2 batched products' backward) is skipped.
+      trains="all"      dx and dW of every weight product, 4 batched products in attention
+                        (adapters=False: the bare base, as in full fine-tuning);
+      trains="adapters" dx only (frozen weights skip dW), plus the adapters' dx and dW.
+                        With the paper's trained LayerNorms the embedding LayerNorm trains, so
+                        the gradient must flow through every block down to it; with
+                        train_layernorm=False nothing below block 0 trains and its attention
+                        backward (4 projections and 2 batched products' backward) is skipped.
     Elementwise work (softmax, GELU, LayerNorm, AdamW) is not counted: it is a few percent
     of the flops but, being memory-bound, a larger share of the time. The classification
     head (C x 2) is negligible and left out.
@@ -86,9 +93,9 @@ def step_flops(b, trains="all", train_layernorm=True):
     N, C, F, T = b.batch * b.seq_len, b.d_model, b.d_ff, b.seq_len
     weights = 2 * N * (4 * C * C + 2 * C * F)
     attn = 2 * 2 * b.batch * T * T * C
+    adapter = 2 * (2 * 2 * N * C * b.bottleneck) if adapters or trains == "adapters" else 0
     if trains == "all":
-        return b.n_layers * 3 * (weights + attn)
-    adapter = 2 * (2 * 2 * N * C * b.bottleneck)  # two Houlsby sites per block
+        return b.n_layers * 3 * (weights + attn + adapter)
     per_block = (weights + attn + adapter) + (weights + 2 * attn + 2 * adapter)
     block0_attention_backward = 0 if train_layernorm else 2 * N * 4 * C * C + 2 * attn
     return b.n_layers * per_block - block0_attention_backward
@@ -134,27 +141,6 @@ def minor_faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
-
-    By default glibc gives large freed blocks back (munmap, or trimming the heap top), so
-    every training step touches its ~150 MB of activations as fresh pages again, one page
-    fault each. mallopt(M_MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD) set high keep the
-    memory in the process, like PyTorch's caching allocator or jemalloc would. Same effect
-    as the environment variables MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_.
-    Returns True if it took effect (glibc found), False otherwise.
-    """
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
 def make_batch(b, seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, b.vocab_size, (b.batch, b.seq_len))  # (B,T)
@@ -162,17 +148,24 @@ def make_batch(b, seed=0):
     return ids, labels
 
 
-def full_model(b, seed=0):
-    """The base with its own classifier, every weight trainable, and its AdamW."""
-    model = Transformer(b.model_config(), seed)
-    return model, optim.AdamW(model.parameters(), lr=1e-4)
-
-
 def adapter_model(b, m, seed=0):
-    """The same base plus Houlsby adapters of size m; only adapters, LayerNorms, head train."""
+    """The base plus Houlsby adapters of size m; only adapters, LayerNorms, head train."""
     model = Transformer(b.model_config(), seed)
     model.add_adapter("task", AdapterConfig(bottleneck=m), n_classes=2, seed=seed)
     model.train_adapter("task")
+    return model, optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def full_model(b, seed=0):
+    """The model of the adapter step (m = b.bottleneck) with every weight trainable."""
+    model, _ = adapter_model(b, b.bottleneck, seed)
+    model.unfreeze()
+    return model, optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def base_full_model(b, seed=0):
+    """The bare base with its own classifier, every weight trainable: full fine-tuning."""
+    model = Transformer(b.model_config(), seed)
     return model, optim.AdamW(model.parameters(), lr=1e-4)
 
 
@@ -242,8 +235,10 @@ def run(b):
     ids, labels = make_batch(b)
     tracemalloc.start()
     memory = {}
-    for kind in ("full", "adapter"):
-        model, opt = full_model(b) if kind == "full" else adapter_model(b, b.bottleneck)
+    builders = {"full": full_model, "adapter": lambda b: adapter_model(b, b.bottleneck),
+                "base_full": base_full_model}
+    for kind, build in builders.items():
+        model, opt = build(b)
         memory[kind] = peak_memory(model, opt, ids, labels)
         check_float32(model, opt)
         del model, opt
@@ -251,10 +246,12 @@ def run(b):
 
     full, full_opt = full_model(b)
     adapted, adapted_opt = adapter_model(b, b.bottleneck)
+    base, base_opt = base_full_model(b)
     inference = {m: adapter_model(b, m)[0] for m in b.sizes}
     jobs = {"full_step": lambda: train_step(full, full_opt, ids, labels),
             "adapter_step": lambda: train_step(adapted, adapted_opt, ids, labels),
-            "forward": lambda: full.forward(ids, head="cls")}
+            "base_full_step": lambda: train_step(base, base_opt, ids, labels),
+            "forward": lambda: base.forward(ids, head="cls")}
     jobs.update({f"forward_m{m}": (lambda model=model: model.forward(ids, head="cls"))
                  for m, model in inference.items()})
     for _ in range(b.warmup):
@@ -274,8 +271,8 @@ def run(b):
             times[name].append(time.perf_counter() - t0)
             faults[name].append(minor_faults() - f0)
         matmul.append(matmul_gflops(b, repeats=3))
-    check_float32(full, full_opt)
-    check_float32(adapted, adapted_opt)
+    for model, opt in ((full, full_opt), (adapted, adapted_opt), (base, base_opt)):
+        check_float32(model, opt)
     t = {name: statistics.median(v) for name, v in times.items()}
 
     flops = step_flops(b)
@@ -283,29 +280,36 @@ def run(b):
         "config": {k: v for k, v in vars(b).items()},
         "full_step_s": t["full_step"],
         "adapter_step_s": t["adapter_step"],
+        "base_full_step_s": t["base_full_step"],
         "forward_s": t["forward"],
         "forward_adapters_s": t[f"forward_m{b.bottleneck}"],
         "forward_adapters_s_by_m": {str(m): t[f"forward_m{m}"] for m in b.sizes},
         "matmul_gflops": statistics.median(matmul),
         "full_step_gflop": flops / 1e9,
         "adapter_step_gflop": step_flops(b, "adapters") / 1e9,
+        "base_full_step_gflop": step_flops(b, adapters=False) / 1e9,
         "step_gflops": flops / t["full_step"] / 1e9,
         "peak_memory_mb": {k: v[0] for k, v in memory.items()},
         "memory_before_step_mb": {k: v[1] for k, v in memory.items()},
         "memory_method": "tracemalloc peak during one step (NumPy arrays included)",
-        "page_faults_per_step": {"full": statistics.median(faults["full_step"]),
-                                 "adapter": statistics.median(faults["adapter_step"])},
+        "page_faults_per_step": {k: statistics.median(faults[f"{k}_step"])
+                                 for k in ("full", "adapter", "base_full")},
         "repeats_done": len(times["full_step"]),
         "load_average_before_after": [load_before, os.getloadavg()[0]],
     }
     res["adapter_over_full_step"] = res["adapter_step_s"] / res["full_step_s"]
     # the same ratio of counted matrix-product work: what the ratio would be with no elementwise cost
     res["adapter_over_full_flops"] = res["adapter_step_gflop"] / res["full_step_gflop"]
+    # against full fine-tuning of the bare base (no adapters to run at all): the paper's comparison
+    res["adapter_over_base_full_step"] = res["adapter_step_s"] / res["base_full_step_s"]
+    res["adapter_over_base_full_flops"] = res["adapter_step_gflop"] / res["base_full_step_gflop"]
     res["gemm_efficiency"] = res["step_gflops"] / res["matmul_gflops"]
     res["adapter_latency_overhead"] = res["forward_adapters_s"] / res["forward_s"] - 1
     res["adapter_latency_overhead_by_m"] = {str(m): t[f"forward_m{m}"] / t["forward"] - 1
                                             for m in b.sizes}
     res["environment"] = environment()
+    res["runtime"] = {"elementwise_threads": runtime.threads(), "blas_idle": runtime.blas_timeout_status(),
+                      "malloc": runtime.memory_status()}
     return res
 
 
@@ -353,12 +357,14 @@ def table(res):
     b = res["config"]
     ms = lambda s: f"{1e3 * s:9.1f} ms"  # noqa: E731
     rows = [("full_step_s", ms(res["full_step_s"])), ("adapter_step_s", ms(res["adapter_step_s"])),
-            ("forward_s", ms(res["forward_s"]))]
+            ("base_full_step_s (no adapters)", ms(res["base_full_step_s"])), ("forward_s", ms(res["forward_s"]))]
     rows += [(f"forward_adapters_s (m={m})", ms(s)) for m, s in res["forward_adapters_s_by_m"].items()]
     rows += [("matmul_gflops", f"{res['matmul_gflops']:9.1f} GFLOP/s"),
              ("step_gflops", f"{res['step_gflops']:9.1f} GFLOP/s "
                              f"({res['full_step_gflop']:.2f} GFLOP counted)")]
-    rows += [("adapter step / full step, counted flops", f"{res['adapter_over_full_flops']:9.3f}")]
+    rows += [("adapter step / full step, counted flops", f"{res['adapter_over_full_flops']:9.3f}"),
+             ("adapter step / base full step, time", f"{res['adapter_over_base_full_step']:9.3f}"),
+             ("adapter step / base full step, counted flops", f"{res['adapter_over_base_full_flops']:9.3f}")]
     rows += [(f"peak_memory_mb ({k})", f"{v:9.1f} MB") for k, v in res["peak_memory_mb"].items()]
     ok = meets(res)
     rows += [(k, f"{res[k]:9.3f}   target {op} {v}: {'met' if ok[k] else 'NOT met'}")
@@ -375,10 +381,13 @@ def table(res):
     if env["env"]:
         foot.append("env: " + " ".join(f"{k}={v}" for k, v in env["env"].items()))
     load = res["load_average_before_after"]
-    foot.append(f"page faults per step: full {res['page_faults_per_step']['full']:.0f}, adapter "
-                f"{res['page_faults_per_step']['adapter']:.0f}; load average {load[0]:.1f} before, "
-                f"{load[1]:.1f} after, on {env['cores']} cores; {res['repeats_done']} repetitions; "
-                f"malloc: {res.get('malloc', 'default')}")
+    faults = res["page_faults_per_step"]
+    foot.append(f"page faults per step: full {faults['full']:.0f}, adapter {faults['adapter']:.0f}; "
+                f"load average {load[0]:.1f} before, {load[1]:.1f} after, on {env['cores']} cores; "
+                f"{res['repeats_done']} repetitions")
+    rt = res["runtime"]
+    foot.append(f"runtime: {rt['elementwise_threads']} elementwise threads; BLAS idle spin: "
+                f"{rt['blas_idle']}; freed memory: {rt['malloc']}")
     if max(load) > 0.5 * (env["cores"] or 1):
         foot.append("WARNING: other processes are using the CPU: BLAS threads wait for each other "
                     "and times can be many times longer; ratios are still from one run")
@@ -393,10 +402,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median kept)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the benchmark: cProfile of a few full steps, by function")
-    parser.add_argument("--keep-memory", action="store_true",
-                        help="tell glibc malloc to keep freed memory (fewer page faults); see keep_freed_memory")
     parser.add_argument("--threads", type=int, default=None,
-                        help="limit the BLAS threads (threadpoolctl); default: what the BLAS chose")
+                        help="limit the BLAS threads (threadpoolctl) and the elementwise threads "
+                             "(runtime.set_threads); default: every core")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads: expected a positive integer, got {args.threads}")
@@ -409,15 +417,12 @@ def main(argv=None):
     if args.threads is not None:
         from threadpoolctl import threadpool_limits
         limits = threadpool_limits(limits=args.threads, user_api="blas")
-    kept = keep_freed_memory() if args.keep_memory else False
-    if args.keep_memory and not kept:
-        print("--keep-memory: glibc's mallopt was not found; running with the default allocator")
+        runtime.set_threads(args.threads)
     with limits:
         if args.profile:
             print(profile(b))
             return 0
         res = run(b)
-    res["malloc"] = "keep freed memory (mallopt)" if kept else "default"
     print(table(res))
     if args.json:
         with open(args.json, "w") as f:

@@ -21,22 +21,25 @@ def quick_run(tmp_path_factory):
 def test_quick_bench_writes_every_number(quick_run):
     code, res = quick_run
     assert code == 0
-    for key in ("full_step_s", "adapter_step_s", "forward_s", "forward_adapters_s", "matmul_gflops",
-                "step_gflops", "adapter_over_full_step", "gemm_efficiency", "adapter_latency_overhead"):
+    for key in ("full_step_s", "adapter_step_s", "base_full_step_s", "forward_s", "forward_adapters_s",
+                "matmul_gflops", "step_gflops", "adapter_over_full_step", "adapter_over_base_full_step",
+                "gemm_efficiency", "adapter_latency_overhead"):
         assert np.isfinite(res[key]) and res[key] > -1, key
     for key in ("full_step_s", "adapter_step_s", "forward_s", "forward_adapters_s", "matmul_gflops"):
         assert res[key] > 0, key
     assert set(res["forward_adapters_s_by_m"]) == {str(m) for m in bench.QUICK.sizes}
     assert set(res["adapter_latency_overhead_by_m"]) == {str(m) for m in bench.QUICK.sizes}
-    assert set(res["peak_memory_mb"]) == {"full", "adapter"}
+    assert set(res["peak_memory_mb"]) == {"full", "adapter", "base_full"}
     assert all(v > 0 for v in res["peak_memory_mb"].values())
     assert res["environment"]["numpy"] == np.__version__
     assert res["environment"]["blas"], "threadpoolctl should see the BLAS NumPy uses"
+    assert res["runtime"]["elementwise_threads"] >= 1 and res["runtime"]["malloc"]
 
 
 def test_ratios_are_computed_from_the_timings(quick_run):
     _, r = quick_run
     assert r["adapter_over_full_step"] == pytest.approx(r["adapter_step_s"] / r["full_step_s"])
+    assert r["adapter_over_base_full_step"] == pytest.approx(r["adapter_step_s"] / r["base_full_step_s"])
     assert r["gemm_efficiency"] == pytest.approx(r["step_gflops"] / r["matmul_gflops"])
     assert r["step_gflops"] == pytest.approx(r["full_step_gflop"] / r["full_step_s"])
     assert r["adapter_latency_overhead"] == pytest.approx(r["forward_adapters_s"] / r["forward_s"] - 1)
@@ -53,10 +56,12 @@ def test_flop_count_matches_the_shapes():
     weights = sum(2 * N * p.value.shape[0] * p.value.shape[1] for n, p in model.named_parameters().items()
                   if n.startswith("blocks.") and p.value.ndim == 2)  # every block's matrices
     attention = b.n_layers * 2 * (2 * b.batch * T * T * b.d_model)  # Q K^T and P V
-    assert bench.step_flops(b) == 3 * (weights + attention)
+    assert bench.step_flops(b, adapters=False) == 3 * (weights + attention)  # the bare base
     model.add_adapter("t", AdapterConfig(bottleneck=3))
     adapters = sum(2 * N * p.value.shape[0] * p.value.shape[1] for n, p in model.named_parameters().items()
                    if n.startswith("adapters.t.blocks.") and p.value.ndim == 2)
+    assert adapters > 0
+    assert bench.step_flops(b) == 3 * (weights + attention + adapters)  # the full step: all of it trains
     adapter_step = (weights + attention + adapters) + (weights + 2 * attention + 2 * adapters)
     assert bench.step_flops(b, "adapters") == adapter_step  # every block's input gradient is needed
     block0_attention_backward = 4 * 2 * N * b.d_model ** 2 + 2 * (attention // b.n_layers)
@@ -94,6 +99,18 @@ def test_check_float32_catches_a_promoted_array():
     model.named_parameters()["blocks.0.ffn.W_1"].grad = np.zeros((8, 8))  # float64
     with pytest.raises(AssertionError, match="blocks.0.ffn.W_1"):
         bench.check_float32(model, opt)
+
+
+def test_the_full_step_trains_the_same_model_as_the_adapter_step():
+    """The two steps differ only in what is frozen, so their ratio measures what freezing saves."""
+    b = bench.QUICK
+    full, _ = bench.full_model(b)
+    adapted, _ = bench.adapter_model(b, b.bottleneck)
+    assert list(full.named_parameters()) == list(adapted.named_parameters())
+    assert all(p.trainable for p in full.parameters())
+    trains = {n for n, p in adapted.named_parameters().items() if p.trainable}
+    assert trains and all(n.startswith("adapters.task.") for n in trains)
+    assert not any(p.name.startswith("adapters.") for p in bench.base_full_model(b)[0].parameters())
 
 
 def test_bad_repeats_is_refused(capsys):
