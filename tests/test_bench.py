@@ -41,6 +41,7 @@ def test_ratios_are_computed_from_the_timings(quick_run):
     assert r["adapter_over_full_step"] == pytest.approx(r["adapter_step_s"] / r["full_step_s"])
     assert r["adapter_over_base_full_step"] == pytest.approx(r["adapter_step_s"] / r["base_full_step_s"])
     assert r["gemm_efficiency"] == pytest.approx(r["step_gflops"] / r["matmul_gflops"])
+    assert r["gemm_efficiency_weight_shapes"] == pytest.approx(r["step_gflops"] / r["weight_matmul_gflops"])
     assert r["step_gflops"] == pytest.approx(r["full_step_gflop"] / r["full_step_s"])
     assert r["adapter_latency_overhead"] == pytest.approx(r["forward_adapters_s"] / r["forward_s"] - 1)
     m = str(bench.QUICK.bottleneck)
@@ -66,6 +67,19 @@ def test_flop_count_matches_the_shapes():
     assert bench.step_flops(b, "adapters") == adapter_step  # every block's input gradient is needed
     block0_attention_backward = 4 * 2 * N * b.d_model ** 2 + 2 * (attention // b.n_layers)
     assert bench.step_flops(b, "adapters", train_layernorm=False) == adapter_step - block0_attention_backward
+
+
+def test_the_reference_rate_runs_every_product_the_step_counts():
+    """matmul_gflops times block_products: one block's products, n_layers of which make up
+    exactly the counted work of the full step, and each of them really runs."""
+    b = bench.BenchConfig(vocab_size=16, d_model=8, n_layers=3, n_heads=2, d_ff=12, seq_len=5, batch=2,
+                          bottleneck=3)
+    products = bench.block_products(b)
+    assert len(products) == 3 * 10 + 6  # 10 linear layers (3 products each) and 6 batched ones
+    assert b.n_layers * sum(f for f, _ in products) == bench.step_flops(b)
+    for flops, fn in products:
+        out = fn()
+        assert out.dtype == np.float32 and 2 * out.size * min(out.shape[-1], 3) <= flops
 
 
 def test_float32_stays_float32_through_forward_backward_and_adamw():
