@@ -365,13 +365,15 @@ def run(b):
     return res
 
 
-def profile(b, steps=5, top=12):
+def profile(b, steps=5, top=12, clock="wall"):
     """cProfile of `steps` full training steps (after warm-up): the functions with the most
     time of their own, in ms per step. Returns the printed text.
 
-    The clock is the process's CPU time, not the wall clock, so that other processes on a
-    shared machine do not inflate it; with several BLAS threads a matrix product counts the
-    CPU time of every thread, so profile with --threads 1 to see where the work goes.
+    clock="wall": where the step's elapsed time goes. cProfile follows the calling thread
+    only, so a function that hands rows to other threads counts until the last of them is
+    done (the wait shows as `wait` and `_thread.lock.acquire`).
+    clock="cpu": the process's CPU time, which other processes on a shared machine do not
+    inflate. It adds up every thread's time, so use it with --threads 1 to see the work itself.
     """
     import cProfile
     import io
@@ -380,7 +382,7 @@ def profile(b, steps=5, top=12):
     model, opt = full_model(b)
     for _ in range(b.warmup):
         train_step(model, opt, ids, labels)
-    prof = cProfile.Profile(time.process_time)
+    prof = cProfile.Profile(time.perf_counter if clock == "wall" else time.process_time)
     prof.enable()
     for _ in range(steps):
         train_step(model, opt, ids, labels)
@@ -388,7 +390,8 @@ def profile(b, steps=5, top=12):
     stats = pstats.Stats(prof, stream=io.StringIO())
     total = sum(row[2] for row in stats.stats.values())  # every function's own time
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
-    lines = [f"cProfile of {steps} full steps: {1e3 * total / steps:.1f} ms CPU time per step; "
+    what = "elapsed time" if clock == "wall" else "CPU time"
+    lines = [f"cProfile of {steps} full steps: {1e3 * total / steps:.1f} ms {what} per step; "
              "own time per step:"]
     for (path, line, fn), (_, calls, own, _, _) in rows:
         where = f"{os.path.basename(path)}:{line}({fn})" if line else fn
@@ -455,7 +458,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves the benchmark runs")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median kept)")
     parser.add_argument("--profile", action="store_true",
-                        help="instead of the benchmark: cProfile of a few full steps, by function")
+                        help="instead of the benchmark: cProfile of a few full steps, by function "
+                             "(elapsed time; add --cpu for CPU time)")
+    parser.add_argument("--cpu", action="store_true", help="with --profile: CPU time, not elapsed time")
     parser.add_argument("--threads", type=int, default=None,
                         help="limit the BLAS threads (threadpoolctl) and the elementwise threads "
                              "(runtime.set_threads); default: every core")
@@ -474,7 +479,7 @@ def main(argv=None):
         runtime.set_threads(args.threads)
     with limits:
         if args.profile:
-            print(profile(b))
+            print(profile(b, clock="cpu" if args.cpu else "wall"))
             return 0
         res = run(b)
     print(table(res))
