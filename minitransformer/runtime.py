@@ -12,6 +12,11 @@ then bit-for-bit the result of one thread, and tests/test_runtime.py checks that
 The environment variable MINITRANSFORMER_THREADS sets the starting value (default: every
 core). A cross-row reduction, such as a bias gradient summed over every row, stays on one
 thread, because splitting it would change the order of its additions.
+
+    by_rows(kernel, *arrays)   row-by-row work: LayerNorm, GELU, softmax (layers.py)
+    matmul(a, b, out)          stacks of small products: attention's heads (attention.py)
+    for_each(fn, items, size)  many independent pieces: the optimizer's parameters (optim.py)
+    keep_freed_memory()        fewer page faults; the command line calls it
 """
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -33,7 +38,13 @@ def threads():
     global _threads
     if _threads is None:
         env = os.environ.get("MINITRANSFORMER_THREADS", "")
-        _threads = _check_threads(int(env), "MINITRANSFORMER_THREADS") if env else (os.cpu_count() or 1)
+        if not env:
+            _threads = os.cpu_count() or 1
+        elif env.isdigit() and int(env) >= 1:
+            _threads = int(env)
+        else:
+            raise ValueError(f"MINITRANSFORMER_THREADS: expected a positive integer number of threads, "
+                             f"got {env!r}")
     return _threads
 
 
@@ -67,7 +78,8 @@ def by_rows(kernel, *arrays, **shared):
     the same length along that axis. The kernel reads its inputs and writes its outputs
     (with out=) block by block. `shared` holds values every block needs whole, such as
     gamma or a scalar. The calling thread does the first block itself. A kernel's error
-    comes back as the same exception, raised here.
+    comes back as the same exception, raised here. Arrays under MIN_SIZE elements, 1-D
+    arrays and set_threads(1) run kernel(*arrays, **shared) once, on the calling thread.
     """
     first = arrays[0]
     k = min(threads(), first.shape[0]) if first.ndim >= 2 else 1  # a 1-D array is one row

@@ -40,6 +40,7 @@ def test_ratios_are_computed_from_the_timings(quick_run):
     _, r = quick_run
     assert r["adapter_over_full_step"] == pytest.approx(r["adapter_step_s"] / r["full_step_s"])
     assert r["adapter_over_base_full_step"] == pytest.approx(r["adapter_step_s"] / r["base_full_step_s"])
+    assert r["adapter_ln_frozen_over_full_step"] == pytest.approx(r["adapter_ln_frozen_step_s"] / r["full_step_s"])
     assert r["gemm_efficiency"] == pytest.approx(r["step_gflops"] / r["matmul_gflops"])
     assert r["gemm_efficiency_weight_shapes"] == pytest.approx(r["step_gflops"] / r["weight_matmul_gflops"])
     assert r["step_gflops"] == pytest.approx(r["full_step_gflop"] / r["full_step_s"])

@@ -129,6 +129,14 @@ def test_bad_thread_counts_are_refused(bad):
         runtime.set_threads(bad)
 
 
+@pytest.mark.parametrize("bad", ["0", "two", "-1", "1.5"])
+def test_a_bad_thread_count_in_the_environment_is_refused(bad, monkeypatch):
+    monkeypatch.setenv("MINITRANSFORMER_THREADS", bad)
+    monkeypatch.setattr(runtime, "_threads", None)
+    with pytest.raises(ValueError, match=rf"MINITRANSFORMER_THREADS: expected a positive integer.*{bad!r}"):
+        runtime.threads()
+
+
 def test_the_process_settings_report_themselves():
     assert isinstance(runtime.keep_freed_memory(), bool)
     assert runtime.memory_status()
