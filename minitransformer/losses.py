@@ -26,7 +26,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
     logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # log-softmax
     safe = np.where(keep, targets, 0)  # ignored positions pick class 0, then count for nothing
     picked = np.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]  # (...)
-    loss = -float(picked[keep].sum()) / max(n, 1)
+    loss = -float(picked[keep].sum()) / n if n else 0.0  # nothing to count: 0.0 (not -0.0)
     cache = (logp, safe, keep, n)  # softmax = exp(logp), recovered in the backward
     return loss, cache
 

@@ -39,9 +39,12 @@ class ModelConfig:
     dtype: str = "float32"  # "float32" to train, "float64" for gradient checks
 
     def __post_init__(self):
-        for name in ("vocab_size", "max_len", "d_model", "n_heads", "n_layers", "d_ff"):
-            if not isinstance(getattr(self, name), (int, np.integer)) or getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        for name in ("vocab_size", "max_len", "d_model", "n_heads", "n_layers", "d_ff", "n_classes"):
+            value, least = getattr(self, name), 0 if name == "n_classes" else 1
+            # bool is a subclass of int in Python, but n_layers=True is a mistake, not 1
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                kind = "a non-negative" if least == 0 else "a positive"
+                raise ValueError(f"{name}: expected {kind} integer, got {value!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model: expected a multiple of n_heads={self.n_heads}, "
                              f"got d_model={self.d_model}")

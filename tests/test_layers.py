@@ -259,3 +259,10 @@ def test_float32_stays_float32(op, rng):
     grads = bwd(np.ones_like(out), cache)
     for g in grads if isinstance(grads, tuple) else (grads,):
         assert g.dtype == np.float32
+
+
+def test_cross_entropy_with_every_position_ignored_is_zero_with_no_gradient():
+    logits = np.array([[1.0, -2.0], [0.5, 0.5]])
+    loss, cache = cross_entropy_forward(logits, np.array([-100, -100]))
+    assert loss == 0.0 and np.copysign(1.0, loss) == 1.0  # +0.0, not -0.0
+    assert np.array_equal(cross_entropy_backward(cache), np.zeros_like(logits))
