@@ -198,20 +198,26 @@ def make_batch(b, seed=0):
     return ids, labels
 
 
-def adapter_model(b, m, seed=0, train_layernorm=True):
-    """The base plus Houlsby adapters of size m; only adapters, LayerNorms (the paper's
-    setting; train_layernorm=False freezes them) and head train."""
+def with_adapters(b, m, seed=0, train_layernorm=True):
+    """The base plus Houlsby adapters of size m, active, every weight still trainable."""
     model = Transformer(b.model_config(), seed)
     model.add_adapter("task", AdapterConfig(bottleneck=m, train_layernorm=train_layernorm), n_classes=2,
                       seed=seed)
+    model.set_active_adapter("task")
+    return model
+
+
+def adapter_model(b, m, seed=0, train_layernorm=True):
+    """The base plus Houlsby adapters of size m; only adapters, LayerNorms (the paper's
+    setting; train_layernorm=False freezes them) and head train."""
+    model = with_adapters(b, m, seed, train_layernorm)
     model.train_adapter("task")
     return model, optim.AdamW(model.parameters(), lr=1e-4)
 
 
 def full_model(b, seed=0):
     """The model of the adapter step (m = b.bottleneck) with every weight trainable."""
-    model, _ = adapter_model(b, b.bottleneck, seed)
-    model.unfreeze()
+    model = with_adapters(b, b.bottleneck, seed)
     return model, optim.AdamW(model.parameters(), lr=1e-4)
 
 

@@ -82,8 +82,8 @@ def by_rows(kernel, *arrays, **shared):
     arrays and set_threads(1) run kernel(*arrays, **shared) once, on the calling thread.
     """
     first = arrays[0]
-    k = min(threads(), first.shape[0]) if first.ndim >= 2 else 1  # a 1-D array is one row
-    if k == 1 or first.size < MIN_SIZE:
+    k = _blocks(first)
+    if k == 1:
         kernel(*arrays, **shared)
         return
     n = first.shape[0]
@@ -91,12 +91,25 @@ def by_rows(kernel, *arrays, **shared):
         raise ValueError(f"arrays: expected the same first axis everywhere, got shapes "
                          f"{[a.shape for a in arrays]}")
     cuts = [n * i // k for i in range(k + 1)]  # k blocks of n/k rows, give or take one
-    futures = [_workers().submit(kernel, *(a[lo:hi] for a in arrays), **shared)
-               for lo, hi in zip(cuts[1:-1], cuts[2:])]
+    _in_parallel([lambda lo=lo, hi=hi: kernel(*(a[lo:hi] for a in arrays), **shared)
+                  for lo, hi in zip(cuts[:-1], cuts[1:])])
+
+
+def _blocks(first):
+    """How many blocks by_rows cuts an array into: 1 for a small or 1-D array."""
+    if first.ndim < 2 or first.size < MIN_SIZE:  # a 1-D array is one row
+        return 1
+    return min(threads(), first.shape[0])
+
+
+def _in_parallel(jobs):
+    """Run the zero-argument callables at once: the first on the calling thread, the rest on
+    the workers. Returns when all are done; a job's error is raised here."""
+    futures = [_workers().submit(job) for job in jobs[1:]]
     try:
-        kernel(*(a[cuts[0]:cuts[1]] for a in arrays), **shared)
+        jobs[0]()
     finally:
-        wait(futures)  # no block may still be writing when we return, or raise
+        wait(futures)  # no job may still be writing when we return, or raise
     for f in futures:
         f.result()  # re-raises a worker's exception here
 
@@ -109,16 +122,12 @@ def matmul(a, b, out):
     threads: with both cores, BLAS spent more time handing each product over than computing
     it. Each product is still one whole BLAS call, so the numbers do not change.
     """
-    limit = _blas_limit(1) if threads() > 1 and a.size >= MIN_SIZE else None
+    limit = _blas_limit(1) if _blocks(a) > 1 else None
     if limit is None:
         np.matmul(a, b, out=out)
         return
     with limit:
-        by_rows(_matmul_block, a, b, out)
-
-
-def _matmul_block(a, b, out):
-    np.matmul(a, b, out=out)
+        by_rows(np.matmul, a, b, out)  # np.matmul(a_block, b_block, out_block)
 
 
 _blas = []  # threadpoolctl's handle on the BLAS NumPy uses, found on first use ([None]: none)
@@ -173,13 +182,7 @@ def for_each(fn, items, size):
     def run(group):
         for it in group:
             fn(it)
-    futures = [_workers().submit(run, g) for g in groups[1:]]
-    try:
-        run(groups[0])
-    finally:
-        wait(futures)
-    for f in futures:
-        f.result()
+    _in_parallel([lambda g=g: run(g) for g in groups])
 
 
 def keep_freed_memory():
