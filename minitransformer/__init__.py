@@ -1,19 +1,16 @@
-"""minitransformer: a transformer and Houlsby adapters in NumPy, every backward pass by hand."""
-import os
+"""minitransformer: a transformer and Houlsby adapters in NumPy, every backward pass by hand.
 
-# After each matrix product, OpenBLAS's worker threads wait for the next one by spinning on
-# a core for about 0.1 s. In that time they take the core from our own elementwise threads
-# (runtime.py). 2^19 cycles (about 0.2 ms) still covers a short step between two products,
-# such as an adapter's GELU or a bias add, so the threads need not be woken again. A long
-# step (GELU over (B, T, F), a softmax) lets them sleep and gets both cores. OpenBLAS reads
-# this variable once, when NumPy first loads it, so it only takes effect if minitransformer
-# is imported before numpy. A value the user has set is kept.
-# runtime.blas_timeout_status() says whether it took effect.
-_BLAS_TIMEOUT_BEFORE = os.environ.get("OPENBLAS_THREAD_TIMEOUT")  # the user's, or None
-_NUMPY_WAS_LOADED = "numpy" in __import__("sys").modules
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "19")
+    from minitransformer import ModelConfig, Transformer, AdapterConfig
 
-from .adapters import AdapterConfig  # noqa: E402  (after the environment is set)
+    model = Transformer(ModelConfig(n_layers=2))
+    model.add_adapter("sentiment", AdapterConfig(bottleneck=8), n_classes=2)
+    model.train_adapter("sentiment")          # only the adapter, its LayerNorms and head train
+    logits, loss = model.loss(ids, labels, head="cls", backward=True)
+
+Where to start reading: README.md, "Reading the code".
+"""
+from .tools import runtime as _runtime  # noqa: F401  first: it sets how NumPy's BLAS runs, before NumPy loads
+from .adapters import AdapterConfig  # noqa: E402
 from .model import ModelConfig, Transformer  # noqa: E402
 from .modules import Parameter  # noqa: E402
 

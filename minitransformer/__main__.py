@@ -2,7 +2,7 @@
 import os
 import sys
 
-from . import runtime
+from .tools import runtime
 
 COMMANDS = {
     "demo": "load the shipped base, train one task's adapter, prove the base unchanged (default)",
@@ -24,13 +24,13 @@ def main(argv=None):
     if command == "gradcheck":
         from .gradcheck import main as run
     elif command == "demo":
-        from .demo import main as run
+        from .tools.demo import main as run
     elif command == "pretrain":
-        from .pretrain import main as run
+        from .tools.pretrain import main as run
     elif command == "figures":
-        from .experiments import main as run
+        from .tools.experiments import main as run
     elif command == "bench":
-        from .bench import main as run
+        from .tools.bench import main as run
     else:
         if command != "help":
             print(f"command: expected one of {', '.join(COMMANDS)}, got {command!r}\n")

@@ -10,7 +10,7 @@ b_o of shape (C,), stored as y = x @ W + b like every linear layer of the packag
 import numpy as np
 
 from .layers import linear_backward, linear_forward, softmax_backward, softmax_forward
-from .runtime import matmul
+from .tools.runtime import matmul
 
 PROJECTIONS = ("q", "k", "v")
 

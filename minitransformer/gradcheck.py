@@ -103,7 +103,7 @@ def model_loss(model, ids, targets, pad_mask=None, head="lm", dropout_seed=None)
 
     def L(backward=False):
         rng = np.random.default_rng(dropout_seed) if train else None
-        return model.loss(ids, targets, pad_mask, head, train=train, rng=rng, backward=backward)[0]
+        return model.loss(ids, targets, pad_mask, head, train=train, rng=rng, backward=backward)[1]
 
     return L
 

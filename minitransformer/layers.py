@@ -21,7 +21,7 @@ Shape legend (used in comments throughout the package):
 """
 import numpy as np
 
-from .runtime import by_rows
+from .tools.runtime import by_rows
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -277,12 +277,13 @@ class Transformer:
         return self.adapters[name]
 
     def delete_adapter(self, name):
-        self._adapter(name)
+        self.get_adapter(name)
         del self.adapters[name]
         if self.active_adapter == name:
             self.active_adapter = None
 
-    def _adapter(self, name):
+    def get_adapter(self, name):
+        """The AdapterSet called `name` (a KeyError naming the adapters there are, if none)."""
         if name not in self.adapters:
             raise KeyError(f"name: expected one of the adapters {sorted(self.adapters)}, got {name!r}")
         return self.adapters[name]
@@ -290,7 +291,7 @@ class Transformer:
     def set_active_adapter(self, name):
         """Route the forward pass through adapter `name`, or through the bare base (None)."""
         if name is not None:
-            self._adapter(name)
+            self.get_adapter(name)
         self.active_adapter = name
 
     def train_adapter(self, name):
@@ -299,16 +300,6 @@ class Transformer:
         self.set_active_adapter(name)
         self.freeze()
         self.unfreeze(f"adapters.{name}.*")
-
-    def save_adapter(self, name, path):
-        """Save adapter `name` (weights, head, its LayerNorms when trained, config) to an .npz."""
-        from .checkpoint import save_adapter
-        save_adapter(self, name, path)
-
-    def load_adapter(self, path, name=None):
-        """Add the adapter saved at `path` (validated first; the model is untouched on error)."""
-        from .checkpoint import load_adapter
-        return load_adapter(self, path, name)
 
     # ------------------------------------------------------------------ forward and backward
 
@@ -421,9 +412,10 @@ class Transformer:
             upto.append(upto[-1] or trains(mods))
         return upto
 
-    def loss(self, ids, targets, pad_mask=None, head="lm", train=False, rng=None, backward=True,
+    def loss(self, ids, targets, pad_mask=None, head="lm", train=False, rng=None, backward=False,
              ignore_index=-100):
-        """Forward, softmax cross-entropy and (by default) backward in one call -> (loss, logits).
+        """Forward and softmax cross-entropy -> (logits, loss); with backward=True also the
+        backward, which adds every trainable parameter's gradient to its .grad.
 
         targets: (B, T) for head "lm" (ignore_index marks positions that do not count),
         (B,) class labels for head "cls".
@@ -432,7 +424,7 @@ class Transformer:
         loss, c_loss = cross_entropy_forward(logits, targets, ignore_index)
         if backward:
             self.backward(cross_entropy_backward(c_loss), cache)
-        return loss, logits
+        return logits, loss
 
     # ------------------------------------------------------------------ reports
 

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from .runtime import for_each
+from .tools.runtime import for_each
 
 
 class Optimizer:

@@ -33,7 +33,7 @@ def train_steps(model, name, ids, pad, labels, steps=3, lr=1e-2):
     opt = AdamW(model.parameters(), lr=lr)
     for _ in range(steps):
         model.zero_grad()
-        model.loss(ids, labels, pad, head="cls")
+        model.loss(ids, labels, pad, head="cls", backward=True)
         opt.step()
     return opt
 
@@ -299,7 +299,7 @@ def test_freeze_and_unfreeze_patterns():
     assert model.num_parameters(trainable_only=True) == model.num_parameters()
     # freezing forgets a gradient already there
     ids, _ = ids_and_mask()
-    model.loss(ids, ids)
+    model.loss(ids, ids, backward=True)
     assert model.named_parameters()["lm_head.W"].grad is not None
     model.freeze("lm_head.*")
     assert model.named_parameters()["lm_head.W"].grad is None

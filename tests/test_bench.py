@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from minitransformer import bench, optim
+from minitransformer import optim
+from minitransformer.tools import bench
 from minitransformer.__main__ import main as cli
 from minitransformer.adapters import AdapterConfig
 from minitransformer.model import ModelConfig, Transformer
@@ -99,7 +100,7 @@ def test_float32_stays_float32_through_forward_backward_and_adamw():
         logits, _ = model.forward(ids, pad, head="cls", train=True, rng=rng)
         assert logits.dtype == np.float32
         opt.zero_grad()
-        model.loss(ids, np.array([0, 1, 2]), pad, head="cls", train=True, rng=rng)
+        model.loss(ids, np.array([0, 1, 2]), pad, head="cls", train=True, rng=rng, backward=True)
         opt.step()
         grads = [p.grad for p in model.parameters(trainable_only=True) if p.grad is not None]
         assert len(grads) >= 10 and all(g.dtype == np.float32 for g in grads)

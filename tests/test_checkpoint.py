@@ -8,7 +8,7 @@ import pytest
 from conftest import snapshot
 
 from minitransformer import AdapterConfig, ModelConfig, Transformer
-from minitransformer.checkpoint import CheckpointError, load_adapter, load_base, save_adapter, save_base
+from minitransformer.tools.checkpoint import CheckpointError, load_adapter, load_base, save_adapter, save_base
 
 
 def make_model(dtype="float32", **overrides):
@@ -85,9 +85,9 @@ def test_save_base_leaves_adapters_out(tmp_path):
 def test_adapter_round_trip_is_bit_identical(tmp_path, placement, train_layernorm):
     model = trained(make_model(), placement=placement, train_layernorm=train_layernorm)
     save_base(model, tmp_path / "base.npz")
-    model.save_adapter("task", tmp_path / "task.npz")  # the method and the function agree
+    save_adapter(model, "task", tmp_path / "task.npz")
     other = load_base(tmp_path / "base.npz")
-    assert other.load_adapter(tmp_path / "task.npz") == "task"
+    assert load_adapter(other, tmp_path / "task.npz") == "task"
     assert snapshot(other) == snapshot(model)
     assert other.adapters["task"].config == model.adapters["task"].config
     model.set_active_adapter("task")
@@ -145,7 +145,7 @@ def test_bad_adapter_file_is_refused_and_model_untouched(files, case):
     trained(model, "other")  # an adapter already there must survive too
     before, names = snapshot(model), list(model.adapters)
     with pytest.raises(CheckpointError, match=message):
-        model.load_adapter(bad)
+        load_adapter(model, bad)
     assert untouched(model, before, names)
 
 
@@ -161,10 +161,10 @@ def test_adapter_for_another_base_is_refused(files, field, value):
 
 def test_adapter_name_clash_is_refused(files):
     model = load_base(files / "base.npz")
-    model.load_adapter(files / "task.npz")
+    load_adapter(model, files / "task.npz")
     before = snapshot(model)
     with pytest.raises(CheckpointError, match=r"name: the model already has an adapter called 'task'"):
-        model.load_adapter(files / "task.npz")
+        load_adapter(model, files / "task.npz")
     assert untouched(model, before, ["task"])
 
 
@@ -174,7 +174,7 @@ def test_truncated_file_is_refused(files):
     model = load_base(files / "base.npz")
     before = snapshot(model)
     with pytest.raises(CheckpointError, match=r"not a readable .npz checkpoint, truncated or corrupt"):
-        model.load_adapter(files / "cut.npz")
+        load_adapter(model, files / "cut.npz")
     with pytest.raises(CheckpointError, match=r"not a readable .npz checkpoint"):
         load_base(files / "cut.npz")
     assert untouched(model, before, [])
@@ -190,7 +190,7 @@ def test_a_file_that_is_no_npz_archive_is_refused(files, content):
         bad.write_bytes(b"" if content == "empty" else b"weights, honest")
     model = load_base(files / "base.npz")
     before = snapshot(model)
-    for load in (model.load_adapter, load_base):
+    for load in (lambda path: load_adapter(model, path), load_base):
         with pytest.raises(CheckpointError, match=r"not a readable .npz checkpoint, truncated or corrupt"):
             load(bad)
     assert untouched(model, before, [])
@@ -202,7 +202,7 @@ def test_bad_meta_is_refused(files, meta, message):
     bad = rewrite(files / "task.npz", files / "bad.npz", replace={"__meta__": np.array(meta)})
     model = load_base(files / "base.npz")
     with pytest.raises(CheckpointError, match=message):
-        model.load_adapter(bad)
+        load_adapter(model, bad)
     assert model.adapters == {}
 
 
@@ -223,7 +223,7 @@ def test_pickled_object_array_is_refused_never_unpickled(files):
     model = load_base(files / "base.npz")
     before = snapshot(model)
     with pytest.raises(CheckpointError, match=r"holds a pickled object; refusing to unpickle"):
-        model.load_adapter(bad)
+        load_adapter(model, bad)
     assert not marker.exists()
     assert untouched(model, before, [])
 
@@ -231,9 +231,9 @@ def test_pickled_object_array_is_refused_never_unpickled(files):
 def test_missing_file_and_wrong_format_are_refused(files):
     model = load_base(files / "base.npz")
     with pytest.raises(CheckpointError, match=r"path: expected an existing checkpoint file, got '.*nope.npz'"):
-        model.load_adapter(files / "nope.npz")
+        load_adapter(model, files / "nope.npz")
     with pytest.raises(CheckpointError, match=r"expected format 'minitransformer-adapter', got 'minitransformer-base'"):
-        model.load_adapter(files / "base.npz")
+        load_adapter(model, files / "base.npz")
     with pytest.raises(CheckpointError, match=r"expected format 'minitransformer-base', got 'minitransformer-adapter'"):
         load_base(files / "task.npz")
 
@@ -282,4 +282,4 @@ def test_failed_save_leaves_the_previous_file_intact(files, monkeypatch, what):
     monkeypatch.undo()
     loaded = load_base(files / "base.npz")  # and the old file still loads
     if what == "adapter":
-        loaded.load_adapter(target)
+        load_adapter(loaded, target)

@@ -3,7 +3,7 @@ corruption breaks exactly the rule its task asks about (checked by an independen
 import numpy as np
 import pytest
 
-from minitransformer import data
+from minitransformer.tools import data
 
 NOUN0, VERB0, ADJ0 = 8, data._VERB0, data._ADJ0
 

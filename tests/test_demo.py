@@ -3,8 +3,9 @@ demo runs end to end, proving the base unchanged and the reloaded adapter identi
 import numpy as np
 import pytest
 
-from minitransformer import ModelConfig, data, demo, pretrain
-from minitransformer.checkpoint import load_base
+from minitransformer import ModelConfig
+from minitransformer.tools import data, demo, pretrain
+from minitransformer.tools.checkpoint import load_base
 
 
 def test_pretraining_is_deterministic(tmp_path):

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from minitransformer import AdapterConfig, data, experiments, plots, train
+from minitransformer import AdapterConfig
+from minitransformer.tools import data, experiments, plots, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from conftest import snapshot
 
-from minitransformer import AdapterConfig, ModelConfig, Transformer, adapters, attention, data, layers, modules
+from minitransformer import AdapterConfig, ModelConfig, Transformer, adapters, attention, layers, modules
+from minitransformer.tools import data
 from minitransformer.optim import AdamW
 
 
@@ -47,7 +48,7 @@ def test_adapter_training_leaves_the_base_bit_identical(norm, placement, train_l
     rng = np.random.default_rng(0)
     for _ in range(4):
         opt.zero_grad()
-        model.loss(real_batch.ids, real_batch.labels, real_batch.pad_mask, head="cls", train=True, rng=rng)
+        model.loss(real_batch.ids, real_batch.labels, real_batch.pad_mask, head="cls", train=True, rng=rng, backward=True)
         for n, p in params.items():  # after every backward: frozen grads were never computed
             assert (p.grad is None) == (n not in trainable), n
         opt.step()
@@ -77,7 +78,7 @@ def test_frozen_weight_gradients_are_skipped_not_computed(monkeypatch, norm, tra
     for fn in ("embedding_backward", "position_backward"):
         spy(monkeypatch, (modules,), fn, lambda args, kw: embedding_calls.append(args))
 
-    model.loss(real_batch.ids, real_batch.labels, real_batch.pad_mask, head="cls")
+    model.loss(real_batch.ids, real_batch.labels, real_batch.pad_mask, head="cls", backward=True)
 
     def bias_of(W_name):  # blocks.0.attn.W_q -> blocks.0.attn.b_q, lm_head.W -> lm_head.b
         prefix, leaf = W_name.rsplit(".", 1)
@@ -123,6 +124,6 @@ def test_head_only_training_asks_only_for_the_head_gradient(monkeypatch, real_ba
     calls = []
     spy(monkeypatch, (modules, attention, adapters), "linear_backward",
         lambda a, k: calls.append((by_id[id(a[1][1])], k.get("need_dx", True))))
-    model.loss(real_batch.ids, real_batch.labels, real_batch.pad_mask, head="cls")
+    model.loss(real_batch.ids, real_batch.labels, real_batch.pad_mask, head="cls", backward=True)
     assert calls == [("cls_head.W", False)]
     assert {n for n, p in params.items() if p.grad is not None} == {"cls_head.W", "cls_head.b"}

@@ -65,7 +65,7 @@ def test_cls_head_without_classifier():
 ])
 def test_bad_labels(model, head, targets, message):
     with pytest.raises(ValueError, match=message):
-        model.loss(IDS, targets, head=head)
+        model.loss(IDS, targets, head=head, backward=True)
 
 
 def test_labels_not_integers():

@@ -208,7 +208,7 @@ def test_fully_padded_row_no_nan(norm, pooling):
     pad[2] = False
     for head, targets in (("lm", np.where(pad, ids, -100)), ("cls", np.array([0, 1, 2]))):
         model.zero_grad()
-        loss, logits = model.loss(ids, targets, pad, head=head)
+        logits, loss = model.loss(ids, targets, pad, head=head, backward=True)
         assert np.isfinite(loss) and np.all(np.isfinite(logits))
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and all(np.all(np.isfinite(g)) for g in grads)
@@ -218,16 +218,16 @@ def test_gradients_accumulate_until_zero_grad():
     """Two backward passes without zero_grad add their gradients (STYLE.md rule 5)."""
     model = generic_model()
     ids, targets, pad_mask = batch(model.config)
-    model.loss(ids, targets, pad_mask)
+    model.loss(ids, targets, pad_mask, backward=True)
     once = {n: p.grad.copy() for n, p in model.named_parameters().items() if p.grad is not None}
     assert set(once) == {n for n in model.named_parameters() if not n.startswith("cls_head.")}  # unused under "lm"
-    model.loss(ids, targets, pad_mask)
+    model.loss(ids, targets, pad_mask, backward=True)
     for n in once:
         p = model.named_parameters()[n]
         np.testing.assert_allclose(p.grad, 2 * once[n], rtol=1e-12, atol=1e-15, err_msg=n)
     model.zero_grad()
     assert all(p.grad is None for p in model.parameters())
-    model.loss(ids, targets, pad_mask, backward=False)
+    model.loss(ids, targets, pad_mask)  # backward=False is the default
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -241,8 +241,8 @@ def run_once(seed, dropout_seed):
     model.add_adapter("t", AdapterConfig(bottleneck=4), seed=seed)
     model.train_adapter("t")
     ids, _, pad = batch(cfg, head="cls")
-    loss, logits = model.loss(ids, np.array([0, 1, 1]), pad, head="cls", train=True,
-                              rng=np.random.default_rng(dropout_seed))
+    logits, loss = model.loss(ids, np.array([0, 1, 1]), pad, head="cls", train=True,
+                              rng=np.random.default_rng(dropout_seed), backward=True)
     return logits, {n: p.grad for n, p in model.named_parameters().items() if p.grad is not None}
 
 

@@ -49,7 +49,7 @@ def test_float32_shapes_dtypes_finite_through_forward_backward_and_adamw(setup, 
     B, T = ids.shape
     targets = np.where(pad_mask, ids, -100) if head == "lm" else ids[:, 0] % K
     rng = np.random.default_rng(seed)
-    loss, logits = model.loss(ids, targets, pad_mask, head=head, train=True, rng=rng)
+    logits, loss = model.loss(ids, targets, pad_mask, head=head, train=True, rng=rng, backward=True)
     assert logits.shape == ((B, T, V) if head == "lm" else (B, K))
     assert logits.dtype == np.float32 and np.all(np.isfinite(logits)) and np.isfinite(loss)
     trainable = model.parameters(trainable_only=True)

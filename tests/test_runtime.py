@@ -3,7 +3,8 @@ errors come back to the caller, and the settings are checked."""
 import numpy as np
 import pytest
 
-from minitransformer import AdapterConfig, ModelConfig, Transformer, attention, gradcheck, layers, runtime
+from minitransformer import AdapterConfig, ModelConfig, Transformer, attention, gradcheck, layers
+from minitransformer.tools import runtime
 from minitransformer.optim import SGD, AdamW
 
 
@@ -78,7 +79,7 @@ def train_steps(optimizer, steps=3):
     opt = optimizer(model.parameters())
     for _ in range(steps):
         opt.zero_grad()
-        model.loss(ids, labels, pad, head="cls")
+        model.loss(ids, labels, pad, head="cls", backward=True)
         opt.step()
     return [p.value.copy() for p in model.parameters()]
 

@@ -4,7 +4,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from minitransformer import AdapterConfig, ModelConfig, Transformer, data, train
+from minitransformer import AdapterConfig, ModelConfig, Transformer
+from minitransformer.tools import data, train
 
 
 def tiny_model(seed=0, norm="post"):

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent.parent / "README.md"
 MARK_START = "<!-- results:start"
 MARK_END = "<!-- results:end -->"
 NAMES = ("tradeoff", "ablation", "init_std", "curves", "storage")

@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from . import data, plots, train
-from .adapters import AdapterConfig
+from ..adapters import AdapterConfig
 from .checkpoint import save_adapter, save_base
-from .model import ModelConfig, Transformer
+from ..model import ModelConfig, Transformer
 from .plots import README, write_readme_section
 from .pretrain import load_pretrained, one_thread
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 EVAL_BATCH = 64  # examples per evaluation forward: measured faster here than 256 (cache-sized)
 
 

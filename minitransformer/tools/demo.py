@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data
-from .adapters import AdapterConfig
+from ..adapters import AdapterConfig
 from .checkpoint import load_adapter, save_adapter
 from .pretrain import BASE_PATH, load_pretrained
 from .train import METHOD_LR, TrainConfig, accuracy, fit, predict, prepare

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from . import data
-from .model import ModelConfig, Transformer
-from .optim import AdamW, clip_grad_norm, lr_at
+from ..model import ModelConfig, Transformer
+from ..optim import AdamW, clip_grad_norm, lr_at
 
-BASE_PATH = Path(__file__).parent / "assets" / "base.npz"
+BASE_PATH = Path(__file__).resolve().parent.parent / "assets" / "base.npz"
 BASE_CONFIG = ModelConfig(vocab_size=data.VOCAB_SIZE, max_len=data.MAX_LEN, d_model=64, n_heads=4,
                           n_layers=4, d_ff=256, norm="post", causal=False, pooling="first",
                           dropout=0.1)
@@ -59,7 +59,7 @@ def mlm_eval(model, split, rng, batch_size=256):
     for start in range(0, len(split), batch_size):
         part = split[start:start + batch_size]
         inputs, targets = data.mask_tokens(part.ids, part.pad_mask, rng)
-        loss, logits = model.loss(inputs, targets, part.pad_mask, head="lm", backward=False)
+        logits, loss = model.loss(inputs, targets, part.pad_mask, head="lm")
         keep = targets != -100  # (b,T)
         n = int(keep.sum())
         loss_sum += loss * n
@@ -86,7 +86,7 @@ def pretrain(steps=STEPS, seed=0, config=BASE_CONFIG, progress=True, log=print, 
         inputs, targets = data.mask_tokens(b.ids, b.pad_mask, rng)
         opt.lr = lr_at(step, LR, WARMUP, steps, FINAL)
         opt.zero_grad()
-        loss, _ = model.loss(inputs, targets, b.pad_mask, head="lm", train=True, rng=rng)
+        _, loss = model.loss(inputs, targets, b.pad_mask, head="lm", train=True, rng=rng, backward=True)
         clip_grad_norm(params, 1.0)
         opt.step()
         if step % 50 == 0:

@@ -19,9 +19,21 @@ thread, because splitting it would change the order of its additions.
     keep_freed_memory()        fewer page faults; the command line calls it
 """
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor, wait
 
-import numpy as np
+# After each matrix product, OpenBLAS's worker threads wait for the next one by spinning on
+# a core for about 0.1 s. In that time they take the core from our own elementwise threads.
+# 2^19 cycles (about 0.2 ms) still covers a short step between two products, such as an
+# adapter's GELU or a bias add, so the threads need not be woken again. A long step (GELU over
+# (B, T, F), a softmax) lets them sleep and gets both cores. OpenBLAS reads this variable once,
+# when NumPy first loads it, so it only takes effect if minitransformer is imported before numpy
+# (the package's __init__ imports this module first). A value the user has set is kept.
+_BLAS_TIMEOUT_BEFORE = os.environ.get("OPENBLAS_THREAD_TIMEOUT")  # the user's, or None
+_NUMPY_WAS_LOADED = "numpy" in sys.modules
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "19")
+
+import numpy as np  # noqa: E402  (after the environment is set)
 
 MIN_SIZE = 1 << 18  # elements (1 MiB of float32): below this, handing work to a thread costs
 # more than it saves. Waking a sleeping thread took about 0.1 ms on the benchmark's
@@ -220,8 +232,7 @@ def memory_status():
 
 
 def blas_timeout_status():
-    """How long OpenBLAS's idle threads spin in this process (see __init__.py), in words."""
-    from . import _BLAS_TIMEOUT_BEFORE, _NUMPY_WAS_LOADED
+    """How long OpenBLAS's idle threads spin in this process (see the top of this file), in words."""
     if _BLAS_TIMEOUT_BEFORE is not None:
         return f"OPENBLAS_THREAD_TIMEOUT={_BLAS_TIMEOUT_BEFORE} (set by the user)"
     if _NUMPY_WAS_LOADED:

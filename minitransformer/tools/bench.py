@@ -42,9 +42,10 @@ try:
 except ImportError:
     resource = None
 
-from . import optim, runtime
-from .adapters import AdapterConfig
-from .model import ModelConfig, Transformer
+from .. import optim
+from . import runtime
+from ..adapters import AdapterConfig
+from ..model import ModelConfig, Transformer
 
 
 @dataclass
@@ -135,7 +136,7 @@ def block_products(b, seed=0):
     views, through attention.scores_matmul and heads_matmul. n_layers times the sum of the
     flops is step_flops(b) (tests/test_bench.py checks this).
     """
-    from .attention import heads_matmul, scores_matmul, split_heads
+    from ..attention import heads_matmul, scores_matmul, split_heads
     rng = np.random.default_rng(seed)
     N, C, F, m, B, T, H = (b.batch * b.seq_len, b.d_model, b.d_ff, b.bottleneck, b.batch, b.seq_len,
                            b.n_heads)
@@ -229,7 +230,7 @@ def base_full_model(b, seed=0):
 
 def train_step(model, opt, ids, labels):
     opt.zero_grad()
-    model.loss(ids, labels, head="cls")
+    model.loss(ids, labels, head="cls", backward=True)
     opt.step()
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .adapters import AdapterConfig
+from ..adapters import AdapterConfig
 from .data import batches
-from .optim import AdamW, clip_grad_norm, lr_at
+from ..optim import AdamW, clip_grad_norm, lr_at
 
 METHODS = ("adapter", "head", "layernorm", "top_k", "full")
 # peak learning rates for ~300 steps on data.py's tasks: fewer trained weights take larger steps.
@@ -155,7 +155,8 @@ def fit(model, task, config=None):
         b = next(stream)
         opt.lr = lr_at(step, config.lr, config.warmup, config.steps)
         opt.zero_grad()
-        loss, logits = model.loss(b.ids, b.labels, b.pad_mask, head="cls", train=True, rng=dropout_rng)
+        logits, loss = model.loss(b.ids, b.labels, b.pad_mask, head="cls", train=True, rng=dropout_rng,
+                                  backward=True)
         if config.clip is not None:
             clip_grad_norm(params, config.clip)
         opt.step()

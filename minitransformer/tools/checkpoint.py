@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapters import AdapterConfig
-from .model import AdapterSet, ModelConfig, Transformer
+from ..adapters import AdapterConfig
+from ..model import AdapterSet, ModelConfig, Transformer
 
 VERSION = 1
 BASE_FORMAT = "minitransformer-base"
@@ -159,7 +159,7 @@ def load_base(path, model=None):
 def save_adapter(model, name, path):
     """Write adapter `name`: its weights, its head, its LayerNorms when they train, its config,
     and the base fields it depends on."""
-    s = model._adapter(name)
+    s = model.get_adapter(name)
     prefix = f"adapters.{name}."
     arrays = {p.name[len(prefix):]: p.value for p in s.parameters()}
     base = {k: model.config.to_dict()[k] for k in ADAPTER_BASE_FIELDS}

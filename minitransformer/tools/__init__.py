@@ -1,0 +1,14 @@
+"""The tools floor: everything around the textbook that trains, measures, saves and shows it.
+
+    data.py         the synthetic language: pretraining corpus and four downstream tasks
+    train.py        the training loop and the methods it compares (adapter, head, full, ...)
+    pretrain.py     masked-token pretraining of the shipped base (assets/base.npz)
+    checkpoint.py   save/load of the base and of single adapters (.npz, validated, atomic)
+    demo.py         the main job: python -m minitransformer
+    experiments.py  the paper's experiments; plots.py draws their figures and README section
+    bench.py        the performance benchmark
+    runtime.py      how the process runs: threads, BLAS, memory
+
+Nothing here is needed to follow the maths: that is the floor above (layers.py, attention.py,
+adapters.py, losses.py, optim.py, modules.py, model.py, gradcheck.py).
+"""
