@@ -2,6 +2,7 @@
 import os
 import sys
 
+from . import backend
 from .tools import runtime
 
 COMMANDS = {
@@ -12,6 +13,8 @@ COMMANDS = {
     "bench": "the performance benchmark (add --json PATH, --quick)",
 }
 
+FAST = ("demo", "pretrain", "figures")  # the commands that train at size; bench measures both paths
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -21,6 +24,8 @@ def main(argv=None):
         runtime.keep_freed_memory()  # fewer page faults in every step (see runtime.py)
     command = argv[0] if argv and not argv[0].startswith("-") else "demo"
     rest = argv[1:] if argv and argv[0] == command else argv
+    if command in FAST:
+        backend.use("fast")  # training at size: the fast kernels (backend.py, tools/kernels.py)
     if command == "gradcheck":
         from .gradcheck import main as run
     elif command == "demo":

@@ -94,19 +94,16 @@ def init_adapter(config, d_model, rng, dtype):
 
 
 def adapter_forward(h, w, nonlinearity="gelu", skip=True, scaling=1.0):
-    """out = h + s * (f(h @ W_down + b_down) @ W_up + b_up)    h (N, C) -> out (N, C).
+    """out = h + s * (f(h @ W_down + b_down) @ W_up + b_up).   h (N, C) -> out (N, C).
 
     skip=False gives the bare branch (the parallel adapter adds it elsewhere).
     """
     act_forward = ACTIVATIONS[nonlinearity][0]
-    z, cache_down = linear_forward(h, w["W_down"], w["b_down"])  # (N,C) @ (C,m) -> (N,m)
-    a, cache_act = act_forward(z)  # (N,m)
-    u, cache_up = linear_forward(a, w["W_up"], w["b_up"])  # (N,m) @ (m,C) -> (N,C)
-    if scaling != 1:
-        u *= h.dtype.type(scaling)  # u is our own fresh array: scale and add in place
-    if skip:
-        u += h  # out = h + branch(h)
-    out = u
+    z, cache_down = linear_forward(h, w["W_down"], w["b_down"])  # (N, C) @ (C, m) -> (N, m)
+    a, cache_act = act_forward(z)  # (N, m), the bottleneck's nonlinearity f
+    u, cache_up = linear_forward(a, w["W_up"], w["b_up"])  # (N, m) @ (m, C) -> (N, C)
+    branch = h.dtype.type(scaling) * u  # (N, C), s = 1 for Houlsby's adapter
+    out = h + branch if skip else branch  # (N, C), the skip connection keeps h
     cache = (cache_down, cache_act, cache_up, nonlinearity, skip, scaling)
     return out, cache
 
@@ -116,13 +113,15 @@ def adapter_backward(dout, cache, need_dx=True, need=None):
     cache_down, cache_act, cache_up, nonlinearity, skip, scaling = cache
     need = {"W_down", "b_down", "W_up", "b_up"} if need is None else need
     act_backward = ACTIVATIONS[nonlinearity][1]
-    du = dout * dout.dtype.type(scaling) if scaling != 1 else dout  # forward was u *= s
     grads = {}
+    dbranch = dout  # forward was out = h + branch (or out = branch): (N, C)
+    du = dout.dtype.type(scaling) * dbranch  # forward was branch = s * u: (N, C)
     da, grads["W_up"], grads["b_up"] = linear_backward(
-        du, cache_up, need_dW="W_up" in need, need_db="b_up" in need)
-    dz = act_backward(da, cache_act)
+        du, cache_up, need_dW="W_up" in need, need_db="b_up" in need)  # forward was u = a @ W_up + b_up
+    dz = act_backward(da, cache_act)  # forward was a = f(z): (N, m)
     dh, grads["W_down"], grads["b_down"] = linear_backward(
-        dz, cache_down, need_dx=need_dx, need_dW="W_down" in need, need_db="b_down" in need)
+        dz, cache_down, need_dx=need_dx, need_dW="W_down" in need,
+        need_db="b_down" in need)  # forward was z = h @ W_down + b_down: (N, C)
     if need_dx and skip:
-        dh += dout  # forward was out = h + branch(h): the skip connection adds dout unchanged
+        dh = dh + dout  # forward was out = h + branch: the skip passes dout to h unchanged
     return dh, {n: g for n, g in grads.items() if g is not None}

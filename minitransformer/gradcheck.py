@@ -136,14 +136,16 @@ def check_model(model, ids, targets, pad_mask=None, head="lm", dropout_seed=None
 
 
 def operation_checks(seed=0):
-    """Check every forward/backward pair on small random float64 inputs.
+    """Check every forward/backward pair of the current path (backend.py) on small random
+    float64 inputs.
 
     Yields (operation, input name, shape, relative error) for each input and parameter.
     """
-    from . import layers as L
-    from .adapters import adapter_backward, adapter_forward
-    from .attention import attention_backward, attention_bias, attention_forward
-    from .losses import cross_entropy_backward, cross_entropy_forward
+    from . import layers
+    from .attention import attention_bias
+    from .backend import ops as L  # the current path's functions: reference, or the fast kernels
+    activations = {"gelu": (L.gelu_forward, L.gelu_backward), "relu": layers.ACTIVATIONS["relu"],
+                   "tanh": layers.ACTIVATIONS["tanh"]}
     rng = np.random.default_rng(seed)
 
     def randn(*shape):
@@ -173,7 +175,7 @@ def operation_checks(seed=0):
     yield from run("layernorm (constant row, h=1e-6)", L.layernorm_forward, ln_backward,
                    {"x": x, "gamma": randn(6), "beta": randn(6)}, h=1e-6)
     for act in ("gelu", "relu", "tanh"):
-        fwd, bwd = L.ACTIVATIONS[act]
+        fwd, bwd = activations[act]
         z = randn(3, 7)
         z[np.abs(z) < 0.05] = 0.5  # keep relu's kink away from the finite differences
         yield from run(act, fwd, lambda d, c, bwd=bwd: {"x": bwd(d, c)}, {"x": z})
@@ -193,8 +195,8 @@ def operation_checks(seed=0):
                         ("attention (padding)", attention_bias(4, False, pad, np.float64))):
         names = list(w)
         yield from run(label,
-                       lambda x, **ws: attention_forward(x, ws, H, bias),
-                       lambda d, c: dict(x=attention_backward(d, c)[0], **attention_backward(d, c)[1]),
+                       lambda x, **ws: L.attention_forward(x, ws, H, bias),
+                       lambda d, c: dict(x=L.attention_backward(d, c)[0], **L.attention_backward(d, c)[1]),
                        {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}}, ["x"] + names)
     for act, skip, scaling in (("gelu", True, 1.0), ("relu", True, 1.0), ("tanh", True, 1.0),
                                ("gelu", False, 4.0)):
@@ -203,16 +205,16 @@ def operation_checks(seed=0):
         h = randn(2, 4, C)
         h[np.abs(h) < 0.05] = 0.5
         yield from run(label,
-                       lambda h, **ws: adapter_forward(h, ws, act, skip, scaling),
-                       lambda d, c: dict(h=adapter_backward(d, c)[0], **adapter_backward(d, c)[1]),
+                       lambda h, **ws: L.adapter_forward(h, ws, act, skip, scaling),
+                       lambda d, c: dict(h=L.adapter_backward(d, c)[0], **L.adapter_backward(d, c)[1]),
                        {"h": h, **aw})
     targets = np.array([[1, 0, -100], [2, -100, 3]])  # -100: ignored positions
 
     def ce_forward(logits):
-        loss, cache = cross_entropy_forward(logits, targets)
+        loss, cache = L.cross_entropy_forward(logits, targets)
         return np.array(loss), cache
     yield from run("cross-entropy (ignored positions)", ce_forward,
-                   lambda d, c: {"logits": float(d) * cross_entropy_backward(c)}, {"logits": randn(2, 3, 4)})
+                   lambda d, c: {"logits": float(d) * L.cross_entropy_backward(c)}, {"logits": randn(2, 3, 4)})
 
 
 # ----------------------------------------------------------------------------- the command
@@ -253,44 +255,61 @@ def model_variants():
     return out
 
 
-def main(argv=None):
-    """python -m minitransformer gradcheck: every operation, then every parameter of every model."""
-    import argparse
-    import time
-    argparse.ArgumentParser(prog="python -m minitransformer gradcheck",
-                            description="Check every backward pass against centred finite differences "
-                                        "in float64; exit 0 only if every check passes.").parse_args(argv)
-
-    start, worst, failed = time.time(), 0.0, []
-    print(f"Gradient checks, float64, centred differences (h=1e-5). Thresholds: "
-          f"{OP_THRESHOLD:.0e} per operation, {MODEL_THRESHOLD:.0e} per model.\n")
-    print(f"{'operation':<34}{'input':<12}{'shape':<16}{'rel. error':>12}")
+def check_all(log=print):
+    """Every operation, then every parameter of every model, on the current path -> (worst
+    error, [what failed])."""
+    worst, failed = 0.0, []
+    log(f"{'operation':<34}{'input':<12}{'shape':<16}{'rel. error':>12}")
     for op, name, shape, err in operation_checks():
         flag = "" if err <= OP_THRESHOLD else "  FAIL"
-        print(f"{op:<34}{name:<12}{str(shape):<16}{err:>12.2e}{flag}")
+        log(f"{op:<34}{name:<12}{str(shape):<16}{err:>12.2e}{flag}")
         worst = max(worst, err)
         if flag:
             failed.append(f"{op}: {name}")
     for label, norm, head, placement in model_variants():
         model, ids, targets, pad_mask = _generic_model(norm, head, placement)
-        print(f"\nmodel: {label} (causal={model.config.causal}, padding mask, dropout 0.1 replayed)")
-        print(f"{'parameter':<40}{'shape':<12}{'trainable':<11}{'max rel. error':>30}")
+        log(f"\nmodel: {label} (causal={model.config.causal}, padding mask, dropout 0.1 replayed)")
+        log(f"{'parameter':<40}{'shape':<12}{'trainable':<11}{'max rel. error':>30}")
         try:
             rows = check_model(model, ids, targets, pad_mask, head, dropout_seed=7)
         except AssertionError as e:  # a frozen parameter received a gradient
-            print(f"FAIL: {e}")
+            log(f"FAIL: {e}")
             failed.append(f"{label}: {e}")
             continue
         for name, shape, trainable, err in rows:
             if err is None:
-                print(f"{name:<40}{str(shape):<12}{'no':<11}{'frozen — no gradient computed':>30}")
+                log(f"{name:<40}{str(shape):<12}{'no':<11}{'frozen — no gradient computed':>30}")
                 continue
             flag = "" if err <= MODEL_THRESHOLD else "  FAIL"
-            print(f"{name:<40}{str(shape):<12}{'yes':<11}{err:>30.2e}{flag}")
+            log(f"{name:<40}{str(shape):<12}{'yes':<11}{err:>30.2e}{flag}")
             worst = max(worst, err)
             if flag:
                 failed.append(f"{label}: {name}")
-    print(f"\n{len(failed)} check(s) failed{': ' + ', '.join(failed) if failed else ''}; "
+    return worst, failed
+
+
+def main(argv=None):
+    """python -m minitransformer gradcheck: every operation, then every parameter of every model."""
+    import argparse
+    import time
+
+    from . import backend
+    parser = argparse.ArgumentParser(prog="python -m minitransformer gradcheck",
+                                     description="Check every backward pass against centred finite "
+                                                 "differences in float64; exit 0 only if every check passes.")
+    parser.add_argument("--path", choices=(*backend.PATHS, "both"), default="reference",
+                        help="which code to check: the reference passes (default), the fast kernels, or both")
+    args = parser.parse_args(argv)
+    paths = backend.PATHS if args.path == "both" else (args.path,)
+    start, worst, failed = time.time(), 0.0, []
+    for path in paths:
+        print(f"Gradient checks of the {path} path, float64, centred differences (h=1e-5). "
+              f"Thresholds: {OP_THRESHOLD:.0e} per operation, {MODEL_THRESHOLD:.0e} per model.\n")
+        with backend.using(path):
+            w, f = check_all()
+        print(f"\n{path} path: {len(f)} check(s) failed; max relative error {w:.2e}\n")
+        worst, failed = max(worst, w), failed + [f"{path}: {x}" for x in f]
+    print(f"{len(failed)} check(s) failed{': ' + ', '.join(failed) if failed else ''}; "
           f"{time.time() - start:.1f} s")
     print(f"max relative error: {worst:.2e}")
     return 1 if failed else 0

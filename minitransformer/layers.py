@@ -1,18 +1,20 @@
-"""Pure forward/backward pairs for the transformer's building blocks.
+"""The transformer's building blocks as forward/backward pairs, written the way they are derived.
 
 Every operation comes as two functions that sit next to each other:
 
     out, cache = X_forward(...)      # cache: exactly what the backward needs
     dx, ...    = X_backward(dout, cache)
 
-The backward unpacks its cache on its first line and replays the forward in reverse.
-The row-by-row operations (LayerNorm, GELU, softmax) do their passes over memory in a
-`_..._rows` function that writes into arrays made by the caller. `by_rows` (runtime.py) hands
-each thread one block of rows. Each row is computed on its own, so the result does not
-depend on the number of threads.
-Every function keeps the dtype of its input (float32 for training, float64 for gradient
-checks): constants are cast to the input's dtype, because a NumPy float64 scalar would
-silently promote a float32 array.
+The backward unpacks its cache on its first line and undoes the forward's steps in reverse
+order; each of its lines names the forward step it undoes. The derivations are in the course:
+notebooks/01_gradients_by_hand.ipynb (linear, GELU, softmax, LayerNorm, cross-entropy).
+
+Every function keeps the dtype of its input (float32 to train, float64 for gradient checks).
+Constants are made in the input's dtype, t(0.5) with t = x.dtype.type, because a NumPy float64
+scalar would silently turn a float32 array into float64.
+
+These are the reference passes. tools/kernels.py computes the same functions faster (in place,
+on every core); `backend.use("fast")` switches the model to them.
 
 Shape legend (used in comments throughout the package):
     B  batch size            T  sequence length        C  model width (d_model)
@@ -21,57 +23,40 @@ Shape legend (used in comments throughout the package):
 """
 import numpy as np
 
-from .tools.runtime import by_rows
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def row_sum(x):
-    """Sum over the last axis, kept as an axis of 1.   x (..., K) -> (..., 1).
-
-    The same as x.sum(axis=-1, keepdims=True); einsum is 2-3x faster on short rows (K of
-    a few hundred), which is every LayerNorm and softmax row here.
-    """
-    return np.einsum("...k->...", x)[..., None]
-
-
 # ----------------------------------------------------------------------------- linear
 
 
 def linear_forward(x, W, b, keep_x=True):
-    """y = x @ W + b.   x (..., d_in), W (d_in, d_out), b (d_out,) -> y (..., d_out).
+    """y = x @ W + b.   x (N, d_in), W (d_in, d_out), b (d_out,) -> y (N, d_out).
 
-    The leading axes are flattened to one (N = B*T rows) so that BLAS runs one large
-    matrix product; a 3-D @ 2-D product would be a loop of B small ones.
-    keep_x=False (a frozen W): x is needed only for dW, so the cache does not hold it and
-    its memory can be freed as soon as nothing else uses it. PyTorch does the same: a
-    linear layer saves its input for the backward only when the weight requires grad.
+    keep_x=False (a frozen W): x is needed only for dW, so the cache does not hold it. PyTorch
+    does the same: a linear layer saves its input only when its weight requires a gradient.
     """
-    out = x.reshape(-1, x.shape[-1]) @ W  # (N, d_in) @ (d_in, d_out) -> (N, d_out)
-    out += b  # in place: out is our own fresh array
-    cache = (x if keep_x else None, W, x.shape)  # x is needed for dW, W for dx
-    return out.reshape(*x.shape[:-1], W.shape[1]), cache
+    y = x @ W + b  # (N, d_in) @ (d_in, d_out) + (d_out,) -> (N, d_out)
+    cache = (x if keep_x else None, W)  # x for dW, W for dx
+    return y, cache
 
 
 def linear_backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
-    """dout (..., d_out) -> dx (..., d_in), dW (d_in, d_out), db (d_out,).
+    """dout (N, d_out) -> dx (N, d_in), dW (d_in, d_out), db (d_out,).
 
-    A gradient that is not needed is not computed and comes back as None: a frozen
-    weight skips its matrix product `x.T @ dout` entirely (that is where training only
-    adapters saves compute), while dx still flows down to the layers below.
+    A gradient that is not needed is not computed and comes back as None: a frozen weight
+    skips its product x^T @ dout entirely (where training only adapters saves compute), while
+    dx still flows down to the layers below.
     """
-    x, W, x_shape = cache
-    d2 = dout.reshape(-1, dout.shape[-1])  # (N, d_out)
-    dx = (d2 @ W.T).reshape(x_shape) if need_dx else None  # (N, d_out) @ (d_out, d_in) -> (N, d_in)
-    dW = db = None
+    x, W = cache
+    dx = dW = db = None
+    if need_dx:
+        dx = dout @ W.T  # forward was y = x @ W, so dx = dy @ W^T: (N, d_out) @ (d_out, d_in)
     if need_dW:
         if x is None:
             raise ValueError("need_dW: the forward ran with keep_x=False (a frozen weight), so x "
                              "was not kept; unfreeze before the forward, not between it and the backward")
-        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in), a view: no copy
-        dW = x2.T @ d2  # forward was y = x @ W, so dW = x.T @ dy: (d_in, N) @ (N, d_out)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in): every position is one row
+        d2 = dout.reshape(-1, dout.shape[-1])  # (N, d_out)
+        dW = x2.T @ d2  # forward was y = x @ W, so dW = x^T @ dy, summed over rows: (d_in, d_out)
     if need_db:
-        db = d2.sum(axis=0)  # b was broadcast over every row, so its gradient sums them
+        db = dout.reshape(-1, dout.shape[-1]).sum(axis=0)  # b was added to every row: (d_out,)
     return dx, dW, db
 
 
@@ -80,26 +65,27 @@ def linear_backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
 
 def embedding_forward(ids, W):
     """Token embedding lookup.   ids (B, T) ints, W (V, C) -> out (B, T, C)."""
-    out = W[ids]  # fancy indexing copies the rows
+    out = W[ids]  # row ids[b, t] of W for every position: (B, T, C)
     cache = (ids, W.shape)
     return out, cache
 
 
 def embedding_backward(dout, cache):
-    """dout (B, T, C) -> dW (V, C). Ids have no gradient.
+    """dout (B, T, C) -> dW (V, C). Ids are integers and have no gradient.
 
-    A token that appears twice receives both rows' gradients: np.add.at accumulates
-    over repeated indices, where dW[ids] += dout would keep only one of them.
+    A token that appears twice receives both rows' gradients: np.add.at accumulates over
+    repeated indices, where dW[ids] += dout would keep only one of them.
     """
     ids, W_shape = cache
-    dW = np.zeros(W_shape, dtype=dout.dtype)
-    np.add.at(dW, ids.reshape(-1), dout.reshape(-1, W_shape[1]))
+    dW = np.zeros(W_shape, dtype=dout.dtype)  # (V, C): rows of unused tokens stay 0
+    # forward was out[b, t] = W[ids[b, t]], so dW[ids[b, t]] += dout[b, t], position by position
+    np.add.at(dW, ids.reshape(-1), dout.reshape(-1, W_shape[1]))  # (B*T,) ids, (B*T, C) rows
     return dW
 
 
 def position_forward(T, W_pos):
-    """Learned position embedding.   W_pos (T_max, C) -> out (T, C), broadcast over B."""
-    out = W_pos[:T]  # a view: the caller adds it, never writes it
+    """Learned position embedding.   W_pos (T_max, C) -> out (T, C), added to every sequence."""
+    out = W_pos[:T]  # (T, C)
     cache = (T, W_pos.shape)
     return out, cache
 
@@ -107,8 +93,8 @@ def position_forward(T, W_pos):
 def position_backward(dout, cache):
     """dout (B, T, C) -> dW_pos (T_max, C): rows beyond T got no gradient."""
     T, W_shape = cache
-    dW = np.zeros(W_shape, dtype=dout.dtype)
-    dW[:T] = dout.sum(axis=0)  # the same row was added to every sequence of the batch
+    dW = np.zeros(W_shape, dtype=dout.dtype)  # (T_max, C)
+    dW[:T] = dout.sum(axis=0)  # forward added the same row t to every sequence: sum over B
     return dW
 
 
@@ -116,128 +102,90 @@ def position_backward(dout, cache):
 
 
 def layernorm_forward(x, gamma, beta, eps=1e-5):
-    """y = gamma * (x - mean) / sqrt(var + eps) + beta over the last axis.
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta, over the last axis.
 
-    x (..., C), gamma (C,), beta (C,) -> y (..., C). A constant row has var = 0 and
-    gives xhat = 0 with the finite scale 1/sqrt(eps): no NaN, finite gradients.
+    x (N, C), gamma (C,), beta (C,) -> y (N, C). A constant row has var = 0 and gives
+    xhat = 0 with the finite scale 1/sqrt(eps): no NaN, finite gradients.
     """
-    out, xhat = np.empty_like(x), np.empty_like(x)  # (..., C)
-    rstd = np.empty((*x.shape[:-1], 1), dtype=x.dtype)  # (..., 1)
-    by_rows(_layernorm_forward_rows, x, out, xhat, rstd, gamma=gamma, beta=beta, eps=x.dtype.type(eps))
-    cache = (xhat, rstd, gamma)  # xhat and rstd make the backward one pass, no recompute
-    return out, cache
+    eps = x.dtype.type(eps)
+    mu = x.mean(axis=-1, keepdims=True)  # (N, 1)
+    xc = x - mu  # (N, C), centred
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # (N, 1), biased (divides by C) like PyTorch
+    rstd = 1 / np.sqrt(var + eps)  # (N, 1), the reciprocal standard deviation
+    xhat = xc * rstd  # (N, C), normalised: mean 0, variance 1 per row
+    y = xhat * gamma + beta  # (N, C)
+    cache = (xhat, rstd, gamma)  # enough for the backward without recomputing mu and var
+    return y, cache
 
 
-def _layernorm_forward_rows(x, out, xhat, rstd, gamma, beta, eps):
-    C = x.shape[-1]
-    mu = row_sum(x) / C  # (..., 1), the mean
-    np.subtract(x, mu, out=xhat)  # (..., C), centred; normalised in place below
-    var = np.einsum("...c,...c->...", xhat, xhat)[..., None] / C  # (..., 1), biased like PyTorch
-    np.divide(1, np.sqrt(var + eps), out=rstd)  # (..., 1), in x's dtype
-    xhat *= rstd  # (..., C)
-    np.multiply(xhat, gamma, out=out)
-    out += beta
-
-
-def layernorm_backward(dout, cache, need_dx=True, need_dparams=True):
-    """dout (..., C) -> dx (..., C), dgamma (C,), dbeta (C,)."""
+def layernorm_backward(dout, cache, need_dx=True, need_dgamma=True, need_dbeta=True):
+    """dout (N, C) -> dx (N, C), dgamma (C,), dbeta (C,); None for what is not needed."""
     xhat, rstd, gamma = cache
-    dgamma = dbeta = None
-    if need_dparams:
-        C = dout.shape[-1]
-        d2, xh2 = dout.reshape(-1, C), xhat.reshape(-1, C)
-        dgamma = np.einsum("nc,nc->c", d2, xh2)  # forward was y = xhat * gamma + beta
-        dbeta = d2.sum(axis=0)
-    dx = None
-    if need_dx:
-        dx = np.empty_like(dout)
-        by_rows(_layernorm_backward_rows, dout, xhat, rstd, dx, gamma=gamma)
-    return dx, dgamma, dbeta
-
-
-def _layernorm_backward_rows(dout, xhat, rstd, dx, gamma):
     C = dout.shape[-1]
-    dxhat = dout * gamma  # (..., C)
-    # xhat = (x - mu) * rstd, with mu and rstd themselves functions of x. Written out
-    # (derived in the notebooks): dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-    m1 = row_sum(dxhat) / C  # (..., 1), mean(dxhat)
-    m2 = np.einsum("...c,...c->...", dxhat, xhat)[..., None] / C  # (..., 1), no (..., C) temporary
-    np.multiply(xhat, m2, out=dx)
-    np.subtract(dxhat, dx, out=dx)  # dxhat - xhat * m2
-    dx -= m1
-    dx *= rstd
+    dx = dgamma = dbeta = None
+    if need_dgamma:
+        dgamma = (dout * xhat).reshape(-1, C).sum(axis=0)  # forward was y = xhat * gamma + beta
+    if need_dbeta:
+        dbeta = dout.reshape(-1, C).sum(axis=0)  # beta was added to every row
+    if need_dx:
+        dxhat = dout * gamma  # (N, C), forward was y = xhat * gamma + beta
+        # forward was xhat = (x - mu) * rstd, where mu and rstd depend on x too (derived in
+        # notebooks/01_gradients_by_hand.ipynb): the two means remove what moves every entry
+        # of the row alike (mu) and what stretches the row (rstd)
+        dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                     - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))  # (N, C)
+    return dx, dgamma, dbeta
 
 
 # ----------------------------------------------------------------------------- activations
 
 
 def gelu_forward(x):
-    """GELU, tanh form: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))).  x (N) -> (N)."""
-    out, g = np.empty_like(x), np.empty_like(x)
-    by_rows(_gelu_forward_rows, x, out, g)
-    cache = (x, g)  # tanh is the expensive part: store the gate rather than recompute it
-    return out, cache
+    """GELU, tanh form: y = 0.5 x (1 + tanh(k (x + a x^3))), k = sqrt(2/pi), a = 0.044715.
 
-
-def _gelu_forward_rows(x, out, g):
+    x (N) -> y (N), any shape.
+    """
     t = x.dtype.type
-    k, a = t(np.sqrt(2.0 / np.pi)), t(0.044715)  # constants in x's dtype (see STYLE.md)
-    np.multiply(x, x, out=g)  # x^2, then built up in place: each step is one pass over memory
-    g *= a * k
-    g += k
-    g *= x  # u = k (x + a x^3)
-    np.tanh(g, out=g)
-    g *= t(0.5)
-    g += t(0.5)  # g = 0.5 (1 + tanh(u)), the gate
-    np.multiply(x, g, out=out)  # y = x * g
+    k, a = t(np.sqrt(2 / np.pi)), t(0.044715)
+    u = k * (x + a * x * x * x)  # (N); x * x * x, because x**3 calls the slow general power
+    th = np.tanh(u)  # (N)
+    y = t(0.5) * x * (1 + th)  # (N)
+    cache = (x, th)  # tanh is the expensive part: keep it rather than recompute it
+    return y, cache
 
 
 def gelu_backward(dout, cache):
-    """dout (N) -> dx (N).
-
-    forward was y = x g, g = 0.5 (1 + tanh(u)), u = k (x + a x^3). With tanh' = 1 - tanh^2
-    = 4 g (1 - g):  dy/dx = g + x * 2 g (1 - g) * k (1 + 3 a x^2).
-    """
-    x, g = cache
-    dx = np.empty_like(dout)
-    by_rows(_gelu_backward_rows, dout, x, g, dx)
+    """dout (N) -> dx (N)."""
+    x, th = cache
+    t = x.dtype.type
+    k, a = t(np.sqrt(2 / np.pi)), t(0.044715)
+    du_dx = k * (1 + 3 * a * x * x)  # forward was u = k (x + a x^3)
+    dth_du = 1 - th * th  # forward was th = tanh(u), and tanh' = 1 - tanh^2
+    dy_dx = t(0.5) * (1 + th) + t(0.5) * x * dth_du * du_dx  # forward was y = 0.5 x (1 + th)
+    dx = dout * dy_dx
     return dx
 
 
-def _gelu_backward_rows(dout, x, g, du):
-    t = x.dtype.type
-    k, a = t(np.sqrt(2.0 / np.pi)), t(0.044715)
-    np.multiply(x, x, out=du)
-    du *= t(6) * a * k
-    du += t(2) * k
-    du *= x  # x * 2 k (1 + 3 a x^2)
-    gg = g * g
-    np.subtract(g, gg, out=gg)  # g (1 - g)
-    du *= gg
-    du += g  # dy/dx
-    du *= dout
-
-
 def relu_forward(x):
-    """max(x, 0).   x (N) -> (N)."""
-    out = np.maximum(x, 0)
-    return out, x > 0
+    """y = max(x, 0).   x (N) -> y (N)."""
+    y = np.maximum(x, 0)
+    return y, x > 0
 
 
 def relu_backward(dout, cache):
     positive = cache
-    return dout * positive  # a new array: dout is the caller's and stays untouched
+    return dout * positive  # forward was y = x where x > 0, else 0
 
 
 def tanh_forward(x):
-    """tanh(x).   x (N) -> (N)."""
-    out = np.tanh(x)
-    return out, out
+    """y = tanh(x).   x (N) -> y (N)."""
+    y = np.tanh(x)
+    return y, y
 
 
 def tanh_backward(dout, cache):
-    out = cache
-    return dout * (1 - out * out)  # d tanh / dx = 1 - tanh^2
+    y = cache
+    return dout * (1 - y * y)  # forward was y = tanh(x), and tanh' = 1 - tanh^2
 
 
 ACTIVATIONS = {
@@ -251,41 +199,29 @@ ACTIVATIONS = {
 
 
 def softmax_forward(x):
-    """Numerically stable softmax over the last axis.   x (..., K) -> p (..., K).
+    """p = exp(x) / sum(exp(x)) over the last axis, computed stably.   x (N, K) -> p (N, K).
 
-    Subtracting the row maximum keeps exp() from overflowing. Entries equal to -inf are
-    masked out and get probability 0; a row that is -inf everywhere (a query with no key
-    it may attend to) gets all zeros instead of 0/0 = NaN.
+    Subtracting the row maximum keeps exp() from overflowing and does not change p. Entries
+    equal to -inf are masked out and get probability 0; a row that is -inf everywhere (a
+    query with no key it may attend to) gets all zeros instead of 0/0 = NaN.
     """
-    p = np.empty_like(x)
-    by_rows(_softmax_forward_rows, x, p)
+    m = x.max(axis=-1, keepdims=True)  # (N, 1)
+    m = np.where(np.isfinite(m), m, 0)  # a fully masked row: subtract nothing
+    e = np.exp(x - m)  # (N, K), every entry in [0, 1]
+    s = e.sum(axis=-1, keepdims=True)  # (N, 1)
+    s = np.where(s == 0, 1, s)  # a fully masked row stays 0 instead of 0/0
+    p = e / s  # (N, K)
     cache = p  # the backward needs only the output
     return p, cache
 
 
-def _softmax_forward_rows(x, p):
-    m = x.max(axis=-1, keepdims=True)
-    m[~np.isfinite(m)] = 0  # fully masked rows: subtract nothing, exp(-inf) = 0 everywhere
-    np.subtract(x, m, out=p)
-    np.exp(p, out=p)
-    s = row_sum(p)  # (..., 1)
-    s[s == 0] = 1  # fully masked rows stay 0 instead of 0/0
-    p /= s
-
-
 def softmax_backward(dout, cache):
-    """dout (..., K) -> dx (..., K).   forward was p = exp(x) / sum exp(x), so
-    dx = p * (dout - sum(dout * p)). Masked entries have p = 0 and get no gradient."""
+    """dout (N, K) -> dx (N, K). Masked entries have p = 0 and get no gradient."""
     p = cache
-    dx = np.empty_like(dout)
-    by_rows(_softmax_backward_rows, dout, p, dx)
+    # forward was p_i = exp(x_i) / sum_j exp(x_j), so dp_i/dx_j = p_i (delta_ij - p_j) and
+    # dx_j = sum_i dout_i p_i (delta_ij - p_j) = p_j (dout_j - sum_i dout_i p_i)
+    dx = p * (dout - (dout * p).sum(axis=-1, keepdims=True))  # (N, K)
     return dx
-
-
-def _softmax_backward_rows(dout, p, dx):
-    s = np.einsum("...k,...k->...", dout, p)[..., None]  # (..., 1) sum(dout * p), no temporary
-    np.subtract(dout, s, out=dx)
-    dx *= p  # p * (dout - sum(dout * p))
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -294,9 +230,9 @@ def _softmax_backward_rows(dout, p, dx):
 def dropout_forward(x, p, rng=None, train=True):
     """Inverted dropout: zero each entry with probability p, scale the rest by 1/(1-p).
 
-    x (N) -> (N). In eval mode (train=False) or with p = 0 it is the identity. The mask
-    comes from `rng` (a np.random.Generator), so a gradient check can replay it by
-    passing a generator seeded the same way.
+    x (N) -> (N). In eval mode (train=False) or with p = 0 it is the identity. The mask comes
+    from `rng` (a np.random.Generator), so a gradient check can replay it by passing a
+    generator seeded the same way.
     """
     if not train or p == 0:
         return x, None
@@ -313,6 +249,6 @@ def dropout_forward(x, p, rng=None, train=True):
 
 def dropout_backward(dout, cache):
     if cache is None:
-        return dout  # identity: the gradient passes unchanged (and is not written to)
+        return dout  # forward was the identity: the gradient passes unchanged
     mask, scale = cache
-    return dout * mask * scale
+    return dout * mask * scale  # forward was out = x * mask * scale

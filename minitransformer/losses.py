@@ -34,7 +34,10 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
 def cross_entropy_backward(cache):
     """-> dlogits (..., K): (softmax - onehot(target)) / n at kept positions, 0 at ignored ones."""
     logp, safe, keep, n = cache
-    dlogits = np.exp(logp)  # softmax probabilities
-    np.put_along_axis(dlogits, safe[..., None], np.take_along_axis(dlogits, safe[..., None], -1) - 1, -1)
-    dlogits *= (keep / max(n, 1)).astype(logp.dtype)[..., None]  # ignored rows -> 0, mean over n
+    K = logp.shape[-1]
+    probs = np.exp(logp)  # (..., K), the softmax of the logits
+    onehot = np.eye(K, dtype=logp.dtype)[safe]  # (..., K), 1 at each position's target
+    # forward was loss = -mean over kept positions of logp[target], logp = log softmax(logits)
+    weight = (keep / max(n, 1)).astype(logp.dtype)[..., None]  # (..., 1): 1/n kept, 0 ignored
+    dlogits = (probs - onehot) * weight  # (..., K)
     return dlogits

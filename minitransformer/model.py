@@ -15,8 +15,7 @@ import numpy as np
 
 from .adapters import AdapterConfig
 from .attention import attention_bias
-from .layers import dropout_backward, dropout_forward
-from .losses import cross_entropy_backward, cross_entropy_forward
+from .backend import ops  # ops.X is layers.X, losses.X, ... (or the fast kernel: backend.py)
 from .modules import (Adapter, Attention, ClassifierHead, Embeddings, FeedForward, LayerNorm,
                       LMHead)
 
@@ -115,65 +114,70 @@ class Block:
         return [self.attn, self.ln1, self.ffn, self.ln2]
 
     def forward(self, x, bias, ln1, ln2, adapters, train=False, rng=None):
-        """x (B, T, C) -> (B, T, C). ln1/ln2: the LayerNorms in use (the base's or the task's);
-        adapters: {"attn"|"ffn"|"parallel": Adapter} of the active task, or {}."""
+        """x (B, T, C) -> out (B, T, C), cache. ln1/ln2: the LayerNorms in use (the base's or
+        the active task's copies); adapters: {"attn"|"ffn"|"parallel": Adapter} of the active
+        task, or {}."""
+        c = {"ln1": ln1, "ln2": ln2, "adapters": adapters}  # the cache: every step's, by name
         # --- attention sub-layer
-        a_in, c_ln1 = ln1.forward(x) if self.pre else (x, None)
-        a, c_attn = self.attn.forward(a_in, bias)  # (B,T,C)
-        a, c_drop1 = dropout_forward(a, self.dropout, rng, train)
-        c_ad1 = None
-        if "attn" in adapters:  # the paper: on the sub-layer output, before the residual add
-            a, c_ad1 = adapters["attn"].forward(a)
-        h = x + a  # residual
+        a_in = x
+        if self.pre:
+            a_in, c["ln1_pre"] = ln1.forward(x)  # GPT-2 normalises the sub-layer's input
+        a, c["attn"] = self.attn.forward(a_in, bias)  # (B,T,C)
+        a, c["drop1"] = ops.dropout_forward(a, self.dropout, rng, train)
+        if "attn" in adapters:  # the paper: on the sub-layer's output, before the residual add
+            a, c["adapter_attn"] = adapters["attn"].forward(a)
+        h = x + a  # (B,T,C), the residual
         if not self.pre:
-            h, c_ln1 = ln1.forward(h)
+            h, c["ln1_post"] = ln1.forward(h)  # BERT normalises after the residual add
         # --- feed-forward sub-layer
-        f_in, c_ln2 = ln2.forward(h) if self.pre else (h, None)
-        f, c_ffn = self.ffn.forward(f_in)  # (B,T,C)
-        f, c_drop2 = dropout_forward(f, self.dropout, rng, train)
-        c_ad2 = c_par = None
+        f_in = h
+        if self.pre:
+            f_in, c["ln2_pre"] = ln2.forward(h)
+        f, c["ffn"] = self.ffn.forward(f_in)  # (B,T,C)
+        f, c["drop2"] = ops.dropout_forward(f, self.dropout, rng, train)
         if "ffn" in adapters:
-            f, c_ad2 = adapters["ffn"].forward(f)
+            f, c["adapter_ffn"] = adapters["ffn"].forward(f)
         if "parallel" in adapters:  # He et al.: a branch beside the FFN, same input, outputs add
-            branch, c_par = adapters["parallel"].forward(f_in)
+            branch, c["parallel"] = adapters["parallel"].forward(f_in)
             f = f + branch
-        out = h + f  # residual
+        out = h + f  # (B,T,C), the residual
         if not self.pre:
-            out, c_ln2 = ln2.forward(out)
-        cache = (ln1, ln2, adapters, c_ln1, c_attn, c_drop1, c_ad1, c_ln2, c_ffn, c_drop2, c_ad2, c_par)
-        return out, cache
+            out, c["ln2_post"] = ln2.forward(out)
+        return out, c
 
-    def backward(self, dout, cache, need_dx=True):
+    def backward(self, dout, c, need_dx=True):
         """dout (B, T, C) -> dx (B, T, C), or None when nothing below needs it."""
-        ln1, ln2, adapters, c_ln1, c_attn, c_drop1, c_ad1, c_ln2, c_ffn, c_drop2, c_ad2, c_par = cache
+        ln1, ln2, adapters = c["ln1"], c["ln2"], c["adapters"]
         # --- feed-forward sub-layer, in reverse
-        dres = ln2.backward(dout, c_ln2) if not self.pre else dout  # d(h + f)
-        df = dres  # out = h + f: both branches get the same gradient
+        dres = dout
+        if not self.pre:
+            dres = ln2.backward(dout, c["ln2_post"])  # forward was out = LN2(h + f)
+        df = dres  # forward was out = h + f: both branches get the same gradient
         df_in = None
         if "parallel" in adapters:
-            df_in = adapters["parallel"].backward(df, c_par)
+            df_in = adapters["parallel"].backward(df, c["parallel"])  # forward was f += branch(f_in)
         if "ffn" in adapters:
-            df = adapters["ffn"].backward(df, c_ad2)
-        df = dropout_backward(df, c_drop2)
-        dffn_in = self.ffn.backward(df, c_ffn)
-        df_in = dffn_in if df_in is None else df_in + dffn_in
-        if self.pre:  # f_in = LN2(h); h also goes straight to the output
-            dh = dres + ln2.backward(df_in, c_ln2)
-        else:  # f_in = h, which also goes straight to the residual
+            df = adapters["ffn"].backward(df, c["adapter_ffn"])
+        df = ops.dropout_backward(df, c["drop2"])
+        dffn_in = self.ffn.backward(df, c["ffn"])
+        df_in = dffn_in if df_in is None else df_in + dffn_in  # f_in fed the FFN and the branch
+        if self.pre:  # forward was f_in = LN2(h), and h also went straight to the output
+            dh = dres + ln2.backward(df_in, c["ln2_pre"])
+        else:  # forward was f_in = h, which also went straight to the residual
             dh = dres + df_in
         # --- attention sub-layer, in reverse
         if not self.pre:
-            dh = ln1.backward(dh, c_ln1)  # h = LN1(x + a)
-        da = dh
+            dh = ln1.backward(dh, c["ln1_post"])  # forward was h = LN1(x + a)
+        da = dh  # forward was h = x + a
         if "attn" in adapters:
-            da = adapters["attn"].backward(da, c_ad1)
-        da = dropout_backward(da, c_drop1)
-        if self.pre:  # a_in = LN1(x): LN1 may train even when x's own gradient is not wanted
-            da_in = self.attn.backward(da, c_attn, need_dx=need_dx or bool(ln1.trainable()))
+            da = adapters["attn"].backward(da, c["adapter_attn"])
+        da = ops.dropout_backward(da, c["drop1"])
+        if self.pre:  # forward was a_in = LN1(x): LN1 may train even when dx is not wanted
+            da_in = self.attn.backward(da, c["attn"], need_dx=need_dx or bool(ln1.trainable()))
             if da_in is not None:
-                da_in = ln1.backward(da_in, c_ln1, need_dx=need_dx)
+                da_in = ln1.backward(da_in, c["ln1_pre"], need_dx=need_dx)
             return dh + da_in if need_dx else None
-        da_in = self.attn.backward(da, c_attn, need_dx=need_dx)  # skips dx when not wanted
+        da_in = self.attn.backward(da, c["attn"], need_dx=need_dx)  # skips dx when not wanted
         return dh + da_in if need_dx else None  # x fed both the attention and the residual
 
 
@@ -181,8 +185,20 @@ class Block:
 
 
 class Transformer:
-    """Embeddings -> blocks -> (final LayerNorm when pre-LN) -> heads, with named parameters,
-    freezing by name pattern, and named per-task adapters on one shared base."""
+    """The model, with named parameters, freezing by name pattern, and named per-task adapters
+    on one shared base. Its parts, in the order the forward uses them:
+
+        embed     token embedding W_tok (V, C) + position embedding W_pos (T_max, C)
+        ln_emb    LayerNorm of the embeddings (post-LN only, as in BERT)
+        blocks    n_layers Blocks: attn, ln1, ffn, ln2 (+ the active task's adapters)
+        ln_f      final LayerNorm (pre-LN only, as in GPT-2)
+        lm_head   per-position logits over the vocabulary (head="lm")
+        cls_head  the base's own classifier (head="cls" with no adapter active; None until
+                  add_classifier or config.n_classes)
+        adapters  {task: AdapterSet}: per block adapters, a head and (train_layernorm) a copy
+                  of every LayerNorm; the active one replaces the base's LayerNorms and head
+    active_parameters(head) lists exactly the parameters a forward uses.
+    """
 
     def __init__(self, config, seed=0):
         self.config = cfg = config
@@ -321,12 +337,25 @@ class Transformer:
                 raise ValueError(f"pad_mask: expected a bool array of shape {ids.shape}, got {got}")
 
     def _parts(self):
-        """The LayerNorms and adapters of the active task (or the bare base's)."""
+        """The active task's AdapterSet (or None) and the LayerNorms the forward uses: the
+        base's, with the active task's own copies in their place when it trains them."""
         s = self.adapters[self.active_adapter] if self.active_adapter else None
         norms = self.norms()
         if s is not None:
             norms.update(s.norms)
         return s, norms
+
+    def active_parameters(self, head="lm"):
+        """{name: Parameter} of exactly what forward(..., head) uses with the active adapter:
+        the base's embeddings and blocks, the active task's adapters, its LayerNorm copies in
+        place of the base's (when it has them), and the head `head` selects."""
+        s, norms = self._parts()
+        mods = [self.embed] + list(norms.values())
+        mods += [m for b in self.blocks for m in (b.attn, b.ffn)]
+        mods += [a for parts in s.blocks for a in parts.values()] if s else []
+        mods.append(self._head(head, s))
+        used = {p.name for m in mods for p in m.parameters()}
+        return {n: p for n, p in self.named_parameters().items() if n in used}
 
     def forward(self, ids, pad_mask=None, head="lm", train=False, rng=None):
         """ids (B, T) ints, pad_mask (B, T) bool (True = real token) -> logits, cache.
@@ -338,24 +367,22 @@ class Transformer:
         self._check_inputs(ids, pad_mask)
         cfg = self.config
         s, norms = self._parts()
-        x, c_emb = self.embed.forward(ids)  # (B,T,C)
-        c_ln_emb = None
+        c = {"norms": norms}  # the cache: every step's, by name
+        x, c["embed"] = self.embed.forward(ids)  # (B,T,C), token + position
         if self.ln_emb:
-            x, c_ln_emb = norms["ln_emb"].forward(x)
-        x, c_drop = dropout_forward(x, cfg.dropout, rng, train)
+            x, c["ln_emb"] = norms["ln_emb"].forward(x)  # post-LN (BERT) normalises the embeddings
+        x, c["drop"] = ops.dropout_forward(x, cfg.dropout, rng, train)
         bias = attention_bias(ids.shape[1], cfg.causal, pad_mask, self.dtype)  # None or (B|1,1,T,T)
-        c_blocks = []
+        c["blocks"] = []
         for i, block in enumerate(self.blocks):
-            x, c = block.forward(x, bias, norms[f"blocks.{i}.ln1"], norms[f"blocks.{i}.ln2"],
-                                 s.blocks[i] if s else {}, train, rng)
-            c_blocks.append(c)
-        c_ln_f = None
+            x, c_block = block.forward(x, bias, norms[f"blocks.{i}.ln1"], norms[f"blocks.{i}.ln2"],
+                                       s.blocks[i] if s else {}, train, rng)  # (B,T,C)
+            c["blocks"].append(c_block)
         if self.ln_f:
-            x, c_ln_f = norms["ln_f"].forward(x)
-        head_mod = self._head(head, s)
-        logits, c_head = head_mod.forward(x, pad_mask)
-        cache = (norms, head_mod, c_emb, c_ln_emb, c_drop, c_blocks, c_ln_f, c_head)
-        return logits, cache
+            x, c["ln_f"] = norms["ln_f"].forward(x)  # pre-LN (GPT-2) normalises the last output
+        c["head"] = head_mod = self._head(head, s)
+        logits, c["head_cache"] = head_mod.forward(x, pad_mask)  # (B,T,V) or (B,K)
+        return logits, c
 
     def _head(self, head, s):
         if head == "lm":
@@ -370,33 +397,35 @@ class Transformer:
         return self.cls_head
 
     def backward(self, dlogits, cache):
-        """Accumulate the gradient of every trainable parameter; frozen ones get none.
+        """Add the gradient of every trainable parameter to its .grad; frozen ones get none.
 
         Gradients flow down only as far as something still trains: a block whose input
         gradient nobody below needs skips that product (block 0 under a frozen base and its
         embeddings), and blocks with nothing trainable in or under them are not visited at
         all (head-only training stops at the head).
         """
-        norms, head_mod, c_emb, c_ln_emb, c_drop, c_blocks, c_ln_f, c_head = cache
+        c = cache
+        norms = c["norms"]
         upto = self._trains_upto(norms)  # upto[i]: does anything under block i train?
         L = len(self.blocks)
         below_head = upto[L] or (self.ln_f is not None and bool(norms["ln_f"].trainable()))
-        dx = head_mod.backward(dlogits, c_head, need_dx=below_head)
+        dx = c["head"].backward(dlogits, c["head_cache"], need_dx=below_head)
         if not below_head:
             return
         if self.ln_f:
-            dx = norms["ln_f"].backward(dx, c_ln_f, need_dx=upto[L])
+            dx = norms["ln_f"].backward(dx, c["ln_f"], need_dx=upto[L])
         for i in reversed(range(L)):
             if not upto[i + 1]:  # nothing in block i or under it trains: stop here
                 return
-            dx = self.blocks[i].backward(dx, c_blocks[i], need_dx=upto[i])
+            dx = self.blocks[i].backward(dx, c["blocks"][i], need_dx=upto[i])
         if not upto[0]:
             return
-        dx = dropout_backward(dx, c_drop)
+        dx = ops.dropout_backward(dx, c["drop"])
         if self.ln_emb:
-            dx = norms["ln_emb"].backward(dx, c_ln_emb, need_dx=any(p.trainable for p in self.embed.parameters()))
+            embed_trains = any(p.trainable for p in self.embed.parameters())
+            dx = norms["ln_emb"].backward(dx, c["ln_emb"], need_dx=embed_trains)
         if dx is not None:
-            self.embed.backward(dx, c_emb)
+            self.embed.backward(dx, c["embed"])
 
     def _trains_upto(self, norms):
         """upto[i], i = 0..n_layers: does any parameter under block i train (the embeddings and
@@ -421,9 +450,9 @@ class Transformer:
         (B,) class labels for head "cls".
         """
         logits, cache = self.forward(ids, pad_mask, head, train, rng)
-        loss, c_loss = cross_entropy_forward(logits, targets, ignore_index)
+        loss, c_loss = ops.cross_entropy_forward(logits, targets, ignore_index)
         if backward:
-            self.backward(cross_entropy_backward(c_loss), cache)
+            self.backward(ops.cross_entropy_backward(c_loss), cache)
         return logits, loss
 
     # ------------------------------------------------------------------ reports

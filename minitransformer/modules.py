@@ -1,17 +1,15 @@
 """Parameters and the thin containers that hold them around the pure forward/backward pairs.
 
 A container owns named Parameters and has `forward(x) -> out, cache` and
-`backward(dout, cache, need_dx) -> dx`. The backward accumulates each gradient into its
+`backward(dout, cache, need_dx) -> dx`. It calls the forward/backward pairs through
+`backend.ops`, which are the reference passes unless `backend.use("fast")` was called. The backward accumulates each gradient into its
 Parameter, and only when that parameter is trainable: for a frozen one the weight-gradient
 product is never computed (its `grad` stays None), while dx still flows to the layers below.
 """
 import numpy as np
 
-from .adapters import adapter_backward, adapter_forward, init_adapter
-from .attention import attention_backward, attention_forward
-from .layers import (embedding_backward, embedding_forward, gelu_backward, gelu_forward,
-                     layernorm_backward, layernorm_forward, linear_backward, linear_forward,
-                     position_backward, position_forward)
+from .adapters import init_adapter
+from .backend import ops  # ops.X is layers.X, attention.X, ... (or the fast kernel: backend.py)
 
 
 class Parameter:
@@ -76,13 +74,14 @@ class LayerNorm(Module):
         self.eps = eps
 
     def forward(self, x):
-        return layernorm_forward(x, self.p["gamma"].value, self.p["beta"].value, self.eps)
+        return ops.layernorm_forward(x, self.p["gamma"].value, self.p["beta"].value, self.eps)
 
     def backward(self, dout, cache, need_dx=True):
-        train = bool(self.trainable())
-        dx, dgamma, dbeta = layernorm_backward(dout, cache, need_dx=need_dx, need_dparams=train)
-        if train:
-            self._accumulate({"gamma": dgamma, "beta": dbeta})
+        trains = self.trainable()  # gamma and beta each on their own: either may be frozen
+        dx, dgamma, dbeta = ops.layernorm_backward(dout, cache, need_dx=need_dx,
+                                                   need_dgamma="gamma" in trains,
+                                                   need_dbeta="beta" in trains)
+        self._accumulate({k: g for k, g in (("gamma", dgamma), ("beta", dbeta)) if g is not None})
         return dx
 
 
@@ -98,10 +97,10 @@ class Attention(Module):
         self.n_heads = n_heads
 
     def forward(self, x, bias=None):
-        return attention_forward(x, self.w, self.n_heads, bias, keep=self.trainable())
+        return ops.attention_forward(x, self.w, self.n_heads, bias, keep=self.trainable())
 
     def backward(self, dout, cache, need_dx=True):
-        dx, grads = attention_backward(dout, cache, need_dx=need_dx, need=self.trainable())
+        dx, grads = ops.attention_backward(dout, cache, need_dx=need_dx, need=self.trainable())
         self._accumulate(grads)
         return dx
 
@@ -115,18 +114,18 @@ class FeedForward(Module):
 
     def forward(self, x):
         p = self.p  # a frozen W does not keep its input (linear_forward's keep_x): less memory
-        h, cache_1 = linear_forward(x, p["W_1"].value, p["b_1"].value, p["W_1"].trainable)  # (B,T,C) -> (B,T,F)
-        a, cache_g = gelu_forward(h)  # (B,T,F)
-        out, cache_2 = linear_forward(a, p["W_2"].value, p["b_2"].value, p["W_2"].trainable)  # (B,T,F) -> (B,T,C)
+        h, cache_1 = ops.linear_forward(x, p["W_1"].value, p["b_1"].value, p["W_1"].trainable)  # (B,T,C) -> (B,T,F)
+        a, cache_g = ops.gelu_forward(h)  # (B,T,F)
+        out, cache_2 = ops.linear_forward(a, p["W_2"].value, p["b_2"].value, p["W_2"].trainable)  # (B,T,F) -> (B,T,C)
         return out, (cache_1, cache_g, cache_2)
 
     def backward(self, dout, cache, need_dx=True):
         cache_1, cache_g, cache_2 = cache
         p = self.p
-        da, dW_2, db_2 = linear_backward(dout, cache_2, need_dW=p["W_2"].trainable,
+        da, dW_2, db_2 = ops.linear_backward(dout, cache_2, need_dW=p["W_2"].trainable,
                                          need_db=p["b_2"].trainable)
-        dh = gelu_backward(da, cache_g)
-        dx, dW_1, db_1 = linear_backward(dh, cache_1, need_dx=need_dx,
+        dh = ops.gelu_backward(da, cache_g)
+        dx, dW_1, db_1 = ops.linear_backward(dh, cache_1, need_dx=need_dx,
                                          need_dW=p["W_1"].trainable, need_db=p["b_1"].trainable)
         self._accumulate({k: g for k, g in (("W_1", dW_1), ("b_1", db_1), ("W_2", dW_2),
                                             ("b_2", db_2)) if g is not None})
@@ -141,10 +140,10 @@ class Adapter(Module):
         self.nonlinearity, self.skip, self.scaling = config.nonlinearity, skip, config.scaling
 
     def forward(self, h):
-        return adapter_forward(h, self.w, self.nonlinearity, self.skip, self.scaling)
+        return ops.adapter_forward(h, self.w, self.nonlinearity, self.skip, self.scaling)
 
     def backward(self, dout, cache, need_dx=True):
-        dh, grads = adapter_backward(dout, cache, need_dx=need_dx, need=self.trainable())
+        dh, grads = ops.adapter_backward(dout, cache, need_dx=need_dx, need=self.trainable())
         self._accumulate(grads)
         return dh
 
@@ -157,17 +156,17 @@ class Embeddings(Module):
                                   "W_pos": normal(rng, (T_max, C), std, dtype)})
 
     def forward(self, ids):
-        tok, cache_tok = embedding_forward(ids, self.p["W_tok"].value)  # (B,T,C)
-        pos, cache_pos = position_forward(ids.shape[1], self.p["W_pos"].value)  # (T,C)
+        tok, cache_tok = ops.embedding_forward(ids, self.p["W_tok"].value)  # (B,T,C)
+        pos, cache_pos = ops.position_forward(ids.shape[1], self.p["W_pos"].value)  # (T,C)
         return tok + pos, (cache_tok, cache_pos)
 
     def backward(self, dout, cache, need_dx=False):
         cache_tok, cache_pos = cache  # token ids are integers: no dx
         grads = {}
         if self.p["W_tok"].trainable:
-            grads["W_tok"] = embedding_backward(dout, cache_tok)
+            grads["W_tok"] = ops.embedding_backward(dout, cache_tok)
         if self.p["W_pos"].trainable:
-            grads["W_pos"] = position_backward(dout, cache_pos)
+            grads["W_pos"] = ops.position_backward(dout, cache_pos)
         self._accumulate(grads)
         return None
 
@@ -179,10 +178,10 @@ class LMHead(Module):
         super().__init__(prefix, {"W": normal(rng, (C, V), std, dtype), "b": np.zeros(V, dtype)})
 
     def forward(self, h, pad_mask=None):
-        return linear_forward(h, self.p["W"].value, self.p["b"].value)
+        return ops.linear_forward(h, self.p["W"].value, self.p["b"].value)
 
     def backward(self, dout, cache, need_dx=True):
-        dh, dW, db = linear_backward(dout, cache, need_dx=need_dx, need_dW=self.p["W"].trainable,
+        dh, dW, db = ops.linear_backward(dout, cache, need_dx=need_dx, need_dW=self.p["W"].trainable,
                                      need_db=self.p["b"].trainable)
         self._accumulate({k: g for k, g in (("W", dW), ("b", db)) if g is not None})
         return dh
@@ -210,12 +209,12 @@ class ClassifierHead(Module):
             keep = np.ones((B, T), h.dtype) if pad_mask is None else pad_mask.astype(h.dtype)
             weights = keep / np.maximum(keep.sum(axis=1, keepdims=True), 1)  # (B,T), rows sum to 1
             pooled = np.einsum("bt,btc->bc", weights, h)  # (B,C)
-        logits, cache_lin = linear_forward(pooled, self.p["W"].value, self.p["b"].value)  # (B,K)
+        logits, cache_lin = ops.linear_forward(pooled, self.p["W"].value, self.p["b"].value)  # (B,K)
         return logits, (cache_lin, weights, h.shape)
 
     def backward(self, dout, cache, need_dx=True):
         cache_lin, weights, shape = cache
-        dpooled, dW, db = linear_backward(dout, cache_lin, need_dx=need_dx,
+        dpooled, dW, db = ops.linear_backward(dout, cache_lin, need_dx=need_dx,
                                           need_dW=self.p["W"].trainable, need_db=self.p["b"].trainable)
         self._accumulate({k: g for k, g in (("W", dW), ("b", db)) if g is not None})
         if not need_dx:

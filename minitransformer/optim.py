@@ -1,13 +1,55 @@
 """Optimizers written by hand: SGD with momentum, AdamW, gradient clipping, the LR schedule.
 
 Each optimizer is given the model's parameters and touches only the trainable ones: a frozen
-parameter has no state here and is never written to.
+parameter has no state here and is never written to. The update of one array is a plain
+function (sgd_update, adamw_update) written as in the papers; the optimizer classes keep the
+state (moments, step count) and call it for every parameter that has a gradient.
 """
 import math
 
 import numpy as np
 
-from .tools.runtime import for_each
+from . import backend
+
+# ----------------------------------------------------------------------------- one array's update
+
+
+def sgd_update(w, g, velocity, lr, momentum, weight_decay):
+    """SGD with momentum on one array, in place on w and velocity (None: no momentum).
+
+        g = g + wd * w            (weight decay as an L2 term added to the gradient)
+        velocity = momentum * velocity + g
+        w = w - lr * velocity
+    """
+    g = g + weight_decay * w  # (same shape as w)
+    if velocity is not None:
+        velocity[...] = momentum * velocity + g  # written into the optimizer's own array
+        g = velocity
+    w -= lr * g
+
+
+def adamw_update(w, g, m, v, t, lr, b1, b2, eps, weight_decay):
+    """One AdamW step on one array (Loshchilov & Hutter), in place on w, m and v; t counts from 1.
+
+        m = b1 m + (1 - b1) g                       running mean of the gradient
+        v = b2 v + (1 - b2) g^2                     running mean of its square
+        m_hat = m / (1 - b1^t);  v_hat = v / (1 - b2^t)      corrects the start at m = v = 0
+        w = w - lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)  decay decoupled from m and v
+    """
+    m[...] = b1 * m + (1 - b1) * g
+    v[...] = b2 * v + (1 - b2) * g * g
+    m_hat = m / (1 - b1**t)
+    v_hat = v / (1 - b2**t)
+    w -= lr * (m_hat / (np.sqrt(v_hat) + eps) + weight_decay * w)
+
+
+def each_parameter(fn, params):
+    """fn(p) for every parameter, one after another."""
+    for p in params:
+        fn(p)
+
+
+# ----------------------------------------------------------------------------- the optimizers
 
 
 class Optimizer:
@@ -18,10 +60,11 @@ class Optimizer:
         self.t = 0
 
     def step(self):
+        """Update every trainable parameter that has a gradient (backend.ops: one by one, or
+        shared out among threads on the fast path)."""
         self.t += 1
         todo = [p for p in self.params if p.trainable and p.grad is not None]
-        # every parameter updates on its own: the threads share them out (runtime.py)
-        for_each(self.update, todo, size=lambda p: p.value.size)
+        backend.ops.each_parameter(self.update, todo)
 
     def zero_grad(self):
         for p in self.params:
@@ -36,21 +79,15 @@ class SGD(Optimizer):
         self.momentum, self.weight_decay = momentum, weight_decay
 
     def update(self, p):
-        g = p.grad + self.weight_decay * p.value if self.weight_decay else p.grad
+        velocity = None
         if self.momentum:
-            v = self.state.setdefault(p.name, {"v": np.zeros_like(p.value)})["v"]
-            v *= self.momentum
-            v += g
-            g = v
-        p.value -= self.lr * g
+            velocity = self.state.setdefault(p.name, {"v": np.zeros_like(p.value)})["v"]
+        backend.ops.sgd_update(p.value, p.grad, velocity, self.lr, self.momentum, self.weight_decay)
 
 
 class AdamW(Optimizer):
-    """Adam with decoupled weight decay (Loshchilov & Hutter):
-        m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
-        w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)
-    Weight decay applies to matrices only, not to biases, LayerNorm parameters or vectors.
-    """
+    """Adam with decoupled weight decay (adamw_update). The decay applies to matrices only,
+    not to biases, LayerNorm parameters or other vectors."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(params, lr)
@@ -59,24 +96,9 @@ class AdamW(Optimizer):
 
     def update(self, p):
         s = self.state.setdefault(p.name, {"m": np.zeros_like(p.value), "v": np.zeros_like(p.value)})
-        m, v, g = s["m"], s["v"], p.grad
-        # every step in place on our own arrays; Python-float factors keep the dtype
-        m *= self.b1
-        m += (1 - self.b1) * g
-        v *= self.b2
-        g2 = g * g
-        g2 *= 1 - self.b2
-        v += g2
-        # the bias corrections, folded into two scalars: m_hat / (sqrt(v_hat) + eps)
-        # = (c2 / c1) * m / (sqrt(v) + eps * c2), with c1 = 1 - b1^t and c2 = sqrt(1 - b2^t)
-        c1, c2 = 1 - self.b1 ** self.t, math.sqrt(1 - self.b2 ** self.t)
-        update = np.sqrt(v, out=g2)  # g2 is spent: reuse its memory
-        update += self.eps * c2
-        np.divide(m, update, out=update)
-        if self.weight_decay and p.value.ndim >= 2:
-            p.value *= 1 - self.lr * self.weight_decay  # decoupled: not through m, v
-        update *= self.lr * c2 / c1
-        p.value -= update
+        decay = self.weight_decay if p.value.ndim >= 2 else 0.0
+        backend.ops.adamw_update(p.value, p.grad, s["m"], s["v"], self.t, self.lr, self.b1, self.b2,
+                                 self.eps, decay)
 
 
 def clip_grad_norm(params, max_norm):

@@ -1,10 +1,10 @@
-"""runtime.py: splitting elementwise work among threads gives bit-for-bit the one-thread result,
-errors come back to the caller, and the settings are checked."""
+"""runtime.py and the fast kernels that use it: splitting elementwise work among threads gives
+bit-for-bit the one-thread result, errors come back to the caller, and the settings are checked."""
 import numpy as np
 import pytest
 
-from minitransformer import AdapterConfig, ModelConfig, Transformer, attention, gradcheck, layers
-from minitransformer.tools import runtime
+from minitransformer import AdapterConfig, ModelConfig, Transformer, backend, gradcheck
+from minitransformer.tools import kernels, kernels_attention, runtime
 from minitransformer.optim import SGD, AdamW
 
 
@@ -14,7 +14,8 @@ def split_everything(monkeypatch):
     count is restored afterwards."""
     monkeypatch.setattr(runtime, "MIN_SIZE", 1)
     before = runtime.threads()
-    yield
+    with backend.using("fast"):  # the threads are the fast kernels' business
+        yield
     runtime.set_threads(before)
 
 
@@ -45,14 +46,14 @@ def rowwise_ops(rng, dtype):
     att[3, :, :, 1] = -np.inf  # a masked key
     datt = rng.standard_normal(att.shape).astype(dtype)
     return {
-        "layernorm": lambda: layers.layernorm_forward(x, gamma, beta),
-        "layernorm backward": lambda: layers.layernorm_backward(dout, layers.layernorm_forward(x, gamma, beta)[1]),
-        "gelu": lambda: layers.gelu_forward(x),
-        "gelu backward": lambda: layers.gelu_backward(dout, layers.gelu_forward(x)[1]),
-        "softmax": lambda: layers.softmax_forward(att),
-        "softmax backward": lambda: layers.softmax_backward(datt, layers.softmax_forward(att)[1]),
-        "heads matmul": lambda: attention.heads_matmul(datt, x[:, None, :, :4].repeat(2, axis=1)),
-        "scores matmul": lambda: attention.scores_matmul(x[:, None, :, :8].repeat(2, axis=1),
+        "layernorm": lambda: kernels.layernorm_forward(x, gamma, beta),
+        "layernorm backward": lambda: kernels.layernorm_backward(dout, kernels.layernorm_forward(x, gamma, beta)[1]),
+        "gelu": lambda: kernels.gelu_forward(x),
+        "gelu backward": lambda: kernels.gelu_backward(dout, kernels.gelu_forward(x)[1]),
+        "softmax": lambda: kernels.softmax_forward(att),
+        "softmax backward": lambda: kernels.softmax_backward(datt, kernels.softmax_forward(att)[1]),
+        "heads matmul": lambda: kernels_attention.heads_matmul(datt, x[:, None, :, :4].repeat(2, axis=1)),
+        "scores matmul": lambda: kernels_attention.scores_matmul(x[:, None, :, :8].repeat(2, axis=1),
                                                          dout[:, None, :, :8].repeat(2, axis=1)),
     }
 

@@ -133,10 +133,11 @@ def block_products(b, seed=0):
     Linear layers (4 attention projections, FFN up and down, each adapter's down and up):
     forward x @ W, backward dout @ W.T and x.T @ dout. Attention: Q K^T and P V forward;
     dP = dctx V^T, dV = P^T dctx, dQ = dS K, dK = dS^T Q backward, with the heads as strided
-    views, through attention.scores_matmul and heads_matmul. n_layers times the sum of the
+    views, through kernels_attention.scores_matmul and heads_matmul. n_layers times the sum of the
     flops is step_flops(b) (tests/test_bench.py checks this).
     """
-    from ..attention import heads_matmul, scores_matmul, split_heads
+    from ..attention import split_heads
+    from .kernels_attention import heads_matmul, scores_matmul
     rng = np.random.default_rng(seed)
     N, C, F, m, B, T, H = (b.batch * b.seq_len, b.d_model, b.d_ff, b.bottleneck, b.batch, b.seq_len,
                            b.n_heads)

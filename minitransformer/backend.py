@@ -1,0 +1,81 @@
+"""Which code the model runs: the reference passes (the default) or the fast kernels.
+
+The reference passes are the textbook: layers.py, attention.py, adapters.py, losses.py and
+optim.py, each written the way its maths is derived. The fast kernels (tools/kernels.py and
+tools/kernels_attention.py) compute the same functions with in-place steps, threads and folded
+constants; they take the same arguments, and tests/test_kernels.py checks each against its
+reference.
+
+    from minitransformer import backend
+    backend.use("fast")               # from now on, in this whole process
+    with backend.using("fast"): ...   # only inside the block
+    backend.current()                 # "reference" or "fast"
+
+The model's containers and the optimizers call every operation through `ops`:
+`ops.layernorm_forward` is layers.layernorm_forward on the reference path, and
+kernels.layernorm_forward on the fast path. A debugger stepping into model.forward lands in
+the reference code unless the fast path was chosen.
+"""
+import contextlib
+from types import SimpleNamespace
+
+from . import adapters, attention, layers, losses, optim
+
+PATHS = ("reference", "fast")
+
+REFERENCE = {
+    "linear_forward": layers.linear_forward, "linear_backward": layers.linear_backward,
+    "embedding_forward": layers.embedding_forward, "embedding_backward": layers.embedding_backward,
+    "position_forward": layers.position_forward, "position_backward": layers.position_backward,
+    "layernorm_forward": layers.layernorm_forward, "layernorm_backward": layers.layernorm_backward,
+    "gelu_forward": layers.gelu_forward, "gelu_backward": layers.gelu_backward,
+    "softmax_forward": layers.softmax_forward, "softmax_backward": layers.softmax_backward,
+    "dropout_forward": layers.dropout_forward, "dropout_backward": layers.dropout_backward,
+    "attention_forward": attention.attention_forward, "attention_backward": attention.attention_backward,
+    "adapter_forward": adapters.adapter_forward, "adapter_backward": adapters.adapter_backward,
+    "cross_entropy_forward": losses.cross_entropy_forward,
+    "cross_entropy_backward": losses.cross_entropy_backward,
+    "sgd_update": optim.sgd_update, "adamw_update": optim.adamw_update,
+    "each_parameter": optim.each_parameter,
+}
+
+ops = SimpleNamespace(**REFERENCE)  # what the model calls; use() swaps its functions
+_current = "reference"
+
+
+def fast_table():
+    """{name: function} of the fast path: the kernels where there is one, else the reference."""
+    from .tools import kernels, kernels_attention
+    table = dict(REFERENCE)
+    for name in REFERENCE:
+        for module in (kernels, kernels_attention):
+            if hasattr(module, name):
+                table[name] = getattr(module, name)
+    return table
+
+
+def use(path):
+    """Run the model on `path`, "reference" or "fast", from now on."""
+    global _current
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    table = REFERENCE if path == "reference" else fast_table()
+    for name, fn in table.items():
+        setattr(ops, name, fn)
+    _current = path
+
+
+@contextlib.contextmanager
+def using(path):
+    """with using("fast"): ...  runs the block on `path`, then goes back to the path before."""
+    before = _current
+    use(path)
+    try:
+        yield
+    finally:
+        use(before)
+
+
+def current():
+    """The path the model runs on now: "reference" or "fast"."""
+    return _current
