@@ -1,4 +1,4 @@
-"""The adapter proofs of issue 3 (gradients through the frozen base, near-identity at init, tasks
+"""The adapter proofs (gradients through the frozen base, near-identity at init, tasks
 that never interfere) and the parameter report, freezing patterns and the LayerNorm switch."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Proof 5 of issue 3: checkpoints round-trip bit for bit, adapter files are small, every bad
+"""Checkpoints round-trip bit for bit, adapter files are small, every bad
 file is refused with a clear CheckpointError and leaves the model untouched, and a failed save
 leaves the previous file intact."""
 import os

@@ -271,3 +271,19 @@ def test_gradcheck_command_exits_0_with_max_error():
     frozen = [line for line in lines if "frozen — no gradient computed" in line]
     assert any(line.startswith("blocks.0.attn.W_q ") for line in frozen)  # the base, frozen under adapters
     assert "FAIL" not in proc.stdout
+
+
+@pytest.mark.parametrize("frozen", ["*.beta", "*.gamma"])
+def test_a_layernorms_gamma_and_beta_freeze_on_their_own(frozen):
+    """Freezing only the betas (or only the gammas) leaves the other half training: the frozen
+    half gets no gradient, the other half gets its correct one."""
+    model = generic_model()
+    model.freeze(frozen)
+    ids, targets, pad_mask = batch(model.config)
+    model.loss(ids, targets, pad_mask, backward=True)  # no "frozen parameter must not receive a gradient"
+    other = ".gamma" if frozen == "*.beta" else ".beta"
+    params = model.named_parameters()
+    assert all(p.grad is None for n, p in params.items() if n.endswith(frozen[1:]))
+    assert all(p.grad is not None for n, p in params.items() if n.endswith(other))
+    rows = {name: err for name, _, trains, err in check_model(model, ids, targets, pad_mask) if trains}
+    assert max(err for n, err in rows.items() if n.endswith(other)) <= MODEL_THRESHOLD

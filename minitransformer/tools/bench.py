@@ -17,6 +17,12 @@ several repetitions of:
   step_gflops         the counted matrix-product work of a full step / full_step_s
   peak_memory_mb      the tracemalloc peak during one step (see `peak_memory`)
 
+All of the above run on the fast path (backend.use("fast"), tools/kernels.py), as the training
+commands do. Beside them, on the reference path (the textbook code, the Python API's default):
+  reference.{full_step_s, adapter_step_s, forward_s} and reference_over_fast, their ratios;
+  operations: every operation that has a fast kernel, timed on the benchmark's shapes on both
+  paths, so that what each kernel's trick saves is a measured number.
+
 The repetitions of every measurement are interleaved (full, adapter, forwards, full, ...),
 so that a burst of load from other processes hits all of them alike: the ratios within one
 run are the measure, the absolute times vary with the machine and its load.
@@ -42,7 +48,7 @@ try:
 except ImportError:
     resource = None
 
-from .. import optim
+from .. import backend, optim
 from . import runtime
 from ..adapters import AdapterConfig
 from ..model import ModelConfig, Transformer
@@ -229,6 +235,80 @@ def base_full_model(b, seed=0):
     return model, optim.AdamW(model.parameters(), lr=1e-4)
 
 
+def on_path(path, fn):
+    """fn run on `path` ("reference" or "fast"), whatever the path around it."""
+    def run():
+        with backend.using(path):
+            fn()
+    return run
+
+
+def operation_inputs(b, seed=0):
+    """{operation: (reference call, fast call)} on the benchmark's shapes: every operation that
+    has a fast kernel (backend.fast_table), each forward with its own backward."""
+    from .. import adapters, attention, layers
+    from ..attention import attention_bias
+    from . import kernels, kernels_attention
+    rng = np.random.default_rng(seed)
+    B, T, C, F, H, m = b.batch, b.seq_len, b.d_model, b.d_ff, b.n_heads, b.bottleneck
+
+    def randn(*shape):
+        return rng.standard_normal(shape, dtype=np.float32)
+    x, xf, W, Wf, bias = randn(B, T, C), randn(B, T, F), randn(C, F), randn(F), randn(B, T, C)
+    g, be, att = randn(C), randn(C), randn(B, H, T, T)
+    w = {f"{k}_{n}": randn(C, C) * 0.05 if k == "W" else randn(C) for n in "qkvo" for k in "Wb"}
+    aw = {"W_down": randn(C, m) * 0.05, "b_down": randn(m), "W_up": randn(m, C) * 0.05, "b_up": randn(C)}
+    mask = attention_bias(T, False, np.ones((B, T), bool), np.float32)
+    p = [randn(F, C) for _ in range(3)]
+
+    def pair(ref, fast, fwd_args, dout):
+        """forward then backward, for both paths"""
+        def both(fw, bw):
+            def go():
+                out, cache = fw(*fwd_args)
+                bw(dout, cache)
+            return go
+        return both(*ref), both(*fast)
+    ops = {
+        "linear (C -> F)": pair((layers.linear_forward, layers.linear_backward),
+                                (kernels.linear_forward, kernels.linear_backward), (x, W, Wf), xf),
+        "layernorm": pair((layers.layernorm_forward, layers.layernorm_backward),
+                          (kernels.layernorm_forward, kernels.layernorm_backward), (x, g, be), bias),
+        "gelu (B, T, F)": pair((layers.gelu_forward, layers.gelu_backward),
+                               (kernels.gelu_forward, kernels.gelu_backward), (xf,), xf),
+        "softmax (B, H, T, T)": pair((layers.softmax_forward, layers.softmax_backward),
+                                     (kernels.softmax_forward, kernels.softmax_backward), (att,), att),
+        "attention": pair((lambda x: attention.attention_forward(x, w, H, mask), attention.attention_backward),
+                          (lambda x: kernels_attention.attention_forward(x, w, H, mask),
+                           kernels_attention.attention_backward), (x,), bias),
+        "adapter": pair((lambda h: adapters.adapter_forward(h, aw), adapters.adapter_backward),
+                        (lambda h: kernels_attention.adapter_forward(h, aw), kernels_attention.adapter_backward),
+                        (x,), bias),
+    }
+    states = [[q.copy(), np.zeros_like(q), np.zeros_like(q)] for q in p]
+    ops["adamw update (3 x (F, C))"] = tuple(
+        (lambda upd=upd: [upd(w_, p[0], m_, v_, 1, 1e-3, 0.9, 0.999, 1e-8, 0.01) for w_, m_, v_ in states])
+        for upd in (optim.adamw_update, kernels.adamw_update))
+    return ops
+
+
+def operation_times(b):
+    """{operation: {"reference_ms", "fast_ms", "ratio"}}: medians, each operation's two calls
+    interleaved, forward and backward together."""
+    out = {}
+    for name, (ref, fast) in operation_inputs(b).items():
+        ref(), fast()  # warm-up
+        tr, tf = [], []
+        for _ in range(max(b.repeats, 5)):
+            for fn, times in ((ref, tr), (fast, tf)):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        r, f = statistics.median(tr), statistics.median(tf)
+        out[name] = {"reference_ms": 1e3 * r, "fast_ms": 1e3 * f, "ratio": r / f}
+    return out
+
+
 def train_step(model, opt, ids, labels):
     opt.zero_grad()
     model.loss(ids, labels, head="cls", backward=True)
@@ -316,6 +396,11 @@ def run(b):
             "forward": lambda: base.forward(ids, head="cls")}
     jobs.update({f"forward_m{m}": (lambda model=model: model.forward(ids, head="cls"))
                  for m, model in inference.items()})
+    jobs = {name: on_path("fast", fn) for name, fn in jobs.items()}
+    jobs.update({f"reference_{name}": on_path("reference", jobs_fn) for name, jobs_fn in (
+        ("full_step", lambda: train_step(full, full_opt, ids, labels)),
+        ("adapter_step", lambda: train_step(adapted, adapted_opt, ids, labels)),
+        ("forward", lambda: base.forward(ids, head="cls")))})
     for _ in range(b.warmup):
         for fn in jobs.values():
             fn()
@@ -361,7 +446,11 @@ def run(b):
                                  for k in ("full", "adapter", "base_full")},
         "repeats_done": len(times["full_step"]),
         "load_average_before_after": [load_before, os.getloadavg()[0]],
+        "path": "fast",
+        "reference": {f"{k}_s": t[f"reference_{k}"] for k in ("full_step", "adapter_step", "forward")},
     }
+    res["reference_over_fast"] = {k: t[f"reference_{k}"] / t[k] for k in ("full_step", "adapter_step", "forward")}
+    res["operations"] = operation_times(b)
     res["adapter_over_full_step"] = res["adapter_step_s"] / res["full_step_s"]
     # the same ratio of counted matrix-product work: what the ratio would be with no elementwise cost
     res["adapter_over_full_flops"] = res["adapter_step_gflop"] / res["full_step_gflop"]
@@ -383,9 +472,9 @@ def run(b):
     return res
 
 
-def profile(b, steps=5, top=12, clock="wall"):
-    """cProfile of `steps` full training steps (after warm-up): the functions with the most
-    time of their own, in ms per step. Returns the printed text.
+def profile(b, steps=5, top=12, clock="wall", path="fast"):
+    """cProfile of `steps` full training steps (after warm-up) on `path`: the functions with
+    the most time of their own, in ms per step. Returns the printed text.
 
     clock="wall": where the step's elapsed time goes. cProfile follows the calling thread
     only, so a function that hands rows to other threads counts until the last of them is
@@ -398,21 +487,22 @@ def profile(b, steps=5, top=12, clock="wall"):
     import pstats
     ids, labels = make_batch(b)
     model, opt = full_model(b)
-    for _ in range(b.warmup):
-        train_step(model, opt, ids, labels)
-    prof = cProfile.Profile(time.perf_counter if clock == "wall" else time.process_time)
-    prof.enable()
-    for _ in range(steps):
-        train_step(model, opt, ids, labels)
-    prof.disable()
+    with backend.using(path):
+        for _ in range(b.warmup):
+            train_step(model, opt, ids, labels)
+        prof = cProfile.Profile(time.perf_counter if clock == "wall" else time.process_time)
+        prof.enable()
+        for _ in range(steps):
+            train_step(model, opt, ids, labels)
+        prof.disable()
     stats = pstats.Stats(prof, stream=io.StringIO())
     total = sum(row[2] for row in stats.stats.values())  # every function's own time
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
     what = "elapsed time" if clock == "wall" else "CPU time"
-    lines = [f"cProfile of {steps} full steps: {1e3 * total / steps:.1f} ms {what} per step; "
-             "own time per step:"]
-    for (path, line, fn), (_, calls, own, _, _) in rows:
-        where = f"{os.path.basename(path)}:{line}({fn})" if line else fn
+    lines = [f"cProfile of {steps} full steps on the {path} path: {1e3 * total / steps:.1f} ms "
+             f"{what} per step; own time per step:"]
+    for (file, line, fn), (_, calls, own, _, _) in rows:
+        where = f"{os.path.basename(file)}:{line}({fn})" if line else fn
         lines.append(f"  {1e3 * own / steps:8.1f} ms  {calls // steps:5d} calls  {where}")
     return "\n".join(lines)
 
@@ -422,7 +512,7 @@ TARGETS = {"adapter_over_full_step": ("<=", 0.70), "gemm_efficiency": (">=", 0.5
 
 
 def meets(res):
-    """{ratio: True/False} against the issue's targets."""
+    """{ratio: True/False} against the targets (TARGETS)."""
     return {k: (res[k] <= v if op == "<=" else res[k] >= v) for k, (op, v) in TARGETS.items()}
 
 
@@ -433,6 +523,11 @@ def table(res):
             ("base_full_step_s (no adapters)", ms(res["base_full_step_s"])),
             ("adapter_ln_frozen_step_s", ms(res["adapter_ln_frozen_step_s"])), ("forward_s", ms(res["forward_s"]))]
     rows += [(f"forward_adapters_s (m={m})", ms(s)) for m, s in res["forward_adapters_s_by_m"].items()]
+    rows += [(f"reference path: {k}", f"{ms(res['reference'][k + '_s'])}   "
+              f"{res['reference_over_fast'][k]:5.2f} x the fast path")
+             for k in ("full_step", "adapter_step", "forward")]
+    rows += [(f"operation: {name}", f"{o['reference_ms']:6.2f} ms reference, {o['fast_ms']:6.2f} ms fast, "
+              f"{o['ratio']:5.2f} x") for name, o in res["operations"].items()]
     rows += [("matmul_gflops (every product of a step)", f"{res['matmul_gflops']:9.1f} GFLOP/s"),
              ("weight_matmul_gflops (large products only)", f"{res['weight_matmul_gflops']:9.1f} GFLOP/s"),
              ("step_gflops", f"{res['step_gflops']:9.1f} GFLOP/s "
@@ -456,7 +551,8 @@ def table(res):
                      f"{x.get('num_threads')} threads)" for x in env["blas"]) or "none found"
     head = (f"minitransformer bench: V={b['vocab_size']} C={b['d_model']} L={b['n_layers']} "
             f"H={b['n_heads']} F={b['d_ff']} T={b['seq_len']} B={b['batch']} m={b['bottleneck']}, "
-            f"float32, post-LN; median of {b['repeats']}")
+            f"float32, post-LN; median of {b['repeats']}; fast path (backend.use('fast')) unless "
+            f"a row says reference")
     foot = [f"cpu: {env['cpu']} ({env['cores']} cores); numpy {env['numpy']}; BLAS: {blas}"]
     if env["env"]:
         foot.append("env: " + " ".join(f"{k}={v}" for k, v in env["env"].items()))

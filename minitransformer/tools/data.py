@@ -31,7 +31,7 @@ Only topic can be read off the bag of words; it is the control task, where a lin
 [CLS] should already do well. For the others the answer lives at the masked position, and a
 probe on the untrained [CLS] state gets little of it, while an adapter can learn to route it.
 
-What we tried first (recorded, as the task asks): corruption detection. agreement = "was one
+What we tried first: corruption detection. agreement = "was one
 verb's number flipped", brackets = "were two closers of different types swapped", shuffle =
 "were two adjacent tokens swapped". With a 4000-step base, 400 steps, bottleneck 8: topic
 test accuracy head-only 0.968, adapter 0.971, full 0.964; agreement head-only 0.537, adapter

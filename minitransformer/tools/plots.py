@@ -222,7 +222,7 @@ def findings(results):
     if best != f"adapter_m{m}":
         out.append(f"The best adapter size on average is {label(best)} ({100 * rows[best][0]:.1f} %).")
     small = [k for k in rows if k.startswith("adapter_m") and rows[k][2] < 10]
-    if small:  # the bar: within a few points of full fine-tuning while training < 10 %
+    if small:  # the bar: within a few points of full fine-tuning while training < 10 %
         k = max(small, key=lambda k: rows[k][0])
         sgap = 100 * (full[0] - rows[k][0])
         out.append(f"The best adapter that trains under 10 % of the parameters is {label(k)}: "

@@ -1,0 +1,148 @@
+"""docs/performance.md, written from one benchmark run: `python -m minitransformer bench --docs PATH`.
+
+Every number on the page comes from the run that writes it (bench.run and bench.profile); the
+prose around them is here, so that the page and the code that measures it change together.
+"""
+import time
+
+from . import bench
+
+INTRO = """\
+# Performance
+
+Everything on this page was written by one run of
+
+```bash
+python -m minitransformer bench --docs docs/performance.md     # about a minute on a quiet 2-core machine
+```
+
+Other ways to run the benchmark (none of them writes a file unless asked):
+
+```bash
+python -m minitransformer bench                     # the table below, printed
+python -m minitransformer bench --json out.json     # the same, also as JSON
+python -m minitransformer bench --quick             # tiny sizes, under a second: what the tests run
+python -m minitransformer bench --profile           # where a step's elapsed time goes, by function
+```
+
+## Two paths: the textbook and the fast kernels
+
+The code a student reads (`layers.py`, `attention.py`, `adapters.py`, `losses.py`, `optim.py`) is
+written the way its maths is derived, and it is what the Python API runs by default. The same
+functions are computed faster by the kernels in `minitransformer/tools/kernels.py` and
+`kernels_attention.py` (in-place steps, threads, folded constants); `tests/test_kernels.py` checks
+each against its reference. One switch chooses:
+
+```python
+from minitransformer import backend
+backend.use("fast")                  # the whole process
+with backend.using("fast"): ...      # one block
+```
+
+The commands that train at size (the demo, `pretrain`, `figures`) use the fast path; the benchmark
+measures both. Every time below is on the fast path unless it says reference.
+"""
+
+MEASURED = """\
+## What is measured
+
+The standard configuration (`BenchConfig` in `minitransformer/tools/bench.py`): vocab 128, C = 256,
+4 layers, 4 heads, F = 1024, T = 128, B = 16, Houlsby adapters with m = 64, float32, post-LN. After a
+warm-up round the repetitions of all measurements are interleaved, so that a burst of load from other
+processes hits all of them alike, and each one's median is kept. A step is forward, loss, backward
+and an AdamW update, with the classification head.
+
+- `full_step_s`: the base with m = 64 adapters, every weight trainable. `adapter_step_s`: the same
+  step on the same model, training only the adapters, the task's LayerNorms and its head. Their
+  ratio is what freezing saves. `base_full_step_s`: full fine-tuning of the bare base.
+  `adapter_ln_frozen_step_s`: the adapter step with the LayerNorms frozen (`train_layernorm=False`).
+- `forward_s`, `forward_adapters_s`: inference forwards of the bare base and with adapters of size m.
+- `reference path`: the full step, the adapter step and the forward on the textbook code, and how
+  many times the fast path's time they take.
+- `operation`: every operation that has a fast kernel, forward and backward together, on the
+  benchmark's shapes, on each path: what each kernel's trick saves.
+- `matmul_gflops`: the rate of every matrix product one block makes in a step, run back to back;
+  `weight_matmul_gflops`: the large weight products alone. `step_gflops`: the counted
+  matrix-product work of a full step divided by its time (elementwise work is not counted).
+- `peak_memory_mb`: tracemalloc's peak during one step, parameters, gradients and AdamW moments
+  included.
+
+No test asserts a timing: `tests/test_bench.py` runs `--quick` and checks that the numbers are
+consistent, the flop count, and that float32 stays float32.
+"""
+
+PROCESS = """\
+## How the process runs (the fast path)
+
+`minitransformer/tools/runtime.py`; the table's last lines say which settings were in effect.
+- *Elementwise work on every core.* NumPy runs a matrix product on every core but a ufunc such as
+  `np.tanh` on one. The fast kernels hand each thread one block of rows of a row-by-row operation
+  (`runtime.by_rows`); every row is computed exactly as on one thread, so the result does not depend
+  on the number of threads (`tests/test_runtime.py`). `MINITRANSFORMER_THREADS=1` puts everything on
+  one thread.
+- *Attention's small products* run one block of sequences per thread, each on a one-thread BLAS
+  (`runtime.matmul`): BLAS's own threads spent more time handing a 128 x 64 x 128 product over than
+  computing it.
+- *OpenBLAS's idle threads* spin for about 0.1 s after each product and take the core from the
+  elementwise threads; importing minitransformer sets `OPENBLAS_THREAD_TIMEOUT=19` (about 0.2 ms)
+  unless you set it yourself. It only takes effect if minitransformer is imported before numpy.
+- *Freed memory kept for reuse.* Every command calls `runtime.keep_freed_memory()` (glibc's
+  `mallopt`), so a step does not meet its activations as fresh pages each time;
+  `MINITRANSFORMER_KEEP_MEMORY=0` turns it off.
+- *Shared cores.* When another process keeps a core busy, the BLAS threads wait for each other and a
+  step can take many times longer. Compare runs with `--threads 1` on a shared machine; the table
+  warns when the load average is above half the cores.
+"""
+
+TARGETS = """\
+## The three targets
+
+- `adapter_latency_overhead` <= 0.12 at m = 64: the adapters' own products are 8NCm flops per
+  block, about 7.7 % of the forward at m = 64, so about 0.08 is the floor; the thin products also
+  wake sleeping BLAS threads, so runs vary around 0.09 to 0.12.
+- `gemm_efficiency` >= 0.50, against the rate of the step's own products. Against the large weight
+  products alone (`gemm_efficiency against weight_matmul_gflops`) it is lower: the small per-head
+  and thin adapter products run below that rate even on their own.
+- `adapter_over_full_step` <= 0.70 is below what this configuration allows: the counted
+  matrix-product work alone gives the `adapter step / full step, counted flops` line. In the paper's
+  setting every LayerNorm trains, the embedding LayerNorm below block 0 included, so the gradient
+  must flow back through every block; the adapter step skips only the dW products and still pays for
+  attention's batched products and all the elementwise work. With the LayerNorms frozen
+  (AdapterHub's setting, the `adapter_ln_frozen` lines) the gradient stops at block 0's attention.
+"""
+
+
+def operations_table(res):
+    """The per-operation timings as a Markdown table."""
+    lines = ["| operation (forward + backward) | reference | fast | reference / fast |",
+             "|---|---:|---:|---:|"]
+    for name, o in res["operations"].items():
+        lines.append(f"| {name} | {o['reference_ms']:.2f} ms | {o['fast_ms']:.2f} ms | {o['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def paths_table(res):
+    """Reference against fast for the three headline measurements, as a Markdown table."""
+    lines = ["| | reference | fast | reference / fast |", "|---|---:|---:|---:|"]
+    for key, label in (("full_step", "full step"), ("adapter_step", "adapter step"), ("forward", "forward")):
+        ref, fast = res["reference"][f"{key}_s"], res[f"{key}_s"]
+        lines.append(f"| {label} | {1e3 * ref:.1f} ms | {1e3 * fast:.1f} ms | {res['reference_over_fast'][key]:.2f} |")
+    return "\n".join(lines)
+
+
+def page(res, profiles, when=None):
+    """The whole page: prose, then the run's tables and profiles."""
+    when = when or time.strftime("%d %b %Y, %H:%M UTC", time.gmtime())
+    env = res["environment"]
+    parts = [INTRO,
+             f"## One run\n\n{when}; {env['cpu']}, {env['cores']} cores; Python {env['python']}, "
+             f"NumPy {env['numpy']}.\n",
+             "The reference path beside the fast one:\n", paths_table(res), "",
+             "Each operation that has a fast kernel, on the benchmark's shapes:\n", operations_table(res), "",
+             "The whole table, as `python -m minitransformer bench` prints it:\n",
+             "```\n" + bench.table(res) + "\n```\n", MEASURED, TARGETS, PROCESS,
+             "## Where the time goes\n\nElapsed time of the full step, by function (`bench --profile`; "
+             "`--profile --path reference` for the textbook code):\n"]
+    for text in profiles:
+        parts.append("```\n" + text + "\n```\n")
+    return "\n".join(parts)
