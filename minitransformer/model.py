@@ -1,12 +1,15 @@
 """The transformer: config, block, model, heads, named parameters, freezing and adapters.
 
-    ids (B, T) -> embeddings (B, T, C) -> N blocks -> heads
+    ids (B, T) -> embeddings (B, T, C) -> [LN_emb, post-LN only] -> n_layers blocks
+        -> [LN_f, pre-LN only] -> heads
       "lm":  per-position logits (B, T, V)   (masked-token or next-token objectives)
       "cls": one logit vector per sequence (B, K), from the active adapter's head if any
 
 Post-LN block (BERT, the architecture the adapter paper adapted):
     x = LN1(x + Adapter_attn(Attn(x)));  x = LN2(x + Adapter_ffn(FFN(x)))
 Pre-LN block (GPT-2): x = x + Adapter_attn(Attn(LN1(x)));  x = x + Adapter_ffn(FFN(LN2(x)))
+Every part is named in Transformer's docstring; dropout follows the embeddings and each
+sub-layer's output projection.
 """
 import fnmatch
 from dataclasses import asdict, dataclass, field, replace
