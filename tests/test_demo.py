@@ -6,6 +6,7 @@ import pytest
 from minitransformer import ModelConfig
 from minitransformer.tools import data, demo, pretrain
 from minitransformer.tools.checkpoint import load_base
+from minitransformer.tools.cli import UsageError
 
 
 def test_pretraining_is_deterministic(tmp_path):
@@ -26,7 +27,7 @@ def test_pretrain_command_writes_a_loadable_base(tmp_path, monkeypatch, capsys):
     assert pretrain.main(["--steps", "2", "--out", str(out), "--quiet"]) == 0
     assert "held-out masked-token loss" in capsys.readouterr().out
     assert load_base(out).config == pretrain.BASE_CONFIG
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--steps: expected a positive integer, got 0"):
         pretrain.main(["--steps", "0"])
 
 
@@ -60,9 +61,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert out.is_file()
 
 
-def test_demo_rejects_bad_options(capsys):
-    with pytest.raises(SystemExit):
+def test_demo_rejects_bad_options():
+    with pytest.raises(UsageError, match="argument --task: invalid choice: 'nope'"):
         demo.main(["--task", "nope"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--bottleneck: expected a positive integer"):
         demo.main(["--bottleneck", "0"])
-    assert "--bottleneck: expected a positive integer" in capsys.readouterr().err
