@@ -327,6 +327,9 @@ class Transformer:
                              f"got shape {ids.shape}")
         if ids.shape[1] > cfg.max_len:
             raise ValueError(f"ids: expected seq_len <= max_len={cfg.max_len}, got seq_len={ids.shape[1]}")
+        s = self.adapters[self.active_adapter].config if self.active_adapter else None
+        sizes.check_fits(sizes.activation_count(cfg, *ids.shape, s) * self.dtype.itemsize,
+                         f"ids: a batch of shape {ids.shape} (split it into smaller batches)")
         if ids.min() < 0 or ids.max() >= cfg.vocab_size:
             bad = ids[(ids < 0) | (ids >= cfg.vocab_size)].flat[0]
             raise ValueError(f"ids: expected token ids in [0, {cfg.vocab_size}), got {bad}")
@@ -334,9 +337,6 @@ class Transformer:
             if not isinstance(pad_mask, np.ndarray) or pad_mask.dtype != bool or pad_mask.shape != ids.shape:
                 got = (pad_mask.dtype, pad_mask.shape) if isinstance(pad_mask, np.ndarray) else type(pad_mask)
                 raise ValueError(f"pad_mask: expected a bool array of shape {ids.shape}, got {got}")
-        s = self.adapters[self.active_adapter].config if self.active_adapter else None
-        sizes.check_fits(sizes.activation_count(cfg, *ids.shape, s) * self.dtype.itemsize,
-                         f"ids: a batch of shape {ids.shape} (split it into smaller batches)")
 
     def _parts(self):
         """The LayerNorms and adapters of the active task (or the bare base's)."""
