@@ -1,7 +1,7 @@
 """Where the commands write, and how: shipped work protected, outputs checked before any work,
 every file written atomically.
 
-    SCRATCH                          the default output folder: <temp dir>/minitransformer/
+    SCRATCH                          the default output folder: <temp dir>/minitransformer-out/
     check_output(path, arg, ...)     refuse an output that would destroy something (UsageError)
     check_output_dir(folder, ...)    the same for a folder of outputs (the figures)
     atomic_write(path, write)        temporary file in the same folder -> fsync -> os.replace
@@ -32,7 +32,9 @@ FIGURES = ROOT / "figures"
 README = ROOT / "README.md"
 SHIPPED = {PACKAGE: "the package folder", FIGURES: "the repository's figures/",
            README: "the repository's README.md"}
-SCRATCH = Path(tempfile.gettempdir()) / "minitransformer"
+# not <temp dir>/minitransformer: a folder named like the package would shadow it for Python
+# run from the temp dir (an empty folder on sys.path is taken for a namespace package)
+SCRATCH = Path(tempfile.gettempdir()) / "minitransformer-out"
 TMP_SUFFIX = ".minitransformer-tmp"
 STALE_SECONDS = 600
 
