@@ -311,6 +311,14 @@ def test_leftovers_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
     load_adapter(tiny_model(), folder / "a.npz")
 
 
+def test_the_demo_tells_the_shipped_base_from_another():
+    from minitransformer.tools import demo
+    model = pretrain.load_pretrained()
+    assert demo.which_base(demo.base_checksums(model)).startswith("the shipped base (sha256 6aa2a314e48b...)")
+    model.named_parameters()["embed.W_tok"].value[0, 0] += 1
+    assert demo.which_base(demo.base_checksums(model)).startswith("NOT the shipped base")
+
+
 def test_bench_quick_shows_the_targets_as_not_applicable():
     from minitransformer.tools import bench
     res = {"config": vars(bench.QUICK), "adapter_over_full_step": 0.9, "gemm_efficiency": 0.1,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minitransformer import ModelConfig
-from minitransformer.tools import data, demo, pretrain
+from minitransformer.tools import data, demo, files, pretrain
 from minitransformer.tools.checkpoint import load_base
 from minitransformer.tools.cli import UsageError
 
@@ -36,6 +36,7 @@ def test_the_shipped_base():
     assert pretrain.BASE_PATH.stat().st_size < 5e6
     model = pretrain.load_pretrained()
     assert model.config == pretrain.BASE_CONFIG and not model.adapters
+    assert demo.digest(demo.base_checksums(model)) == pretrain.BASE_SHA256  # what the demo reports
     # it has learned the language: masked tokens far better than the unigram guess
     corpus = data.pretraining_corpus(300, seed=99)
     _, acc = pretrain.mlm_eval(model, corpus, np.random.default_rng(0))
@@ -51,10 +52,13 @@ def test_checksums_see_any_change():
     assert demo.digest(before) != demo.digest(after)
 
 
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(files.ROOT)  # where the README says to run it
     out = tmp_path / "agreement.npz"
     assert demo.main(["--steps", "12", "--bottleneck", "4", "--quiet", "--out", str(out)]) == 0
     text = capsys.readouterr().out
+    assert "from minitransformer/assets/base.npz: 214,883 parameters, the shipped base (sha256" in text
+    assert str(files.ROOT) not in text  # paths relative to where it runs
     assert "base arrays are bit-for-bit unchanged" in text
     assert "identical predictions and logits" in text
     assert "trainable%" in text and "full fine-tuning" in text and "head only" in text

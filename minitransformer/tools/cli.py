@@ -76,8 +76,8 @@ def run(command, main, argv):
     debug = "--debug" in argv or os.environ.get("MINITRANSFORMER_DEBUG", "0") not in ("", "0")
     try:
         return main(argv)
-    except SystemExit as e:  # --help
-        return e.code if isinstance(e.code, int) else 0
+    except SystemExit as e:  # --help (0), or a command that exits on its own
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     except KeyboardInterrupt:
         print(f"minitransformer {command}: interrupted (files are replaced in one step: "
               "none is half-written)", file=sys.stderr)
