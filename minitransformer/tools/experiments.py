@@ -291,6 +291,21 @@ def read_results(path):
     return results
 
 
+def checked_outputs(args, writes_json):
+    """-> (the --out folder, the README to update or None), both checked before any work."""
+    outputs = {f"{name}.png": (files.is_png, "a PNG image") for name in plots.NAMES}
+    if writes_json:
+        outputs["results.json"] = (files.json_with("settings", "runs"), "a results.json of this command")
+    out = files.check_output_dir(args.out or files.SCRATCH / "figures", "--out", outputs, args.overwrite)
+    # the repository's README shows the repository's figures only: other --out folders leave it alone
+    readme = args.readme or (files.README if out.resolve() == files.FIGURES.resolve() and not args.quick
+                             else None)
+    if readme:
+        readme = files.check_output(readme, "--readme", plots.has_markers, "a README with the results "
+                                    f"markers {plots.MARK_START!r} ... {plots.MARK_END!r}", args.overwrite)
+    return out, readme
+
+
 def main(argv=None):
     p = cli.parser("figures", __doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes on a small random base (seconds)")
@@ -311,16 +326,7 @@ def main(argv=None):
     results = read_results(args.from_json) if args.from_json else None
     if args.base not in (None, "shipped", "random"):
         checked_base(args.base)  # loads: a bad file is refused before any training
-    outputs = {f"{name}.png": (files.is_png, "a PNG image") for name in plots.NAMES}
-    if results is None:
-        outputs["results.json"] = (files.json_with("settings", "runs"), "a results.json of this command")
-    out = files.check_output_dir(args.out or files.SCRATCH / "figures", "--out", outputs, args.overwrite)
-    # the repository's README shows the repository's figures only: other --out folders leave it alone
-    readme = args.readme or (files.README if out.resolve() == files.FIGURES.resolve() and not args.quick
-                             else None)
-    if readme:
-        readme = files.check_output(readme, "--readme", plots.has_markers, "a README with the results "
-                                    f"markers {plots.MARK_START!r} ... {plots.MARK_END!r}", args.overwrite)
+    out, readme = checked_outputs(args, writes_json=results is None)
     if results is None:
         settings = quick_settings(args.seed) if args.quick else Settings(seed=args.seed)
         if args.base:
