@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .layers import ACTIVATIONS, linear_backward, linear_forward
+from .validate import flag, integer, number
 
 PLACEMENTS = ("houlsby", "ffn", "parallel")
 
@@ -49,14 +50,14 @@ class AdapterConfig:
                              f"got {self.nonlinearity!r}")
         if self.bottleneck is None and self.reduction_factor is None:
             raise ValueError("bottleneck: give a bottleneck size m or a reduction_factor, got neither")
-        if self.bottleneck is not None and (isinstance(self.bottleneck, bool)
-                                            or not isinstance(self.bottleneck, (int, np.integer))
-                                            or self.bottleneck < 1):
-            raise ValueError(f"bottleneck: expected a positive integer m, got {self.bottleneck!r}")
-        if self.reduction_factor is not None and not self.reduction_factor > 0:
-            raise ValueError(f"reduction_factor: expected a number > 0, got {self.reduction_factor!r}")
-        if not self.init_std >= 0:  # also refuses NaN
-            raise ValueError(f"init_std: expected >= 0, got {self.init_std}")
+        if self.bottleneck is not None:
+            integer("bottleneck", self.bottleneck, expected="a positive integer m")
+        if self.reduction_factor is not None:
+            number("reduction_factor", self.reduction_factor, "a number > 0", lambda r: r > 0)
+        number("init_std", self.init_std, "a number >= 0", lambda std: std >= 0)
+        flag("zero_init_up", self.zero_init_up)
+        flag("train_layernorm", self.train_layernorm)
+        number("scaling", self.scaling, "a number > 0", lambda s: s > 0)
 
     def size(self, d_model):
         """The bottleneck width m for a model of width d_model."""

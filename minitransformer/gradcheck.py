@@ -290,13 +290,12 @@ def check_all(log=print):
 
 def main(argv=None):
     """python -m minitransformer gradcheck: every operation, then every parameter of every model."""
-    import argparse
     import time
 
     from . import backend
-    parser = argparse.ArgumentParser(prog="python -m minitransformer gradcheck",
-                                     description="Check every backward pass against centred finite "
-                                                 "differences in float64; exit 0 only if every check passes.")
+    from .tools import cli  # the commands' parser: one-line errors, --debug
+    parser = cli.parser("gradcheck", "Check every backward pass against centred finite differences "
+                                     "in float64; exit 0 only if every check passes.")
     parser.add_argument("--path", choices=(*backend.PATHS, "both"), default="reference",
                         help="which code to check: the reference passes (default), the fast kernels, or both")
     args = parser.parse_args(argv)

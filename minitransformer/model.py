@@ -16,11 +16,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from . import sizes
 from .adapters import AdapterConfig
 from .attention import attention_bias
 from .backend import ops  # ops.X is layers.X, losses.X, ... (or the fast kernel: backend.py)
 from .modules import (Adapter, Attention, ClassifierHead, Embeddings, FeedForward, LayerNorm,
                       LMHead)
+from .validate import flag, integer, number
 
 
 @dataclass
@@ -41,23 +43,26 @@ class ModelConfig:
     dtype: str = "float32"  # "float32" to train, "float64" for gradient checks
 
     def __post_init__(self):
-        for name in ("vocab_size", "max_len", "d_model", "n_heads", "n_layers", "d_ff", "n_classes"):
-            value, least = getattr(self, name), 0 if name == "n_classes" else 1
-            # bool is a subclass of int in Python, but n_layers=True is a mistake, not 1
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-                kind = "a non-negative" if least == 0 else "a positive"
-                raise ValueError(f"{name}: expected {kind} integer, got {value!r}")
+        for name in ("vocab_size", "max_len", "d_model", "n_heads", "n_layers", "d_ff"):
+            integer(name, getattr(self, name))
+        integer("n_classes", self.n_classes, least=0)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model: expected a multiple of n_heads={self.n_heads}, "
                              f"got d_model={self.d_model}")
         if self.norm not in ("post", "pre"):
             raise ValueError(f"norm: expected 'post' or 'pre', got {self.norm!r}")
+        flag("causal", self.causal)
         if self.pooling not in ("first", "mean"):
             raise ValueError(f"pooling: expected 'first' or 'mean', got {self.pooling!r}")
+        number("dropout", self.dropout, "0 <= p < 1", lambda p: 0 <= p < 1)
+        number("ln_eps", self.ln_eps, "a number > 0", lambda eps: eps > 0)
+        number("init_std", self.init_std, "a number >= 0", lambda std: std >= 0)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: expected 'float32' or 'float64', got {self.dtype!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout: expected 0 <= p < 1, got {self.dropout}")
+        n = sizes.parameter_count(self)  # refused here, before a Transformer allocates them
+        sizes.check_fits(n * np.dtype(self.dtype).itemsize,
+                         f"ModelConfig: {n:,} parameters (vocab_size={self.vocab_size}, "
+                         f"d_model={self.d_model}, d_ff={self.d_ff}, n_layers={self.n_layers})")
 
     def to_dict(self):
         return asdict(self)
@@ -292,6 +297,13 @@ class Transformer:
         if name in self.adapters:
             raise ValueError(f"name: an adapter called {name!r} exists already")
         config = AdapterConfig() if config is None else config
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"config: expected an AdapterConfig, got {type(config).__name__}")
+        integer("n_classes", n_classes, least=2)
+        integer("seed", seed, least=0)
+        n = sizes.adapter_parameter_count(self.config, config, n_classes)
+        sizes.check_fits(n * self.dtype.itemsize, f"config: an adapter set with bottleneck "
+                         f"m={config.size(self.config.d_model)} ({n:,} parameters)")
         self.adapters[name] = AdapterSet(name, config, n_classes, self, np.random.default_rng(seed))
         return self.adapters[name]
 
@@ -329,9 +341,15 @@ class Transformer:
             raise TypeError(f"ids: expected an integer numpy array of token ids, got {got}")
         if ids.ndim != 2:
             raise ValueError(f"ids: expected shape (batch, seq_len), got shape {ids.shape}")
+        if ids.size == 0:
+            raise ValueError(f"ids: expected at least one sequence of at least one token, "
+                             f"got shape {ids.shape}")
         if ids.shape[1] > cfg.max_len:
             raise ValueError(f"ids: expected seq_len <= max_len={cfg.max_len}, got seq_len={ids.shape[1]}")
-        if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+        s = self.adapters[self.active_adapter].config if self.active_adapter else None
+        sizes.check_fits(sizes.activation_count(cfg, *ids.shape, s) * self.dtype.itemsize,
+                         f"ids: a batch of shape {ids.shape} (split it into smaller batches)")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
             bad = ids[(ids < 0) | (ids >= cfg.vocab_size)].flat[0]
             raise ValueError(f"ids: expected token ids in [0, {cfg.vocab_size}), got {bad}")
         if pad_mask is not None:

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from minitransformer import ModelConfig
-from minitransformer.tools import data, demo, pretrain
+from minitransformer.tools import data, demo, files, pretrain
 from minitransformer.tools.checkpoint import load_base
+from minitransformer.tools.cli import UsageError
 
 
 def test_pretraining_is_deterministic(tmp_path):
@@ -26,7 +27,7 @@ def test_pretrain_command_writes_a_loadable_base(tmp_path, monkeypatch, capsys):
     assert pretrain.main(["--steps", "2", "--out", str(out), "--quiet"]) == 0
     assert "held-out masked-token loss" in capsys.readouterr().out
     assert load_base(out).config == pretrain.BASE_CONFIG
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--steps: expected a positive integer, got 0"):
         pretrain.main(["--steps", "0"])
 
 
@@ -35,6 +36,7 @@ def test_the_shipped_base():
     assert pretrain.BASE_PATH.stat().st_size < 5e6
     model = pretrain.load_pretrained()
     assert model.config == pretrain.BASE_CONFIG and not model.adapters
+    assert demo.digest(demo.base_checksums(model)) == pretrain.BASE_SHA256  # what the demo reports
     # it has learned the language: masked tokens far better than the unigram guess
     corpus = data.pretraining_corpus(300, seed=99)
     _, acc = pretrain.mlm_eval(model, corpus, np.random.default_rng(0))
@@ -50,19 +52,21 @@ def test_checksums_see_any_change():
     assert demo.digest(before) != demo.digest(after)
 
 
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(files.ROOT)  # where the README says to run it
     out = tmp_path / "agreement.npz"
     assert demo.main(["--steps", "12", "--bottleneck", "4", "--quiet", "--out", str(out)]) == 0
     text = capsys.readouterr().out
+    assert "from minitransformer/assets/base.npz: 214,883 parameters, the shipped base (sha256" in text
+    assert str(files.ROOT) not in text  # paths relative to where it runs
     assert "base arrays are bit-for-bit unchanged" in text
     assert "identical predictions and logits" in text
     assert "trainable%" in text and "full fine-tuning" in text and "head only" in text
     assert out.is_file()
 
 
-def test_demo_rejects_bad_options(capsys):
-    with pytest.raises(SystemExit):
+def test_demo_rejects_bad_options():
+    with pytest.raises(UsageError, match="argument --task: invalid choice: 'nope'"):
         demo.main(["--task", "nope"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--bottleneck: expected a positive integer"):
         demo.main(["--bottleneck", "0"])
-    assert "--bottleneck: expected a positive integer" in capsys.readouterr().err

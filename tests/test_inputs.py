@@ -101,8 +101,8 @@ def test_bad_model_config(fields, message):
     (dict(bottleneck=-4), r"bottleneck: expected a positive integer m, got -4"),
     (dict(bottleneck=2.5), r"bottleneck: expected a positive integer m, got 2.5"),
     (dict(reduction_factor=0), r"reduction_factor: expected a number > 0, got 0"),
-    (dict(init_std=-1e-3), r"init_std: expected >= 0, got -0.001"),
-    (dict(init_std=float("nan")), r"init_std: expected >= 0, got nan"),
+    (dict(init_std=-1e-3), r"init_std: expected a number >= 0, got -0.001"),
+    (dict(init_std=float("nan")), r"init_std: expected a number >= 0, got nan"),
 ])
 def test_bad_adapter_config(fields, message):
     with pytest.raises(ValueError, match=message):

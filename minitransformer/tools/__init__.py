@@ -8,7 +8,9 @@
     experiments.py  the paper's experiments; plots.py draws their figures and README section
     bench.py        the performance benchmark
     runtime.py      how the process runs: threads, BLAS, memory
+    cli.py          what every command shares: one-line errors, exit codes 2 and 1, --debug
+    files.py        where commands write: shipped work protected, outputs checked, atomic writes
 
 Nothing here is needed to follow the maths: that is the floor above (layers.py, attention.py,
-adapters.py, losses.py, optim.py, modules.py, model.py, gradcheck.py).
+adapters.py, losses.py, optim.py, modules.py, model.py, sizes.py, validate.py, gradcheck.py).
 """

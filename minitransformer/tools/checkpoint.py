@@ -10,14 +10,12 @@ configs needed to rebuild or validate the model.
 
 Safety:
 - writes go to a temporary file in the same folder, flushed to disk, then renamed over the
-  target in one step (os.replace): a crash mid-write leaves the previous file as it was;
+  target in one step (files.atomic_write): a crash mid-write leaves the previous file as it was;
 - loading uses np.load(allow_pickle=False): a pickled object is refused, never executed;
-- everything is validated (keys, shapes, configs) before the first array is assigned, so a bad
-  file leaves the model untouched.
+- everything is validated (keys, shapes, dtypes, finite values, configs) before the first array
+  is assigned, so a bad file leaves the model untouched.
 """
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import numpy as np
 
 from ..adapters import AdapterConfig
 from ..model import AdapterSet, ModelConfig, Transformer
+from .files import atomic_write
 
 VERSION = 1
 BASE_FORMAT = "minitransformer-base"
@@ -41,27 +40,23 @@ class CheckpointError(ValueError):
 
 
 def _atomic_savez(path, arrays, meta):
-    """Write arrays and meta to `path` through a temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write arrays and meta to `path` atomically (files.atomic_write)."""
+    atomic_write(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays))
+
+
+def file_format(path):
+    """The format of the checkpoint at `path` (BASE_FORMAT, ADAPTER_FORMAT), or None when it
+    is not a readable checkpoint: what an output path may be overwritten with."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600); give it a normal file's mode
-        os.replace(tmp, path)  # atomic on POSIX and Windows: the old file or the new, never half
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        meta, _ = _read(path, expected_format=None)
+    except CheckpointError:
+        return None
+    return meta.get("format")
 
 
 def _read(path, expected_format):
-    """-> (meta dict, {name: array}). Raises CheckpointError for anything unreadable."""
+    """-> (meta dict, {name: array}). Raises CheckpointError for anything unreadable, or of
+    another format than `expected_format` (None: any)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"path: expected an existing checkpoint file, got {str(path)!r}")
@@ -88,7 +83,7 @@ def _read(path, expected_format):
         raise CheckpointError(f"{path}: '__meta__' is not valid JSON ({e})") from e
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: '__meta__' expected a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != expected_format:
+    if expected_format is not None and meta.get("format") != expected_format:
         raise CheckpointError(f"{path}: expected format {expected_format!r}, got {meta.get('format')!r}")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: expected version {VERSION}, got {meta.get('version')!r}")
@@ -114,6 +109,10 @@ def _validated(params, arrays, path):
                                   f"but the model expects {p.value.shape}")
         if not np.issubdtype(a.dtype, np.floating):
             raise CheckpointError(f"{path}: key {k!r} expected a float array, got dtype {a.dtype}")
+        if not np.isfinite(a).all():  # NaN weights would turn every prediction into class 0
+            where = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+            raise CheckpointError(f"{path}: key {k!r} holds {a[where]} at index {where}; "
+                                  "expected finite weights")
         out[k] = a.astype(p.value.dtype, copy=False)
     return out
 

@@ -2,7 +2,10 @@
 
     python -m minitransformer [--task agreement] [--bottleneck 8] [--steps 300] [--seed 0] [--out PATH]
 
-1. load the shipped pretrained base and fingerprint every base array (sha256 of its bytes);
+0. check every argument before any work: the base loads, the adapter fits in memory, the output
+   path is free to write (files.check_output);
+1. load the shipped pretrained base and fingerprint every base array (sha256 of its bytes), and
+   say whether it is the shipped one (pretrain.BASE_SHA256);
 2. add a Houlsby adapter for the task, print the parameter report, train only the adapter;
 3. fingerprint again: every base array must be bit-for-bit unchanged (exit 1 if not);
 4. train head-only and full fine-tuning from fresh copies of the base, same budget, and compare
@@ -10,18 +13,16 @@
 5. save the adapter, load it into a fresh copy of the base, and check that the predictions and
    logits are identical (exit 1 if not).
 """
-import argparse
 import hashlib
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-from . import data
+from . import cli, data, files
+from .. import sizes
 from ..adapters import AdapterConfig
-from .checkpoint import load_adapter, save_adapter
-from .pretrain import BASE_PATH, load_pretrained
+from .checkpoint import ADAPTER_FORMAT, file_format, load_adapter, save_adapter
+from .pretrain import BASE_PATH, BASE_SHA256, checked_base, load_pretrained
 from .train import METHOD_LR, TrainConfig, accuracy, fit, predict, prepare
 
 
@@ -42,16 +43,26 @@ def _config(method, args):
                        eval_every=max(args.steps // 4, 10), seed=args.seed, progress=not args.quiet)
 
 
-def run(args):
+def which_base(checksums):
+    """One line: is this the shipped base (pretrain.BASE_SHA256), and if not, what it is."""
+    mine = digest(checksums)
+    if mine == BASE_SHA256:
+        return f"the shipped base (sha256 {mine[:12]}...)"
+    return (f"NOT the shipped base (sha256 {mine[:12]}..., the shipped one is {BASE_SHA256[:12]}...): "
+            "the numbers will differ from the README's")
+
+
+def run(args, model, out):
+    """The demo on `model` (loaded from args.base), saving the adapter to `out` -> exit code."""
     t0 = time.perf_counter()
     task = data.load_task(args.task, seed=args.seed)
     print(f"task {task.name!r}: {task.description}; {task.n_classes} classes, "
           f"{len(task.train)}/{len(task.val)}/{len(task.test)} train/val/test examples")
 
     # --- the adapter, on the shipped base
-    model = load_pretrained(args.base)
-    print(f"loaded the pretrained base from {args.base}: {model.num_parameters():,} parameters")
     before = base_checksums(model)
+    print(f"loaded the pretrained base from {cli.shown(args.base)}: {model.num_parameters():,} "
+          f"parameters, {which_base(before)}")
     config = AdapterConfig(bottleneck=args.bottleneck)
     label = prepare(model, "adapter", task.n_classes, seed=args.seed, adapter_config=config, name=task.name)
     print(f"\nadded a Houlsby adapter {task.name!r} (bottleneck m={args.bottleneck}); only it trains:")
@@ -81,9 +92,8 @@ def run(args):
         print(f"{lab:<22}{n:>16,}{100 * n / total:>10.2f}%{h.best_val_acc:>10.3f}{acc:>10.3f}{h.seconds:>9.1f}")
 
     # --- save, reload into a fresh base, compare
-    out = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "minitransformer" / f"{task.name}.npz"
     save_adapter(model, task.name, out)
-    print(f"\nsaved the adapter to {out} ({out.stat().st_size / 1e3:.1f} kB)")
+    print(f"\nsaved the adapter to {cli.shown(out)} ({out.stat().st_size / 1e3:.1f} kB)")
     fresh = load_pretrained(args.base)
     name = load_adapter(fresh, out)
     fresh.set_active_adapter(name)
@@ -101,13 +111,29 @@ def run(args):
     return 0
 
 
+def check_memory(base, args):
+    """Refuse a --bottleneck whose adapter training would not fit in memory (sizes.py)."""
+    config = AdapterConfig(bottleneck=args.bottleneck)
+    batch = TrainConfig().batch_size
+    need = sizes.step_bytes(base.config, batch, data.MAX_LEN, config)
+    try:
+        sizes.check_fits(need, f"--bottleneck: training an adapter with m={args.bottleneck} "
+                               f"(batches of {batch} texts of {data.MAX_LEN} tokens)")
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from e
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minitransformer", description=__doc__.split("\n")[0])
+    p = cli.parser("demo", __doc__.split("\n")[0])
     p.add_argument("--task", default="agreement", choices=data.TASKS, help="the downstream task")
     p.add_argument("--bottleneck", type=int, default=8, help="adapter bottleneck size m (default 8)")
     p.add_argument("--steps", type=int, default=300, help="training steps per method (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task data, init and training")
-    p.add_argument("--out", default=None, help="where to save the adapter (default: a temp folder)")
+    p.add_argument("--out", default=None,
+                   help=f"where to save the adapter (default {files.SCRATCH}/<task>.npz); an existing "
+                        "file there must be an adapter checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow --out to be shipped work (the package folder, figures/, README.md)")
     p.add_argument("--base", default=str(BASE_PATH), help="the pretrained base (default: the shipped one)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -116,4 +142,9 @@ def main(argv=None):
             p.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
     if args.seed < 0:
         p.error(f"--seed: expected a non-negative integer, got {args.seed}")
-    return run(args)
+    base = checked_base(args.base)  # a bad file is a bad argument: refused before any work
+    check_memory(base, args)
+    out = files.check_output(args.out or files.SCRATCH / f"{args.task}.npz", "--out",
+                             lambda path: file_format(path) == ADAPTER_FORMAT, "an adapter checkpoint",
+                             args.overwrite, inputs={"--base": args.base})
+    return run(args, base, out)

@@ -7,14 +7,16 @@ the std of their initialisation. Here the same experiments run on the shipped pr
 synthetic tasks of `data.py`, plus the training curves of adapter vs full fine-tuning and the storage
 bill for T tasks. Everything is seeded: a re-run reproduces results.json (timings aside).
 
-    figures/tradeoff.png  figures/ablation.png  figures/init_std.png  figures/curves.png
-    figures/storage.png   figures/results.json  and the README section between the results markers
+    tradeoff.png  ablation.png  init_std.png  curves.png  storage.png  results.json
+    and, for the repository's figures/, the README section between the results markers
+
+They go to a scratch folder (files.SCRATCH / "figures") unless --out says otherwise; the
+repository's own take `--out figures --overwrite` (which also rewrites the README's section).
 
 Every run starts from a fresh copy of the same base (loaded once, deep-copied per run), so no run
 sees another's training. `--quick` runs tiny sizes on a small freshly initialised base (for the tests).
 `--from-json PATH` redraws the figures and the README section from a saved results.json.
 """
-import argparse
 import copy
 import hashlib
 import json
@@ -27,14 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, plots, train
+from . import cli, data, files, plots, train
 from ..adapters import AdapterConfig
 from .checkpoint import save_adapter, save_base
 from ..model import ModelConfig, Transformer
-from .plots import README, write_readme_section
-from .pretrain import load_pretrained, one_thread
+from .plots import write_readme_section
+from .pretrain import checked_base, load_pretrained, one_thread
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+RESULT_KEYS = ("settings", "base", "tasks", "runs", "ablation", "init_std", "curves", "storage", "seconds")
 EVAL_BATCH = 64  # examples per evaluation forward: measured faster here than 256 (cache-sized)
 
 
@@ -274,35 +276,70 @@ def dumps(results):
     return re.sub(r"\[[-+.\deE,\s]*\]", lambda m: " ".join(m.group(0).split()), text) + "\n"
 
 
+def read_results(path):
+    """The results dict stored at --from-json `path`; cli.UsageError if it is not one."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise cli.UsageError(f"--from-json: cannot read {cli.shown(path)} ({e.strerror or e})") from e
+    except ValueError as e:  # bad JSON, or not text at all
+        raise cli.UsageError(f"--from-json: {cli.shown(path)} is not valid JSON ({e})") from e
+    missing = [k for k in RESULT_KEYS if not isinstance(results, dict) or k not in results]
+    if missing:
+        raise cli.UsageError(f"--from-json: expected a results.json written by this command, with the "
+                             f"keys {', '.join(RESULT_KEYS)}; {cli.shown(path)} lacks {', '.join(missing)}")
+    return results
+
+
+def checked_outputs(args, writes_json):
+    """-> (the --out folder, the README to update or None), both checked before any work."""
+    outputs = {f"{name}.png": (files.is_png, "a PNG image") for name in plots.NAMES}
+    if writes_json:
+        outputs["results.json"] = (files.json_with("settings", "runs"), "a results.json of this command")
+    out = files.check_output_dir(args.out or files.SCRATCH / "figures", "--out", outputs, args.overwrite)
+    # the repository's README shows the repository's figures only: other --out folders leave it alone
+    readme = args.readme or (files.README if out.resolve() == files.FIGURES.resolve() and not args.quick
+                             else None)
+    if readme:
+        readme = files.check_output(readme, "--readme", plots.has_markers, "a README with the results "
+                                    f"markers {plots.MARK_START!r} ... {plots.MARK_END!r}", args.overwrite)
+    return out, readme
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minitransformer figures", description=__doc__.split("\n")[0])
+    p = cli.parser("figures", __doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes on a small random base (seconds)")
-    p.add_argument("--out", default=str(ROOT / "figures"), help="folder for the PNGs and results.json")
+    p.add_argument("--out", default=None,
+                   help=f"folder for the PNGs and results.json (default {files.SCRATCH / 'figures'}); "
+                        "the repository's figures/ only with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow writing into shipped work: the repository's figures/ and README.md")
     p.add_argument("--readme", default=None,
-                   help="README to update (default: the repository's, when --out is its figures/)")
+                   help="README to update (default: the repository's, when --out is its figures/ "
+                        "and not --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None, help="'shipped' (default), 'random', or a base .npz path")
     p.add_argument("--from-json", default=None, help="redraw from this results.json, no training")
     args = p.parse_args(argv)
-    if args.from_json and not Path(args.from_json).is_file():
-        p.error(f"--from-json: expected an existing results.json, got {args.from_json!r}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
-    else:
+    if args.seed < 0:
+        p.error(f"--seed: expected a non-negative integer, got {args.seed}")
+    results = read_results(args.from_json) if args.from_json else None
+    if args.base not in (None, "shipped", "random"):
+        checked_base(args.base)  # loads: a bad file is refused before any training
+    out, readme = checked_outputs(args, writes_json=results is None)
+    if results is None:
         settings = quick_settings(args.seed) if args.quick else Settings(seed=args.seed)
         if args.base:
             settings = replace(settings, base=args.base)
         with one_thread():  # reproducible sums, and fair to a shared machine
             results = run_all(settings)
-        (out / "results.json").write_text(dumps(results))
+        files.write_text(out / "results.json", dumps(results))
     plots.draw_all(results, out)
-    # the repository's README shows the repository's figures only: other --out folders leave it alone
-    default_out = out.resolve() == (ROOT / "figures").resolve() and not args.quick
-    readme = args.readme or (README if default_out else None)
     if readme:
         write_readme_section(results, readme, out)
-    print(f"wrote {', '.join(plots.NAMES)} (.png){'' if args.from_json else ' and results.json'} to {out}"
-          + (f"; updated {readme}" if readme else ""))
+    print(f"wrote {', '.join(plots.NAMES)} (.png){'' if args.from_json else ' and results.json'} to "
+          f"{cli.shown(out)}" + (f"; updated {cli.shown(readme)}" if readme else ""))
+    if out.resolve() != files.FIGURES.resolve():
+        print(f"the repository's figures are unchanged; to replace them: --out {cli.shown(files.FIGURES)} "
+              "--overwrite")
     return 0

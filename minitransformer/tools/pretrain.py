@@ -1,6 +1,9 @@
 """Pretrain the shipped base: a small post-LN BERT trained by masked tokens on data.py's corpus.
 
-    python -m minitransformer pretrain [--steps N] [--seed S] [--out PATH] [--quiet]
+    python -m minitransformer pretrain [--steps N] [--seed S] [--out PATH] [--overwrite] [--quiet]
+
+It writes to a scratch folder (files.SCRATCH) unless --out says otherwise; replacing the shipped
+file takes `--out minitransformer/assets/base.npz --overwrite`.
 
 Deterministic: the corpus, the masks, the dropout and the batch order all come from --seed, and
 the matrix products run on one BLAS thread (threadpoolctl), so a re-run on the same machine
@@ -16,18 +19,20 @@ bit-identical arrays (all 71 compared). The weights depend on the exact order of
 operations, so a change to the numerics of layers.py or optim.py moves their last bits (~1e-6):
 re-run this command and commit the new file after such a change.
 """
-import argparse
 import contextlib
 import time
-from pathlib import Path
 
 import numpy as np
 
-from . import data
+from . import cli, data, files
 from ..model import ModelConfig, Transformer
 from ..optim import AdamW, clip_grad_norm, lr_at
+from .train import DivergedError
 
-BASE_PATH = Path(__file__).resolve().parent.parent / "assets" / "base.npz"
+BASE_PATH = files.ASSETS / "base.npz"
+# sha256 over the shipped base's arrays (demo.digest(demo.base_checksums(model))): the demo
+# says so when it runs on any other base. Re-pretraining the shipped file changes it.
+BASE_SHA256 = "6aa2a314e48ba429fe7bb9475c8feb5edb922267f91313f303460cca896b283b"
 BASE_CONFIG = ModelConfig(vocab_size=data.VOCAB_SIZE, max_len=data.MAX_LEN, d_model=64, n_heads=4,
                           n_layers=4, d_ff=256, norm="post", causal=False, pooling="first",
                           dropout=0.1)
@@ -41,6 +46,22 @@ def load_pretrained(path=BASE_PATH):
     """The shipped pretrained base, as a fresh Transformer (no adapters, no classifier)."""
     from .checkpoint import load_base
     return load_base(path)
+
+
+def checked_base(path, arg="--base"):
+    """The base at `path`, given as argument `arg` -> Transformer; cli.UsageError if the file is
+    not a loadable base or not one for data.py's texts (its vocabulary and length)."""
+    from .checkpoint import CheckpointError
+    try:
+        model = load_pretrained(path)
+    except CheckpointError as e:
+        raise cli.UsageError(f"{arg}: {str(e).removeprefix('path: ')}") from e
+    cfg = model.config
+    if cfg.vocab_size < data.VOCAB_SIZE or cfg.max_len < data.MAX_LEN:
+        raise cli.UsageError(f"{arg}: expected a base for data.py's texts (vocab_size >= {data.VOCAB_SIZE}, "
+                             f"max_len >= {data.MAX_LEN}), got vocab_size={cfg.vocab_size}, "
+                             f"max_len={cfg.max_len}")
+    return model
 
 
 def one_thread():
@@ -87,6 +108,9 @@ def pretrain(steps=STEPS, seed=0, config=BASE_CONFIG, progress=True, log=print, 
         opt.lr = lr_at(step, LR, WARMUP, steps, FINAL)
         opt.zero_grad()
         _, loss = model.loss(inputs, targets, b.pad_mask, head="lm", train=True, rng=rng, backward=True)
+        if not np.isfinite(loss):  # nothing is saved: an existing checkpoint stays as it was
+            raise DivergedError(f"pretraining stopped at step {step}: the masked-token loss became "
+                                f"{loss} (learning rate {opt.lr:.3g}); nothing was written")
         clip_grad_norm(params, 1.0)
         opt.step()
         if step % 50 == 0:
@@ -99,23 +123,32 @@ def pretrain(steps=STEPS, seed=0, config=BASE_CONFIG, progress=True, log=print, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minitransformer pretrain", description=__doc__.split("\n")[0])
+    p = cli.parser("pretrain", __doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps (default {STEPS})")
     p.add_argument("--seed", type=int, default=0, help="seed of corpus, init, masks (default 0)")
-    p.add_argument("--out", default=str(BASE_PATH), help="where to write the base (default: the shipped file)")
+    p.add_argument("--out", default=None,
+                   help=f"where to write the base (default {files.SCRATCH / 'base.npz'}); an existing "
+                        "file there must be a base checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow --out to be shipped work, e.g. the shipped base "
+                        "minitransformer/assets/base.npz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps: expected a positive integer, got {args.steps}")
     if args.seed < 0:
         p.error(f"--seed: expected a non-negative integer, got {args.seed}")
-    from .checkpoint import save_base
+    from .checkpoint import BASE_FORMAT, file_format, save_base
+    out = files.check_output(args.out or files.SCRATCH / "base.npz", "--out",
+                             lambda path: file_format(path) == BASE_FORMAT, "a base checkpoint",
+                             args.overwrite)
     with one_thread():
         model, result = pretrain(args.steps, args.seed, progress=not args.quiet, n_texts=CORPUS)
-    save_base(model, args.out)
-    size = Path(args.out).stat().st_size
+    save_base(model, out)
     print(f"pretrained {model.num_parameters():,} parameters for {args.steps} steps in "
           f"{result['seconds']:.0f} s; held-out masked-token loss {result['loss']:.4f}, "
           f"accuracy {result['acc']:.4f}")
-    print(f"wrote {args.out} ({size / 1e6:.2f} MB)")
+    print(f"wrote {cli.shown(out)} ({out.stat().st_size / 1e6:.2f} MB)")
+    if out.resolve() != BASE_PATH.resolve():
+        print(f"the shipped base is unchanged; to replace it: --out {cli.shown(BASE_PATH)} --overwrite")
     return 0

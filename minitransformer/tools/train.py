@@ -2,7 +2,8 @@
 
     prepare(model, method, n_classes)  -> which parameters train (the rest is frozen)
     fit(model, task, TrainConfig())    -> History (AdamW, clipping, warmup-then-decay, early
-                                          stopping on validation accuracy, best weights restored)
+                                          stopping on validation accuracy, best weights restored;
+                                          DivergedError if the loss becomes NaN or inf)
     accuracy(model, split)             -> fraction of correct argmax predictions (eval mode)
 
 Everything random (batch order, dropout) comes from TrainConfig.seed: the same seed gives the
@@ -16,6 +17,7 @@ import numpy as np
 from ..adapters import AdapterConfig
 from .data import batches
 from ..optim import AdamW, clip_grad_norm, lr_at
+from ..validate import flag, integer, number
 
 METHODS = ("adapter", "head", "layernorm", "top_k", "full")
 # peak learning rates for ~300 steps on data.py's tasks: fewer trained weights take larger steps.
@@ -40,18 +42,20 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-        if not isinstance(self.warmup, (int, np.integer)) or self.warmup < 0:
-            raise ValueError(f"warmup: expected an integer >= 0, got {self.warmup!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
-        if self.patience is not None and (not isinstance(self.patience, (int, np.integer))
-                                          or self.patience < 1):
-            raise ValueError(f"patience: expected None or a positive integer, got {self.patience!r}")
-        if self.clip is not None and not self.clip > 0:
-            raise ValueError(f"clip: expected None or a positive norm, got {self.clip!r}")
+            integer(name, getattr(self, name))
+        integer("warmup", self.warmup, least=0)
+        number("lr", self.lr, "a learning rate > 0", lambda lr: lr > 0)
+        number("weight_decay", self.weight_decay, "a number >= 0", lambda wd: wd >= 0)
+        if self.clip is not None:
+            number("clip", self.clip, "None or a norm > 0", lambda c: c > 0)
+        if self.patience is not None:
+            integer("patience", self.patience, expected="None or a positive integer")
+        integer("seed", self.seed, least=0)
+        flag("progress", self.progress)
+
+
+class DivergedError(FloatingPointError):
+    """The training loss became NaN or inf: training stopped, the best weights kept."""
 
 
 @dataclass
@@ -138,7 +142,8 @@ def accuracy(model, split, batch_size=256):
 
 def fit(model, task, config=None):
     """Train the model's trainable parameters on task.train (head "cls"), evaluate on
-    task.val every config.eval_every steps, and keep the best weights -> History."""
+    task.val every config.eval_every steps, and keep the best weights -> History.
+    A loss or weight that becomes NaN or inf stops it with a DivergedError (best weights kept)."""
     config = TrainConfig() if config is None else config
     params = model.parameters(trainable_only=True)
     if not params:
@@ -151,40 +156,54 @@ def fit(model, task, config=None):
     hist, since_best = History(), 0
     t0 = time.perf_counter()
     bar = _bar(config)
-    for step in range(config.steps):
-        b = next(stream)
-        opt.lr = lr_at(step, config.lr, config.warmup, config.steps)
-        opt.zero_grad()
-        logits, loss = model.loss(b.ids, b.labels, b.pad_mask, head="cls", train=True, rng=dropout_rng,
-                                  backward=True)
-        if config.clip is not None:
-            clip_grad_norm(params, config.clip)
-        opt.step()
-        acc = float((logits.argmax(axis=1) == b.labels).mean())
-        hist.steps.append(step)
-        hist.loss.append(loss)
-        hist.train_acc.append(acc)
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            val = accuracy(model, task.val)
-            hist.eval_steps.append(step)
-            hist.val_acc.append(val)
-            if val > hist.best_val_acc or hist.best_step < 0:
-                hist.best_val_acc, hist.best_step, since_best = val, step, 0
-                best = {p.name: p.value.copy() for p in params}
+    try:
+        for step in range(config.steps):
+            b = next(stream)
+            opt.lr = lr_at(step, config.lr, config.warmup, config.steps)
+            opt.zero_grad()
+            logits, loss = model.loss(b.ids, b.labels, b.pad_mask, head="cls", train=True,
+                                      rng=dropout_rng, backward=True)
+            if not np.isfinite(loss):  # stop before the step: the weights stay as they were
+                raise _diverged(f"the loss became {loss}", step, opt.lr, hist)
+            if config.clip is not None:
+                clip_grad_norm(params, config.clip)
+            opt.step()
+            acc = float((logits.argmax(axis=1) == b.labels).mean())
+            hist.steps.append(step)
+            hist.loss.append(loss)
+            hist.train_acc.append(acc)
+            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+                if not all(np.isfinite(p.value).all() for p in params):  # a NaN gradient got through
+                    raise _diverged("a weight became NaN or inf", step, opt.lr, hist)
+                val = accuracy(model, task.val)
+                hist.eval_steps.append(step)
+                hist.val_acc.append(val)
+                if val > hist.best_val_acc or hist.best_step < 0:
+                    hist.best_val_acc, hist.best_step, since_best = val, step, 0
+                    best = {p.name: p.value.copy() for p in params}
+                else:
+                    since_best += 1
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", val=f"{val:.3f}")
+                if config.patience is not None and since_best >= config.patience:
+                    break
             else:
-                since_best += 1
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", val=f"{val:.3f}")
-            if config.patience is not None and since_best >= config.patience:
-                break
-        else:
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
-        bar.update(1)
-    bar.close()
-    opt.zero_grad()
-    for p in params:  # the best weights, in place: whoever holds the arrays sees them
-        p.value[...] = best[p.name]
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
+            bar.update(1)
+    finally:  # finished, stopped early or diverged: the best weights, in place
+        bar.close()
+        opt.zero_grad()
+        for p in params:  # whoever holds the arrays sees them
+            p.value[...] = best[p.name]
     hist.seconds = time.perf_counter() - t0
     return hist
+
+
+def _diverged(what, step, lr, hist):
+    """The DivergedError that says where training stopped and which weights the model keeps."""
+    kept = (f"the best weights so far (step {hist.best_step}, validation accuracy {hist.best_val_acc:.3f})"
+            if hist.best_step >= 0 else "the weights it started from")
+    return DivergedError(f"training stopped at step {step}: {what} (learning rate {lr:.3g}); "
+                         f"the model keeps {kept}")
 
 
 def _bar(config):

@@ -1,0 +1,88 @@
+"""What every command shares: a parser whose errors are one line, and one way to report errors.
+
+    p = cli.parser("demo", "what the command does")   # argparse, plus --debug
+    code = cli.run("demo", main, argv)                  # main(argv) -> exit code
+
+Every error a user can cause reaches them as one line on stderr, never a traceback:
+
+    minitransformer <command>: error: <what, which argument, what was expected>
+
+Exit code 2: a bad argument, found before any work (UsageError, argparse's own errors).
+Exit code 1: a failure during the work (a bad file, a full disk, too little memory, a loss
+that became NaN, a missing optional package). --debug, or MINITRANSFORMER_DEBUG=1 in the
+environment, prints the traceback as well.
+"""
+import argparse
+import os
+import sys
+import traceback
+
+# errors a user's input or machine can cause: one line each (CheckpointError and the configs'
+# checks are ValueErrors, bad JSON is json.JSONDecodeError, a diverged loss is an ArithmeticError)
+FAILURES = (ValueError, TypeError, KeyError, OSError, MemoryError, ArithmeticError, ImportError)
+
+
+class UsageError(ValueError):
+    """A bad command-line argument, found before any work: exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the usage and exit: one line instead
+        raise UsageError(message)
+
+
+def parser(command, description):
+    """An argparse parser for `python -m minitransformer <command>`, with --debug."""
+    p = _Parser(prog=f"python -m minitransformer {command}", description=description)
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, also print the traceback (or set MINITRANSFORMER_DEBUG=1)")
+    return p
+
+
+def shown(path):
+    """`path` as printed: relative to the working directory when inside it (no machine's own
+    folders in the output), else absolute (a temporary folder, say)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # on another drive (Windows)
+        return os.path.abspath(path)
+    return os.path.abspath(path) if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
+def message(e):
+    """The one line that describes exception `e`."""
+    if isinstance(e, ModuleNotFoundError):
+        return (f"needs the Python package {e.name!r}, which is not installed "
+                f"(pip install {e.name}, or pip install -r requirements.txt)")
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{shown(e.filename)}: {e.strerror or e}"
+    if isinstance(e, MemoryError):
+        return f"out of memory{': ' + str(e) if str(e) else ''} (try smaller sizes)"
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if not isinstance(e, FAILURES):  # a bug, not a user's mistake: say what it was
+        text = f"unexpected {type(e).__name__}: {text} (a bug; --debug shows where)"
+    return " ".join(text.split()) or type(e).__name__
+
+
+def fail(command, text, code):
+    """Print the one error line of `command` to stderr -> code."""
+    name = f"minitransformer {command}" if command else "minitransformer"
+    print(f"{name}: error: {text}", file=sys.stderr)
+    return code
+
+
+def run(command, main, argv):
+    """main(argv) -> its exit code; any error becomes one line (2: bad argument, 1: failure)."""
+    debug = "--debug" in argv or os.environ.get("MINITRANSFORMER_DEBUG", "0") not in ("", "0")
+    try:
+        return main(argv)
+    except SystemExit as e:  # --help (0), or a command that exits on its own
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except KeyboardInterrupt:
+        print(f"minitransformer {command}: interrupted (files are replaced in one step: "
+              "none is half-written)", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  every error ends here, as one line
+        if debug:
+            traceback.print_exc()
+        return fail(command, message(e), 2 if isinstance(e, UsageError) else 1)
