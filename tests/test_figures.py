@@ -143,7 +143,7 @@ def test_readme_writer_refuses_a_file_without_markers(quick, tmp_path):
     out, res = quick
     path = tmp_path / "README.md"
     path.write_text("# no markers here\n")
-    with pytest.raises(ValueError, match="readme_path"):
+    with pytest.raises(ValueError, match=r"README.md: expected the markers '<!-- results:start'"):
         plots.write_readme_section(res, path, out)
     assert path.read_text() == "# no markers here\n"
 

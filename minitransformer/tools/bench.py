@@ -39,6 +39,7 @@ import statistics
 import time
 import tracemalloc
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -596,9 +597,15 @@ def main(argv=None):
                         help="instead of the benchmark: cProfile of a few full steps, by function "
                              "(elapsed time; add --cpu for CPU time)")
     parser.add_argument("--cpu", action="store_true", help="with --profile: CPU time, not elapsed time")
+    parser.add_argument("--path", choices=backend.PATHS, default="fast",
+                        help="with --profile: which code to profile, the fast kernels (default) or the "
+                             "reference passes")
     parser.add_argument("--threads", type=int, default=None,
                         help="limit the BLAS threads (threadpoolctl) and the elementwise threads "
                              "(runtime.set_threads); default: every core")
+    parser.add_argument("--docs", metavar="PATH",
+                        help="also write the performance page (docs/performance.md) from this run, "
+                             "with the profiles of both paths")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads: expected a positive integer, got {args.threads}")
@@ -608,6 +615,13 @@ def main(argv=None):
         parser.error("--cpu: only used with --profile (it chooses the profile's clock), got it without")
     if args.json and args.profile:
         parser.error("--json: the profile writes no JSON; expected --json without --profile")
+    if args.path != "fast" and not args.profile:
+        parser.error("--path: only used with --profile (the benchmark measures both paths), got it without")
+    if args.docs and args.profile:
+        parser.error("--docs: the page needs the benchmark's numbers; expected --docs without --profile")
+    if args.docs:
+        files.check_output(args.docs, "--docs", lambda path: Path(path).read_text().startswith("# Performance"),
+                           "a performance page written by bench", overwrite=None)
     if args.json:  # checked now, not after minutes of measuring
         files.check_output(args.json, "--json", files.json_with("config", "full_step_s"),
                            "a JSON file written by bench", overwrite=None)
@@ -621,10 +635,15 @@ def main(argv=None):
         runtime.set_threads(args.threads)
     with limits:
         if args.profile:
-            print(profile(b, clock="cpu" if args.cpu else "wall"))
+            print(profile(b, clock="cpu" if args.cpu else "wall", path=args.path))
             return 0
         res = run(b)
+        profiles = [profile(b, path=path) for path in ("fast", "reference")] if args.docs else []
     print(table(res))
+    if args.docs:
+        from .perfdoc import page
+        files.write_text(args.docs, page(res, profiles))
+        print(f"wrote {cli.shown(args.docs)}")
     if args.json:
         files.write_text(args.json, json.dumps(res, indent=2))
         print(f"wrote {cli.shown(args.json)}")

@@ -12,14 +12,19 @@
    the three test accuracies;
 5. save the adapter, load it into a fresh copy of the base, and check that the predictions and
    logits are identical (exit 1 if not).
+With --readme README.md --overwrite the run's output also replaces the README's demo section.
 """
+import contextlib
 import hashlib
+import io
+import os
+import sys
 import time
 
 import numpy as np
 
 from . import cli, data, files
-from .. import sizes
+from .. import backend, sizes
 from ..adapters import AdapterConfig
 from .checkpoint import ADAPTER_FORMAT, file_format, load_adapter, save_adapter
 from .pretrain import BASE_PATH, BASE_SHA256, checked_base, load_pretrained
@@ -107,8 +112,32 @@ def run(args, model, out):
         return 1
     print(f"reloaded it into a fresh base: identical predictions and logits on all "
           f"{len(task.test)} test examples")
-    print(f"done in {time.perf_counter() - t0:.0f} s")
+    print(f"done in {time.perf_counter() - t0:.0f} s on the {backend.current()} path "
+          "(backend.py; the commands that train use the fast kernels)")
     return 0
+
+
+class Tee(io.TextIOBase):
+    """stdout that is also kept: what the demo prints goes to the terminal and into `kept`."""
+
+    def __init__(self, stream):
+        self.stream, self.kept = stream, io.StringIO()
+
+    def write(self, text):
+        self.kept.write(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+def readme_block(output, argv, seconds):
+    """The README's demo section: how it was made, then the run's output as printed."""
+    when = time.strftime("%d %b %Y", time.gmtime())
+    command = " ".join(["python -m minitransformer", *argv])
+    return (f"Written by `{command}` ({when}, {os.cpu_count()} cores, {seconds:.0f} s); "
+            f"run it again to refresh this block. Without `--quiet` each training shows a progress bar.\n\n"
+            f"```\n{output.rstrip()}\n```")
 
 
 def check_memory(base, args):
@@ -136,6 +165,9 @@ def main(argv=None):
                    help="allow --out to be shipped work (the package folder, figures/, README.md)")
     p.add_argument("--base", default=str(BASE_PATH), help="the pretrained base (default: the shipped one)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--readme", default=None,
+                   help="also write this run's output into the demo section of this README "
+                        "(the repository's README.md needs --overwrite)")
     args = p.parse_args(argv)
     for name in ("bottleneck", "steps"):
         if getattr(args, name) < 1:
@@ -147,4 +179,17 @@ def main(argv=None):
     out = files.check_output(args.out or files.SCRATCH / f"{args.task}.npz", "--out",
                              lambda path: file_format(path) == ADAPTER_FORMAT, "an adapter checkpoint",
                              args.overwrite, inputs={"--base": args.base})
-    return run(args, base, out)
+    readme = None
+    if args.readme:
+        readme = files.check_output(args.readme, "--readme", files.has_section("demo"),
+                                    "a README with the demo markers", args.overwrite)
+    if readme is None:
+        return run(args, base, out)
+    t0, tee = time.perf_counter(), Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        code = run(args, base, out)
+    if code == 0:
+        files.write_section(readme, "demo", readme_block(tee.kept.getvalue(), argv if argv is not None
+                                                         else sys.argv[1:], time.perf_counter() - t0))
+        print(f"updated the demo section of {cli.shown(readme)}")
+    return code

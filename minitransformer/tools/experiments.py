@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import backend
 from . import cli, data, files, plots, train
 from ..adapters import AdapterConfig
 from .checkpoint import save_adapter, save_base
@@ -264,6 +265,7 @@ def run_all(settings, log=print):
         "storage": storage(base, adapter_models, full_models, settings.storage_T),
     }
     results["seconds"] = {"tradeoff_and_ablation": t_tradeoff, "total": time.perf_counter() - t0}
+    results["path"] = backend.current()  # which code the timings are of (backend.py)
     return results
 
 

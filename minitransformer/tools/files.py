@@ -5,6 +5,7 @@ every file written atomically.
     check_output(path, arg, ...)     refuse an output that would destroy something (UsageError)
     check_output_dir(folder, ...)    the same for a folder of outputs (the figures)
     atomic_write(path, write)        temporary file in the same folder -> fsync -> os.replace
+    write_section(path, name, body)  replace a README's generated section, between its markers
 
 Shipped work is the package folder (minitransformer/, whose assets/base.npz is the shipped
 base), the repository's figures/ and its README.md. A command writes there only when its output
@@ -168,3 +169,40 @@ def atomic_write(path, write):
 def write_text(path, text):
     """atomic_write of a text file (UTF-8)."""
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# ----------------------------------------------------------------------------- generated README sections
+
+
+def markers(name):
+    """The two lines around a generated section: '<!-- name:start ...' and '<!-- name:end -->'."""
+    return f"<!-- {name}:start", f"<!-- {name}:end -->"
+
+
+def section_bounds(text, name, path):
+    """-> (start, end) of the text between section `name`'s markers; ValueError if missing."""
+    start_mark, end_mark = markers(name)
+    start, end = text.find(start_mark), text.find(end_mark)
+    if start < 0 or end < start:
+        raise ValueError(f"{shown(path)}: expected the markers {start_mark!r} ... {end_mark!r}, "
+                         "got none (or in the wrong order)")
+    return text.index("\n", start) + 1, end  # the start marker's own line stays as it is
+
+
+def has_section(name):
+    """-> a same_kind test for check_output: does the file hold section `name`'s markers?"""
+    def test(path):
+        try:
+            section_bounds(Path(path).read_text(), name, path)
+        except (OSError, ValueError):
+            return False
+        return True
+    return test
+
+
+def write_section(path, name, body):
+    """Replace the text between section `name`'s markers of the file at `path` by `body`,
+    atomically; nothing else in the file changes."""
+    text = Path(path).read_text()
+    start, end = section_bounds(text, name, path)
+    write_text(path, text[:start] + body.rstrip("\n") + "\n" + text[end:])

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from .. import backend
 from . import cli, data, files
 from ..model import ModelConfig, Transformer
 from ..optim import AdamW, clip_grad_norm, lr_at
@@ -146,7 +147,7 @@ def main(argv=None):
         model, result = pretrain(args.steps, args.seed, progress=not args.quiet, n_texts=CORPUS)
     save_base(model, out)
     print(f"pretrained {model.num_parameters():,} parameters for {args.steps} steps in "
-          f"{result['seconds']:.0f} s; held-out masked-token loss {result['loss']:.4f}, "
+          f"{result['seconds']:.0f} s on the {backend.current()} path; held-out masked-token loss {result['loss']:.4f}, "
           f"accuracy {result['acc']:.4f}")
     print(f"wrote {cli.shown(out)} ({out.stat().st_size / 1e6:.2f} MB)")
     if out.resolve() != BASE_PATH.resolve():
