@@ -14,13 +14,40 @@ from minitransformer.model import ModelConfig, Transformer
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench") / "out.json"
-    code = cli(["bench", "--quick", "--json", str(path)])
-    return code, json.loads(path.read_text())
+    folder = tmp_path_factory.mktemp("bench")
+    code = cli(["bench", "--quick", "--json", str(folder / "out.json"), "--docs", str(folder / "performance.md")])
+    return code, json.loads((folder / "out.json").read_text()), (folder / "performance.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def docs_page(quick_run):
+    return quick_run[2]
+
+
+def test_the_reference_path_is_measured_beside_the_fast_one(quick_run):
+    _, res, _ = quick_run
+    assert res["path"] == "fast"
+    for key in ("full_step", "adapter_step", "forward"):
+        ref = res["reference"][f"{key}_s"]
+        assert ref > 0 and res["reference_over_fast"][key] == pytest.approx(ref / res[f"{key}_s"])
+    assert set(res["operations"]) >= {"linear (C -> F)", "layernorm", "gelu (B, T, F)", "softmax (B, H, T, T)",
+                                      "attention", "adapter", "adamw update (3 x (F, C))"}
+    for o in res["operations"].values():
+        assert o["reference_ms"] > 0 and o["fast_ms"] > 0
+        assert o["ratio"] == pytest.approx(o["reference_ms"] / o["fast_ms"])
+
+
+def test_the_performance_page_is_written_from_the_run(quick_run, docs_page):
+    _, res, _ = quick_run
+    assert docs_page.startswith("# Performance")
+    assert f"| full step | {1e3 * res['reference']['full_step_s']:.1f} ms |" in docs_page
+    assert "cProfile of 5 full steps on the fast path" in docs_page
+    assert "cProfile of 5 full steps on the reference path" in docs_page
+    assert "/work/" not in docs_page and "/home/" not in docs_page
 
 
 def test_quick_bench_writes_every_number(quick_run):
-    code, res = quick_run
+    code, res, _ = quick_run
     assert code == 0
     for key in ("full_step_s", "adapter_step_s", "base_full_step_s", "forward_s", "forward_adapters_s",
                 "matmul_gflops", "step_gflops", "adapter_over_full_step", "adapter_over_base_full_step",

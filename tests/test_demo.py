@@ -3,7 +3,7 @@ demo runs end to end, proving the base unchanged and the reloaded adapter identi
 import numpy as np
 import pytest
 
-from minitransformer import ModelConfig
+from minitransformer import ModelConfig, backend
 from minitransformer.tools import data, demo, files, pretrain
 from minitransformer.tools.checkpoint import load_base
 from minitransformer.tools.cli import UsageError
@@ -55,14 +55,33 @@ def test_checksums_see_any_change():
 def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(files.ROOT)  # where the README says to run it
     out = tmp_path / "agreement.npz"
-    assert demo.main(["--steps", "12", "--bottleneck", "4", "--quiet", "--out", str(out)]) == 0
+    with backend.using("fast"):  # as `python -m minitransformer` runs it
+        assert demo.main(["--steps", "12", "--bottleneck", "4", "--quiet", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "from minitransformer/assets/base.npz: 214,883 parameters, the shipped base (sha256" in text
     assert str(files.ROOT) not in text  # paths relative to where it runs
     assert "base arrays are bit-for-bit unchanged" in text
     assert "identical predictions and logits" in text
     assert "trainable%" in text and "full fine-tuning" in text and "head only" in text
+    assert "on the fast path" in text  # the command trains on the fast kernels, and says so
     assert out.is_file()
+
+
+def test_demo_writes_its_readme_section_only_when_asked(tmp_path, capsys):
+    """--readme replaces the text between the demo markers with the run's output; the rest of
+    the file stays byte for byte."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n<!-- demo:start -->\nold\n<!-- demo:end -->\nafter\n")
+    args = ["--steps", "12", "--bottleneck", "4", "--quiet", "--out", str(tmp_path / "a.npz"),
+            "--readme", str(readme)]
+    with backend.using("fast"):
+        assert demo.main(args) == 0
+    printed = capsys.readouterr().out
+    text = readme.read_text()
+    assert text.startswith("# title\n<!-- demo:start -->\nWritten by `python -m minitransformer --steps 12")
+    assert text.endswith("```\n<!-- demo:end -->\nafter\n") and "old" not in text
+    assert "all 70 base arrays are bit-for-bit unchanged" in text
+    assert text.count("identical predictions and logits") == 1 and "identical predictions" in printed
 
 
 def test_demo_rejects_bad_options():
