@@ -65,7 +65,7 @@ def test_quick_bench_writes_every_number(quick_run):
 
 
 def test_ratios_are_computed_from_the_timings(quick_run):
-    _, r = quick_run
+    _, r, _ = quick_run
     assert r["adapter_over_full_step"] == pytest.approx(r["adapter_step_s"] / r["full_step_s"])
     assert r["adapter_over_base_full_step"] == pytest.approx(r["adapter_step_s"] / r["base_full_step_s"])
     assert r["adapter_ln_frozen_over_full_step"] == pytest.approx(r["adapter_ln_frozen_step_s"] / r["full_step_s"])
