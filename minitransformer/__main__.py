@@ -11,6 +11,7 @@ COMMANDS = {
     "pretrain": "pretrain the shipped base checkpoint, deterministically",
     "figures": "re-create the paper's figures into figures/ (add --quick for tiny sizes)",
     "bench": "the performance benchmark (add --json PATH, --quick)",
+    "course": "the notebooks: `course student OUT_DIR` (student copies), `course run` (execute, clean)",
 }
 
 FAST = ("demo", "pretrain", "figures")  # the commands that train at size; bench measures both paths
@@ -36,6 +37,8 @@ def main(argv=None):
         from .tools.experiments import main as run
     elif command == "bench":
         from .tools.bench import main as run
+    elif command == "course":
+        from .tools.course import main as run
     else:
         if command != "help":
             print(f"command: expected one of {', '.join(COMMANDS)}, got {command!r}\n")
