@@ -93,8 +93,9 @@ def write_student_copies(out_dir, notebooks=NOTEBOOKS):
 
 def clean(nb):
     """In place and returned: execution counts null (cells and results), notebook metadata the
-    kernel only, cell metadata their tags only (nbval reads them), outputs' metadata kept, and
-    the pieces of one stream joined (how a print is split into messages depends on timing)."""
+    kernel only, cell metadata their tags only (nbval reads them), outputs' metadata kept, the
+    pieces of one stream joined (how a print is split into messages depends on timing), and
+    the states of a progress bar that a carriage return overwrote dropped."""
     nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}}
     for cell in nb.cells:
         tags = cell.get("metadata", {}).get("tags")
@@ -111,8 +112,14 @@ def clean(nb):
                     previous.text += output.text
                 else:
                     outputs.append(output)
+            for output in outputs:
+                if output.output_type == "stream":  # a progress bar: keep what a terminal shows
+                    output.text = OVERWRITTEN.sub("", output.text)
             cell.outputs = outputs
     return nb
+
+
+OVERWRITTEN = re.compile(r"^.*\r(?=[^\n])", re.MULTILINE)  # text a later \r wrote over (as nbval reads it)
 
 
 def _machine_strings():
