@@ -191,6 +191,20 @@ def test_course_run_executes_and_cleans(tmp_path):
     assert result.data["text/plain"] == "42" and result.execution_count is None
 
 
+def test_course_run_no_execute_only_cleans(tmp_path):
+    path = tmp_path / "nb.ipynb"
+    nb = tiny_notebook("print('kept')")
+    nb.cells[0].execution_count = 3
+    nb.cells[0].outputs = [new_output("stream", name="stdout", text="kept\n")]
+    nb.cells[0].metadata["execution"] = {"iopub.execute_input": "2024-01-01T00:00:00"}
+    nbformat.write(nb, path)
+    assert cli(["course", "run", "--no-execute", str(path)]) == 0
+    nb = read(path)
+    assert nb.cells[0].execution_count is None and nb.cells[0].outputs[0].text == "kept\n"
+    assert nb.cells[0].metadata == {"tags": ["nbval-ignore-output"]}
+    assert nb.metadata == {"kernelspec": course.KERNELSPEC, "language_info": {"name": "python"}}
+
+
 def test_course_run_refuses_a_machine_path_and_a_failing_cell(tmp_path):
     lines = []
     for name, source in (("path.ipynb", "import os\nprint(os.getcwd())"), ("fails.ipynb", "1 / 0")):

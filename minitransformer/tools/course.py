@@ -11,8 +11,9 @@ yet". The notebooks in notebooks/ are only read; OUT_DIR may not be notebooks/ o
 
 `course run` executes each notebook top to bottom from its own folder (as nbval does), then
 cleans it for committing: every execution count null, notebook metadata reduced to the kernel,
-cell metadata to their tags. It refuses to write a notebook whose outputs hold an absolute path
-of this machine (a path would make the outputs differ on every other machine, and leak).
+cell metadata to their tags (`--no-execute`: clean only). It refuses to write a notebook whose
+outputs hold an absolute path of this machine (a path would make the outputs differ on every
+other machine, and leak).
 """
 import argparse
 import re
@@ -175,15 +176,16 @@ def execute(path, timeout=600):
     return nb
 
 
-def run_notebooks(paths, timeout=600, log=print):
-    """Execute and clean each notebook in place -> the number that failed (not written)."""
+def run_notebooks(paths, timeout=600, log=print, run=True):
+    """Execute (unless run=False) and clean each notebook in place -> the number that failed
+    (not written)."""
     import nbformat
     from nbclient.exceptions import CellExecutionError
     failed = 0
     for path in map(Path, paths):
         start = time.perf_counter()
         try:
-            nb = clean(execute(path, timeout))
+            nb = clean(execute(path, timeout) if run else nbformat.read(path, as_version=4))
         except CellExecutionError as e:
             log(f"FAIL {path.name}: a cell raised, notebook not written\n{e}")
             failed += 1
@@ -197,7 +199,8 @@ def run_notebooks(paths, timeout=600, log=print):
             continue
         nbformat.validate(nb)
         nbformat.write(nb, path)
-        log(f"ran {path.name} in {time.perf_counter() - start:.1f} s, cleaned and written")
+        log(f"ran {path.name} in {time.perf_counter() - start:.1f} s, cleaned and written" if run
+            else f"cleaned {path.name} (not executed) and written")
     return failed
 
 
@@ -224,6 +227,8 @@ def main(argv=None):
     run.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
                      help="notebooks to run (default: every notebooks/*.ipynb)")
     run.add_argument("--timeout", type=float, default=600, help="seconds per cell (default 600)")
+    run.add_argument("--no-execute", action="store_true",
+                     help="only clean (counts, metadata, streams) and check for paths: outputs kept as they are")
     args = parser.parse_args(argv)
 
     if args.action == "student":
@@ -240,4 +245,4 @@ def main(argv=None):
     if missing or not paths:
         print(f"course run: no such notebook: {', '.join(map(str, missing)) or NOTEBOOKS}", file=sys.stderr)
         return 2
-    return 1 if run_notebooks(paths, args.timeout) else 0
+    return 1 if run_notebooks(paths, args.timeout, run=not args.no_execute) else 0
