@@ -16,11 +16,12 @@ COMMANDS = {
     "pretrain": "pretrain a base checkpoint, deterministically (the shipped one: --overwrite)",
     "figures": "re-create the paper's figures (add --quick for tiny sizes)",
     "bench": "the performance benchmark (add --json PATH, --quick)",
+    "course": "the notebooks: `course student OUT_DIR` (student copies), `course run` (execute, clean)",
 }
 
 
 MODULES = {"demo": ".tools.demo", "gradcheck": ".gradcheck", "pretrain": ".tools.pretrain",
-           "figures": ".tools.experiments", "bench": ".tools.bench"}
+           "figures": ".tools.experiments", "bench": ".tools.bench", "course": ".tools.course"}
 FAST = ("demo", "pretrain", "figures")  # the commands that train at size; bench measures both paths
 
 
