@@ -6,7 +6,7 @@
    path is free to write (files.check_output);
 1. load the shipped pretrained base and fingerprint every base array (sha256 of its bytes), and
    say whether it is the shipped one (pretrain.BASE_SHA256);
-2. add a Houlsby adapter for the task, print the parameter report, train only the adapter;
+2. add a Houlsby adapter for the task, print what trains (by group), train only the adapter;
 3. fingerprint again: every base array must be bit-for-bit unchanged (exit 1 if not);
 4. train head-only and full fine-tuning from fresh copies of the base, same budget, and compare
    the three test accuracies;
@@ -71,8 +71,10 @@ def run(args, model, out):
     config = AdapterConfig(bottleneck=args.bottleneck)
     label = prepare(model, "adapter", task.n_classes, seed=args.seed, adapter_config=config, name=task.name)
     print(f"\nadded a Houlsby adapter {task.name!r} (bottleneck m={args.bottleneck}); only it trains:")
-    model.print_trainable_parameters()
-    print(f"\ntraining {label} for {args.steps} steps ...")
+    print(model.parameter_report().splitlines()[-1])  # the line adapter libraries print
+    groups = ", ".join(f"{g} {tr:,} of {t:,}" for g, (t, tr) in model.parameter_groups().items())
+    print(f"trainable by group: {groups}")
+    print(f"training {label} for {args.steps} steps ...")
     hist = fit(model, task, _config("adapter", args))
     results = [(label, model.num_parameters(trainable_only=True), accuracy(model, task.test), hist)]
     after = base_checksums(model)
@@ -86,7 +88,7 @@ def run(args, model, out):
 
     # --- the baselines, each from a fresh copy of the base
     for method in ("head", "full"):
-        print(f"\ntraining {method} for {args.steps} steps from a fresh copy of the base ...")
+        print(f"training {method} for {args.steps} steps from a fresh copy of the base ...")
         other = load_pretrained(args.base)
         other_label = prepare(other, method, task.n_classes, seed=args.seed)
         h = fit(other, task, _config(method, args))

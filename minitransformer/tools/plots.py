@@ -318,7 +318,7 @@ def readme_section(results, readme_dir, out_dir):
     captions = {"tradeoff": "accuracy vs trained parameters", "ablation": "removing adapters of layers i..j",
                 "init_std": "accuracy vs adapter init std", "curves": "training curves, adapter vs full",
                 "storage": "parameters stored for T tasks"}
-    lines += [f"![{text}]({rel}/{name}.png)" for name, text in captions.items()]
+    lines.append(" ".join(f"![{text}]({rel}/{name}.png)" for name, text in captions.items()))
     return "\n".join(lines)
 
 
