@@ -89,7 +89,7 @@ def assert_one_line(result, command, code, fragment):
 # ----------------------------------------------------------------------------- the command line
 
 REFUSED = [  # (command line, with {w} the work folder; exit code; the line must contain)
-    ("nope", 2, "command: expected one of demo, gradcheck, pretrain, figures, bench, got 'nope'"),
+    ("nope", 2, "command: expected one of demo, gradcheck, pretrain, figures, bench, course, got 'nope'"),
     ("demo --steps abc", 2, "argument --steps: invalid int value: 'abc'"),
     ("demo --task nope", 2, "argument --task: invalid choice: 'nope'"),
     ("demo --bottleneck 0", 2, "--bottleneck: expected a positive integer, got 0"),
