@@ -67,8 +67,9 @@ class LoRAConfig:
     r: int = 8  # the rank: A is (d_in, r), B is (r, d_out)
     alpha: float = 8.0  # the update is scaled by s = alpha / r; the paper keeps alpha fixed as r varies
     targets: tuple = ("q", "v")  # the weights that get a branch: any of LORA_TARGETS; ("q", "v") as in the paper
-    init: str = "gaussian"  # A's init: "gaussian" N(0, 1/r^2) (the paper's Gaussian, PEFT's scale) or
-    #                         "kaiming" U(-1/sqrt(d_in), 1/sqrt(d_in)) (loralib's and PEFT's default)
+    init: str = "kaiming"  # A's init: "kaiming" U(-1/sqrt(d_in), 1/sqrt(d_in)) (loralib's and PEFT's
+    #                        default: A's scale does not depend on r) or "gaussian" N(0, 1/r^2) (the
+    #                        paper's Gaussian at PEFT's scale: with alpha fixed, small r then steps harder)
 
     def __post_init__(self):
         _integer("r", self.r)

@@ -289,7 +289,7 @@ def test_failed_save_leaves_the_previous_file_intact(files, monkeypatch, what):
 
 # ----------------------------------------------------------------------------- the other methods
 
-PEFT_CONFIGS = {"lora": LoRAConfig(r=2, targets=("q", "v", "ffn2"), init="kaiming"),
+PEFT_CONFIGS = {"lora": LoRAConfig(r=2, targets=("q", "v", "ffn2"), init="gaussian"),
                 "prefix": PrefixConfig(n_prefix=3, reparameterize=False),
                 "prefix_mlp": PrefixConfig(n_prefix=2, hidden=6),
                 "prompt": PromptConfig(n_prompt=3),

@@ -259,8 +259,8 @@ def test_each_method_sits_where_its_paper_puts_it(method, norm, causal, pooling)
 
 @pytest.mark.parametrize("path", backend.PATHS)
 @pytest.mark.parametrize("norm", ["post", "pre"])
-@pytest.mark.parametrize("config", [LoRAConfig(targets=ALL), LoRAConfig(init="kaiming"), BitFitConfig()],
-                         ids=["lora_all", "lora_kaiming", "bitfit"])
+@pytest.mark.parametrize("config", [LoRAConfig(targets=ALL), LoRAConfig(init="gaussian"), BitFitConfig()],
+                         ids=["lora_all", "lora_gaussian", "bitfit"])
 def test_lora_and_bitfit_start_exactly_at_the_base(path, norm, config):
     """B = 0 adds exact zeros; BitFit's copies equal the base's: the logits are the bare base's,
     bit for bit, under both heads (the task head is the base's classifier for the comparison)."""
