@@ -86,11 +86,11 @@ def attention_forward(x, w, n_heads, bias=None, keep=None, lora=None, prefix=Non
     scale = x.dtype.type(1 / np.sqrt(hs))
     c = {}  # the cache, filled as we go
     proj = {}
-    for n in ("q", "k", "v"):
-        proj[n], c[n] = linear_forward(x, w[f"W_{n}"], w[f"b_{n}"], keep_x=f"W_{n}" in keep)  # (B, T, C)
-        if n in lora:  # LoRA: the frozen projection plus its low-rank branch s (x A) B
-            branch, c[f"lora_{n}"] = lora_forward(x, *lora[n])  # (B, T, C)
-            proj[n] = proj[n] + branch
+    for t in ("q", "k", "v"):
+        proj[t], c[t] = linear_forward(x, w[f"W_{t}"], w[f"b_{t}"], keep_x=f"W_{t}" in keep)  # (B, T, C)
+        if t in lora:  # LoRA: the frozen projection plus its low-rank branch s (x A) B
+            branch, c[f"lora_{t}"] = lora_forward(x, *lora[t])  # (B, T, C)
+            proj[t] = proj[t] + branch
     q, k, v = proj["q"], proj["k"], proj["v"]
     n_prefix = 0
     if prefix is not None:  # prefix tuning: n trained keys and values before the sequence's own

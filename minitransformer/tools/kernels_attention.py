@@ -10,6 +10,8 @@ The tricks, each named again where it is used:
 - attention's batched products run one block of sequences per core, each on one BLAS thread
   (`runtime.matmul`): BLAS's own threads cost more than they save on (T x hs) products;
 - the adapter scales and adds its skip in place on its own output: two (N, C) arrays fewer.
+LoRA's branches and the prefix (peft.py) take the reference's own steps inside these kernels
+(peft.lora_forward, one concatenation of the prefix), added in place where the array is fresh.
 """
 import numpy as np
 
@@ -45,11 +47,11 @@ def attention_forward(x, w, n_heads, bias=None, keep=None, lora=None, prefix=Non
     hs = x.shape[-1] // n_heads
     scale = x.dtype.type(1 / np.sqrt(hs))
     proj, caches = {}, {}
-    for n in ("q", "k", "v"):
-        proj[n], caches[n] = kernels.linear_forward(x, w[f"W_{n}"], w[f"b_{n}"], keep_x=f"W_{n}" in keep)
-        if n in lora:
-            branch, caches[f"lora_{n}"] = peft.lora_forward(x, *lora[n])
-            proj[n] += branch  # proj[n] is the kernel's own fresh array
+    for t in ("q", "k", "v"):
+        proj[t], caches[t] = kernels.linear_forward(x, w[f"W_{t}"], w[f"b_{t}"], keep_x=f"W_{t}" in keep)
+        if t in lora:
+            branch, caches[f"lora_{t}"] = peft.lora_forward(x, *lora[t])
+            proj[t] += branch  # proj[t] is the kernel's own fresh array
     q, k, v = proj["q"], proj["k"], proj["v"]
     n_prefix = 0
     if prefix is not None:  # (B, n + T, C): the prefix rows first
