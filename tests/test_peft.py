@@ -509,3 +509,23 @@ def test_tasks_of_different_methods_never_interfere():
     for name, out in outputs.items():  # every task still gives what it gave right after its training
         model.set_active_adapter(name)
         assert model.forward(ids, pad, head="cls")[0].tobytes() == out.tobytes(), name
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("head", ["cls", "lm"])
+def test_active_parameters_are_exactly_what_a_backward_reaches(method, head):
+    """Everything unfrozen, a second task beside the active one: the parameters that receive a
+    gradient are active_parameters(head), no more (the other task, the unused head) and no less."""
+    model = method_model(METHODS[method](), norm="pre", causal=head == "lm", n_classes=3)
+    model.add_adapter("other", AdapterConfig(bottleneck=2), n_classes=3)
+    model.set_active_adapter("task")
+    model.unfreeze()
+    ids, targets, pad = batch(model.config, head=head)
+    model.loss(ids, targets, pad, head=head, backward=True)
+    reached = {n for n, p in model.named_parameters().items() if p.grad is not None}
+    assert reached == set(model.active_parameters(head))
+    assert not any(n.startswith(("adapters.other.", "cls_head.")) for n in reached)
+    if model.adapters["task"].method == "lora":  # merged: A and B are not used, W_q carries them
+        model.zero_grad()
+        model.merge("task")
+        assert not any(".lora." in n for n in model.active_parameters(head))
