@@ -1,7 +1,7 @@
 """Which code the model runs: the reference passes (the default) or the fast kernels.
 
-The reference passes are the textbook: layers.py, attention.py, adapters.py, losses.py and
-optim.py, each written the way its maths is derived. The fast kernels (tools/kernels.py and
+The reference passes are the textbook: layers.py, attention.py, adapters.py, peft.py, losses.py
+and optim.py, each written the way its maths is derived. The fast kernels (tools/kernels.py and
 tools/kernels_attention.py) compute the same functions with in-place steps, threads and folded
 constants; they take the same arguments, and tests/test_kernels.py checks each against its
 reference.
@@ -19,7 +19,7 @@ the reference code unless the fast path was chosen.
 import contextlib
 from types import SimpleNamespace
 
-from . import adapters, attention, layers, losses, optim
+from . import adapters, attention, layers, losses, optim, peft
 
 PATHS = ("reference", "fast")
 
@@ -33,6 +33,10 @@ REFERENCE = {
     "dropout_forward": layers.dropout_forward, "dropout_backward": layers.dropout_backward,
     "attention_forward": attention.attention_forward, "attention_backward": attention.attention_backward,
     "adapter_forward": adapters.adapter_forward, "adapter_backward": adapters.adapter_backward,
+    "lora_forward": peft.lora_forward, "lora_backward": peft.lora_backward,
+    "prefix_mlp_forward": peft.prefix_mlp_forward, "prefix_mlp_backward": peft.prefix_mlp_backward,
+    "prompt_forward": peft.prompt_forward, "prompt_backward": peft.prompt_backward,
+    "strip_prompt_forward": peft.strip_prompt_forward, "strip_prompt_backward": peft.strip_prompt_backward,
     "cross_entropy_forward": losses.cross_entropy_forward,
     "cross_entropy_backward": losses.cross_entropy_backward,
     "sgd_update": optim.sgd_update, "adamw_update": optim.adamw_update,

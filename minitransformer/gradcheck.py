@@ -198,6 +198,33 @@ def operation_checks(seed=0):
                        lambda x, **ws: L.attention_forward(x, ws, H, bias),
                        lambda d, c: dict(x=L.attention_backward(d, c)[0], **L.attention_backward(d, c)[1]),
                        {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}}, ["x"] + names)
+    # LoRA on q and v (the paper's), k and o; and a prefix of 2 keys and values, every query sees them
+    lora = {t: (randn(C, 2) * 0.5, randn(2, C) * 0.5, 2.0) for t in "qkvo"}
+    for label, bias, branches, n in (
+            ("attention + LoRA q,v (causal + padding)", attention_bias(4, True, pad, np.float64), "qv", 0),
+            ("attention + LoRA k,o", None, "ko", 0),
+            ("attention + prefix (causal + padding)", attention_bias(4, True, pad, np.float64, 2), "", 2),
+            ("attention + prefix + LoRA q,v (padding)", attention_bias(4, False, pad, np.float64, 2), "qv", 2)):
+        ab = {f"{m}_{t}": lora[t][i].copy() for t in branches for i, m in enumerate("AB")}
+        pk = {"P_k": randn(n, C), "P_v": randn(n, C)} if n else {}
+
+        def fwd(x, bias=bias, branches=branches, n=n, **ws):
+            lo = {t: (ws[f"A_{t}"], ws[f"B_{t}"], 2.0) for t in branches}
+            return L.attention_forward(x, {k: ws[k] for k in w}, H, bias, lora=lo,
+                                       prefix=(ws["P_k"], ws["P_v"]) if n else None)
+        yield from run(label, fwd, lambda d, c: dict(x=L.attention_backward(d, c)[0], **L.attention_backward(d, c)[1]),
+                       {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}, **ab, **pk})
+    yield from run("lora (s = 1.5)", lambda x, A, B: L.lora_forward(x, A, B, 1.5),
+                   lambda d, c: dict(zip(("x", "A", "B"), L.lora_backward(d, c))),
+                   {"x": randn(2, 3, 5), "A": randn(5, 2), "B": randn(2, 4)})
+    mlp = {"P0": randn(3, C), "W_1": randn(C, 5) * 0.5, "b_1": randn(5), "W_2": randn(5, 2 * 2 * C) * 0.5,
+           "b_2": randn(2 * 2 * C)}
+    yield from run("prefix MLP (2 layers)", lambda **ws: L.prefix_mlp_forward(ws["P0"], ws, 2),
+                   lambda d, c: L.prefix_mlp_backward(d, c), mlp)
+    yield from run("prompt", L.prompt_forward,
+                   lambda d, c: dict(zip(("x", "P"), L.prompt_backward(d, c))), {"x": randn(2, 3, C), "P": randn(2, C)})
+    yield from run("strip prompt", lambda h: L.strip_prompt_forward(h, 2),
+                   lambda d, c: {"h": L.strip_prompt_backward(d, c)}, {"h": randn(2, 5, C)})
     for act, skip, scaling in (("gelu", True, 1.0), ("relu", True, 1.0), ("tanh", True, 1.0),
                                ("gelu", False, 4.0)):
         label = f"adapter ({act}{', skip' if skip else ', parallel branch, s=4'})"
@@ -220,8 +247,23 @@ def operation_checks(seed=0):
 # ----------------------------------------------------------------------------- the command
 
 
+METHOD_CONFIGS = {  # the other methods at a generic point: large LoRA ranks' A, long-ish prefixes
+    "lora": lambda: _peft().LoRAConfig(r=2, alpha=2.0, targets=("q", "k", "v", "o", "ffn1", "ffn2")),
+    "prefix": lambda: _peft().PrefixConfig(n_prefix=2, reparameterize=False, init_std=0.5),
+    "prefix MLP": lambda: _peft().PrefixConfig(n_prefix=2, hidden=5, init_std=1.0),
+    "prompt": lambda: _peft().PromptConfig(n_prompt=2, init="normal", init_std=0.5),
+    "bitfit": lambda: _peft().BitFitConfig(),
+}
+
+
+def _peft():
+    from . import peft
+    return peft
+
+
 def _generic_model(norm, head, placement=None, seed=0):
-    """A small float64 model at a generic point (see module doc), masks and dropout on."""
+    """A small float64 model at a generic point (see module doc), masks and dropout on.
+    placement: None (the bare base), an adapter placement, or a key of METHOD_CONFIGS."""
     from .adapters import AdapterConfig
     from .model import ModelConfig, Transformer
     cfg = ModelConfig(vocab_size=11, max_len=8, d_model=8, n_heads=2, n_layers=2, d_ff=16,
@@ -233,8 +275,12 @@ def _generic_model(norm, head, placement=None, seed=0):
         for p in ln.parameters():
             p.value += 0.3 * rng.standard_normal(p.value.shape)
     if placement:
-        model.add_adapter("task", AdapterConfig(bottleneck=3, init_std=0.3, placement=placement),
-                          n_classes=3, seed=seed)
+        config = METHOD_CONFIGS[placement]() if placement in METHOD_CONFIGS else \
+            AdapterConfig(bottleneck=3, init_std=0.3, placement=placement)
+        s = model.add_adapter("task", config, n_classes=3, seed=seed)
+        for p in s.parameters():  # off the method's start: B = 0 and the base's bias copies
+            if ".lora.B_" in p.name or s.method == "bitfit":
+                p.value += 0.3 * rng.standard_normal(p.value.shape)
         model.train_adapter("task")
     ids = rng.integers(0, cfg.vocab_size, (3, 6))
     pad_mask = np.ones((3, 6), bool)
@@ -248,10 +294,14 @@ def _generic_model(norm, head, placement=None, seed=0):
 
 
 def model_variants():
-    """(label, norm, head, placement) of every model the command checks."""
+    """(label, norm, head, placement) of every model the command checks: the bare base, the
+    three adapter placements, and every other method (METHOD_CONFIGS) under the classification
+    head (post-LN pools [CLS], pre-LN the mean) and under the causal LM head (pre-LN)."""
     out = [(f"{norm}-LN, {head} head", norm, head, None) for norm in ("post", "pre") for head in ("lm", "cls")]
     out += [(f"{norm}-LN, cls head, {pl} adapters, base frozen", norm, "cls", pl)
             for norm in ("post", "pre") for pl in ("houlsby", "ffn", "parallel")]
+    out += [(f"{norm}-LN, {head} head, {method}, base frozen", norm, head, method)
+            for method in METHOD_CONFIGS for norm, head in (("post", "cls"), ("pre", "cls"), ("pre", "lm"))]
     return out
 
 
@@ -259,10 +309,10 @@ def check_all(log=print):
     """Every operation, then every parameter of every model, on the current path -> (worst
     error, [what failed])."""
     worst, failed = 0.0, []
-    log(f"{'operation':<34}{'input':<12}{'shape':<16}{'rel. error':>12}")
+    log(f"{'operation':<44}{'input':<12}{'shape':<16}{'rel. error':>12}")
     for op, name, shape, err in operation_checks():
         flag = "" if err <= OP_THRESHOLD else "  FAIL"
-        log(f"{op:<34}{name:<12}{str(shape):<16}{err:>12.2e}{flag}")
+        log(f"{op:<44}{name:<12}{str(shape):<16}{err:>12.2e}{flag}")
         worst = max(worst, err)
         if flag:
             failed.append(f"{op}: {name}")

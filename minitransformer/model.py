@@ -1,4 +1,4 @@
-"""The transformer: config, block, model, heads, named parameters, freezing and adapters.
+"""The transformer: config, block, model, heads, named parameters, freezing and tasks.
 
     ids (B, T) -> embeddings (B, T, C) -> [LN_emb, post-LN only] -> n_layers blocks
         -> [LN_f, pre-LN only] -> heads
@@ -10,6 +10,10 @@ Post-LN block (BERT, the architecture the adapter paper adapted):
 Pre-LN block (GPT-2): x = x + Adapter_attn(Attn(LN1(x)));  x = x + Adapter_ffn(FFN(LN2(x)))
 Every part is named in Transformer's docstring; dropout follows the embeddings and each
 sub-layer's output projection.
+
+A task is one method of the parameter-efficient family on the shared frozen base (tasks.py):
+bottleneck adapters, LoRA branches (peft.py; merge/unmerge fold them into W), a prefix in every
+attention, a soft prompt in front of the input, or BitFit's own copies of the biases.
 """
 import fnmatch
 from dataclasses import asdict, dataclass, field, replace
@@ -20,8 +24,10 @@ from . import sizes
 from .adapters import AdapterConfig
 from .attention import attention_bias
 from .backend import ops  # ops.X is layers.X, losses.X, ... (or the fast kernel: backend.py)
-from .modules import (Adapter, Attention, ClassifierHead, Embeddings, FeedForward, LayerNorm,
-                      LMHead)
+from .modules import Attention, ClassifierHead, Embeddings, FeedForward, LayerNorm, LMHead
+from .peft import lora_merge
+from .tasks import BASE_GROUPS, GROUPS, LORA_WEIGHT, AdapterSet, BlockParts, group_of, method_of  # noqa: F401  (AdapterSet:
+#                                                    checkpoint.py and others import it from here)
 from .validate import flag, integer, number
 
 
@@ -68,41 +74,6 @@ class ModelConfig:
         return asdict(self)
 
 
-# ----------------------------------------------------------------------------- one task's adapters
-
-
-class AdapterSet:
-    """Everything one task adds to the frozen base: adapters in every block, the task head,
-    and (when the paper's setting trains LayerNorms) the task's own copy of every LayerNorm.
-    Its parameters are named adapters.<task>.blocks.<i>.attn.W_down, adapters.<task>.head.W, ...
-    """
-
-    def __init__(self, name, config, n_classes, model, rng):
-        self.name, self.config, self.n_classes = name, config, n_classes
-        cfg, dt = model.config, model.dtype
-        prefix = f"adapters.{name}"
-        self.blocks = [{site: Adapter(f"{prefix}.blocks.{i}.{site}", cfg.d_model, config, rng, dt,
-                                      skip=site != "parallel")
-                        for site in config.sites()} for i in range(cfg.n_layers)]
-        self.head = ClassifierHead(f"{prefix}.head", cfg.d_model, n_classes, cfg.pooling, rng, dt,
-                                   cfg.init_std)
-        # per-task LayerNorms start as copies of the base's, so a fresh set changes nothing
-        self.norms = {}
-        if config.train_layernorm:
-            for key, ln in model.norms().items():
-                own = LayerNorm(f"{prefix}.{key}", cfg.d_model, dt, cfg.ln_eps)
-                for k in own.p:
-                    own.p[k].value = ln.p[k].value.copy()
-                self.norms[key] = own
-
-    def modules(self):
-        return [a for parts in self.blocks for a in parts.values()] + list(self.norms.values()) \
-            + [self.head]
-
-    def parameters(self):
-        return [p for m in self.modules() for p in m.parameters()]
-
-
 # ----------------------------------------------------------------------------- the block
 
 
@@ -121,27 +92,29 @@ class Block:
     def modules(self):
         return [self.attn, self.ln1, self.ffn, self.ln2]
 
-    def forward(self, x, bias, ln1, ln2, adapters, train=False, rng=None):
-        """x (B, T, C) -> out (B, T, C), cache. ln1/ln2: the LayerNorms in use (the base's or
-        the active task's copies); adapters: {"attn"|"ffn"|"parallel": Adapter} of the active
-        task, or {}."""
-        c = {"ln1": ln1, "ln2": ln2, "adapters": adapters}  # the cache: every step's, by name
+    def forward(self, x, bias, parts=None, train=False, rng=None):
+        """x (B, T, C) -> out (B, T, C), cache. parts: what the active task adds to this block
+        (tasks.BlockParts: adapters, its own copies of LayerNorm or bias parameters, LoRA
+        branches, a prefix), or None for the bare base."""
+        parts = BlockParts() if parts is None else parts
+        adapters, own = parts.adapters, parts.own
+        c = {"parts": parts}  # the cache: every step's, by name
         # --- attention sub-layer
         a_in = x
         if self.pre:
-            a_in, c["ln1_pre"] = ln1.forward(x)  # GPT-2 normalises the sub-layer's input
-        a, c["attn"] = self.attn.forward(a_in, bias)  # (B,T,C)
+            a_in, c["ln1_pre"] = self.ln1.forward(x, own.get("ln1"))  # GPT-2 normalises the sub-layer's input
+        a, c["attn"] = self.attn.forward(a_in, bias, own.get("attn"), parts.lora, parts.prefix)  # (B,T,C)
         a, c["drop1"] = ops.dropout_forward(a, self.dropout, rng, train)
         if "attn" in adapters:  # the paper: on the sub-layer's output, before the residual add
             a, c["adapter_attn"] = adapters["attn"].forward(a)
         h = x + a  # (B,T,C), the residual
         if not self.pre:
-            h, c["ln1_post"] = ln1.forward(h)  # BERT normalises after the residual add
+            h, c["ln1_post"] = self.ln1.forward(h, own.get("ln1"))  # BERT normalises after the residual add
         # --- feed-forward sub-layer
         f_in = h
         if self.pre:
-            f_in, c["ln2_pre"] = ln2.forward(h)
-        f, c["ffn"] = self.ffn.forward(f_in)  # (B,T,C)
+            f_in, c["ln2_pre"] = self.ln2.forward(h, own.get("ln2"))
+        f, c["ffn"] = self.ffn.forward(f_in, own.get("ffn"), parts.lora)  # (B,T,C)
         f, c["drop2"] = ops.dropout_forward(f, self.dropout, rng, train)
         if "ffn" in adapters:
             f, c["adapter_ffn"] = adapters["ffn"].forward(f)
@@ -150,16 +123,18 @@ class Block:
             f = f + branch
         out = h + f  # (B,T,C), the residual
         if not self.pre:
-            out, c["ln2_post"] = ln2.forward(out)
+            out, c["ln2_post"] = self.ln2.forward(out, own.get("ln2"))
         return out, c
 
     def backward(self, dout, c, need_dx=True):
         """dout (B, T, C) -> dx (B, T, C), or None when nothing below needs it."""
-        ln1, ln2, adapters = c["ln1"], c["ln2"], c["adapters"]
+        parts = c["parts"]
+        adapters, own, lora, prefix = parts.adapters, parts.own, parts.lora, parts.prefix
+        own_ln1, own_ln2 = own.get("ln1"), own.get("ln2")
         # --- feed-forward sub-layer, in reverse
         dres = dout
         if not self.pre:
-            dres = ln2.backward(dout, c["ln2_post"])  # forward was out = LN2(h + f)
+            dres = self.ln2.backward(dout, c["ln2_post"], own=own_ln2)  # forward was out = LN2(h + f)
         df = dres  # forward was out = h + f: both branches get the same gradient
         df_in = None
         if "parallel" in adapters:
@@ -167,25 +142,27 @@ class Block:
         if "ffn" in adapters:
             df = adapters["ffn"].backward(df, c["adapter_ffn"])
         df = ops.dropout_backward(df, c["drop2"])
-        dffn_in = self.ffn.backward(df, c["ffn"])
+        dffn_in = self.ffn.backward(df, c["ffn"], own=own.get("ffn"), lora=lora)
         df_in = dffn_in if df_in is None else df_in + dffn_in  # f_in fed the FFN and the branch
         if self.pre:  # forward was f_in = LN2(h), and h also went straight to the output
-            dh = dres + ln2.backward(df_in, c["ln2_pre"])
+            dh = dres + self.ln2.backward(df_in, c["ln2_pre"], own=own_ln2)
         else:  # forward was f_in = h, which also went straight to the residual
             dh = dres + df_in
         # --- attention sub-layer, in reverse
         if not self.pre:
-            dh = ln1.backward(dh, c["ln1_post"])  # forward was h = LN1(x + a)
+            dh = self.ln1.backward(dh, c["ln1_post"], own=own_ln1)  # forward was h = LN1(x + a)
         da = dh  # forward was h = x + a
         if "attn" in adapters:
             da = adapters["attn"].backward(da, c["adapter_attn"])
         da = ops.dropout_backward(da, c["drop1"])
+        attn = dict(own=own.get("attn"), lora=lora, prefix=prefix)
         if self.pre:  # forward was a_in = LN1(x): LN1 may train even when dx is not wanted
-            da_in = self.attn.backward(da, c["attn"], need_dx=need_dx or bool(ln1.trainable()))
+            da_in = self.attn.backward(da, c["attn"], need_dx=need_dx or bool(self.ln1.trainable(own_ln1)),
+                                       **attn)
             if da_in is not None:
-                da_in = ln1.backward(da_in, c["ln1_pre"], need_dx=need_dx)
+                da_in = self.ln1.backward(da_in, c["ln1_pre"], need_dx=need_dx, own=own_ln1)
             return dh + da_in if need_dx else None
-        da_in = self.attn.backward(da, c["attn"], need_dx=need_dx)  # skips dx when not wanted
+        da_in = self.attn.backward(da, c["attn"], need_dx=need_dx, **attn)  # skips dx when not wanted
         return dh + da_in if need_dx else None  # x fed both the attention and the residual
 
 
@@ -203,8 +180,9 @@ class Transformer:
         lm_head   per-position logits over the vocabulary (head="lm")
         cls_head  the base's own classifier (head="cls" with no adapter active; None until
                   add_classifier or config.n_classes)
-        adapters  {task: AdapterSet}: per block adapters, a head and (train_layernorm) a copy
-                  of every LayerNorm; the active one replaces the base's LayerNorms and head
+        adapters  {task: AdapterSet} (tasks.py): one method's parts (bottleneck adapters,
+                  LoRA, a prefix, a prompt), the task's own copies of base parameters
+                  (LayerNorms, BitFit's biases) used in place of the base's, and a head
     active_parameters(head) lists exactly the parameters a forward uses.
     """
 
@@ -291,24 +269,24 @@ class Transformer:
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, name, config=None, n_classes=2, seed=0):
-        """Add a named adapter set (one per task, with its own classification head)."""
+        """Add a named task (one per task, with its own classification head): bottleneck adapters
+        (AdapterConfig, the default), LoRAConfig, PrefixConfig, PromptConfig or BitFitConfig."""
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"name: expected an identifier like 'sentiment', got {name!r}")
         if name in self.adapters:
             raise ValueError(f"name: an adapter called {name!r} exists already")
         config = AdapterConfig() if config is None else config
-        if not isinstance(config, AdapterConfig):
-            raise TypeError(f"config: expected an AdapterConfig, got {type(config).__name__}")
+        method = method_of(config)  # a TypeError naming the configs there are, for anything else
         integer("n_classes", n_classes, least=2)
         integer("seed", seed, least=0)
         n = sizes.adapter_parameter_count(self.config, config, n_classes)
-        sizes.check_fits(n * self.dtype.itemsize, f"config: an adapter set with bottleneck "
-                         f"m={config.size(self.config.d_model)} ({n:,} parameters)")
+        sizes.check_fits(n * self.dtype.itemsize, f"config: the {method} task ({n:,} parameters)")
         self.adapters[name] = AdapterSet(name, config, n_classes, self, np.random.default_rng(seed))
         return self.adapters[name]
 
     def delete_adapter(self, name):
-        self.get_adapter(name)
+        if self.get_adapter(name).merged:
+            raise ValueError(f"name: {name!r} is merged into the base weights; unmerge({name!r}) first")
         del self.adapters[name]
         if self.active_adapter == name:
             self.active_adapter = None
@@ -323,14 +301,58 @@ class Transformer:
         """Route the forward pass through adapter `name`, or through the bare base (None)."""
         if name is not None:
             self.get_adapter(name)
+        merged = [n for n, s in self.adapters.items() if s.merged and n != name]
+        if merged:  # the base weights hold that task's update now
+            raise ValueError(f"name: task {merged[0]!r} is merged into the base weights; "
+                             f"unmerge({merged[0]!r}) before activating {name!r}")
         self.active_adapter = name
 
     def train_adapter(self, name):
         """Activate adapter `name` and freeze everything else: what trains is its adapters,
-        its head and, in the paper's setting (train_layernorm=True), its own LayerNorms."""
+        its head and, in the paper's setting (train_layernorm=True), its own LayerNorms
+        (or its LoRA matrices, prefix, prompt or bias copies, by method)."""
+        if self.get_adapter(name).merged:
+            raise ValueError(f"name: {name!r} is merged (its branches are not computed); "
+                             f"unmerge({name!r}) before training it")
         self.set_active_adapter(name)
         self.freeze()
         self.unfreeze(f"adapters.{name}.*")
+
+    def merge(self, name):
+        """Fold LoRA task `name` into the base weights, W <- W + s A B (peft.lora_merge), and
+        activate it: the forward then runs no branch, at exactly the bare base's cost.
+
+        The original arrays are kept, and unmerge(name) puts them back: the base returns bit for
+        bit. (W + s A B - s A B would not: each floating-point addition rounds.) While merged,
+        the base weights are this task's: activating another task, training, deleting or saving
+        the base wait for unmerge.
+        """
+        s = self.get_adapter(name)
+        if s.method != "lora":
+            raise ValueError(f"name: expected a LoRA task to merge, got {name!r} (method {s.method!r})")
+        if s.merged:
+            raise ValueError(f"name: {name!r} is merged already")
+        self.set_active_adapter(name)
+        for i, (block, lora) in enumerate(zip(self.blocks, s.lora)):
+            for t in lora.targets:
+                module, local = LORA_WEIGHT[t]
+                W = getattr(block, module).p[local]
+                s.merged[(i, t)] = W.value  # the original array itself: nothing writes into it
+                W.value = lora_merge(W.value, lora.p[f"A_{t}"].value, lora.p[f"B_{t}"].value, lora.scale)
+
+    def unmerge(self, name):
+        """Put back the base weights merge(name) replaced: the very arrays, bit for bit."""
+        s = self.get_adapter(name)
+        if not s.merged:
+            raise ValueError(f"name: {name!r} is not merged")
+        for (i, t), original in s.merged.items():
+            module, local = LORA_WEIGHT[t]
+            getattr(self.blocks[i], module).p[local].value = original
+        s.merged = {}
+
+    def drop_prefix_mlp(self, name):
+        """Keep prefix task `name`'s computed prefix and drop its reparameterising MLP (tasks.py)."""
+        self.get_adapter(name).drop_prefix_mlp()
 
     # ------------------------------------------------------------------ forward and backward
 
@@ -357,26 +379,30 @@ class Transformer:
                 got = (pad_mask.dtype, pad_mask.shape) if isinstance(pad_mask, np.ndarray) else type(pad_mask)
                 raise ValueError(f"pad_mask: expected a bool array of shape {ids.shape}, got {got}")
 
-    def _parts(self):
-        """The active task's AdapterSet (or None) and the LayerNorms the forward uses: the
-        base's, with the active task's own copies in their place when it trains them."""
-        s = self.adapters[self.active_adapter] if self.active_adapter else None
-        norms = self.norms()
-        if s is not None:
-            norms.update(s.norms)
-        return s, norms
+    def _active(self):
+        """The active task's AdapterSet, or None for the bare base."""
+        return self.adapters[self.active_adapter] if self.active_adapter else None
+
+    def _base_paths(self):
+        """{path: module} of the base modules a task may hold its own copies for."""
+        mods = {"embed": self.embed, **self.norms()}
+        mods.update({f"blocks.{i}.{k}": getattr(b, k) for i, b in enumerate(self.blocks) for k in ("attn", "ffn")})
+        return mods
 
     def active_parameters(self, head="lm"):
         """{name: Parameter} of exactly what forward(..., head) uses with the active adapter:
-        the base's embeddings and blocks, the active task's adapters, its LayerNorm copies in
-        place of the base's (when it has them), and the head `head` selects."""
-        s, norms = self._parts()
-        mods = [self.embed] + list(norms.values())
-        mods += [m for b in self.blocks for m in (b.attn, b.ffn)]
-        mods += [a for parts in s.blocks for a in parts.values()] if s else []
-        mods.append(self._head(head, s))
-        used = {p.name for m in mods for p in m.parameters()}
-        return {n: p for n, p in self.named_parameters().items() if n in used}
+        the base's embeddings and blocks, with the active task's own copies in place of the
+        base's (LayerNorms, BitFit's biases), its adapters, LoRA branches (not while merged),
+        prefix or prompt, and the head `head` selects."""
+        s = self._active()
+        own = s.own if s else {}
+        used = [p for path, m in self._base_paths().items() for p in m.params(own.get(path)).values()]
+        if s:
+            parts = [m for m in s.modules()[:-1] if not (s.merged and m in s.lora)]
+            used += [p for m in parts for p in m.parameters()]
+        used += self._head(head, s).parameters()
+        names = {p.name for p in used}
+        return {n: p for n, p in self.named_parameters().items() if n in names}
 
     def forward(self, ids, pad_mask=None, head="lm", train=False, rng=None):
         """ids (B, T) ints, pad_mask (B, T) bool (True = real token) -> logits, cache.
@@ -384,23 +410,37 @@ class Transformer:
         head "lm" -> (B, T, V); head "cls" -> (B, K) from the active adapter's head, or from
         the base's cls_head when no adapter is active. train=True turns dropout on, drawing its
         masks from `rng` (a np.random.Generator).
+
+        A prompt-tuning task puts its n soft-prompt embeddings in front of the embedded tokens
+        (real positions for the masks; no position embedding); the heads see only the T real
+        tokens: "lm" gives (B, T, V) for them, "cls" pools the first real token ([CLS]) or the
+        mean over the real tokens. A prefix-tuning task's n keys and values join every attention.
         """
         self._check_inputs(ids, pad_mask)
         cfg = self.config
-        s, norms = self._parts()
-        c = {"norms": norms}  # the cache: every step's, by name
+        s = self._active()
+        own = s.own if s else {}
+        c = {"task": s}  # the cache: every step's, by name
         x, c["embed"] = self.embed.forward(ids)  # (B,T,C), token + position
+        n, mask = (s.n_prompt() if s else 0), pad_mask
+        if n:  # prompt tuning: the soft prompt in front of the embedded tokens
+            x, c["prompt"] = s.prompt.forward(x)  # (B,n+T,C)
+            if pad_mask is not None:  # the prompt is never padding
+                mask = np.concatenate([np.ones((ids.shape[0], n), bool), pad_mask], axis=1)  # (B,n+T)
         if self.ln_emb:
-            x, c["ln_emb"] = norms["ln_emb"].forward(x)  # post-LN (BERT) normalises the embeddings
+            x, c["ln_emb"] = self.ln_emb.forward(x, own.get("ln_emb"))  # post-LN (BERT) normalises the embeddings
         x, c["drop"] = ops.dropout_forward(x, cfg.dropout, rng, train)
-        bias = attention_bias(ids.shape[1], cfg.causal, pad_mask, self.dtype)  # None or (B|1,1,T,T)
+        prefixes, c["prefixes"] = s.prefixes() if s else (None, None)  # per block (P_k, P_v), or None
+        bias = attention_bias(n + ids.shape[1], cfg.causal, mask, self.dtype,
+                              s.n_prefix() if s else 0)  # None or (B|1,1,n+T,n_prefix+n+T)
         c["blocks"] = []
         for i, block in enumerate(self.blocks):
-            x, c_block = block.forward(x, bias, norms[f"blocks.{i}.ln1"], norms[f"blocks.{i}.ln2"],
-                                       s.blocks[i] if s else {}, train, rng)  # (B,T,C)
-            c["blocks"].append(c_block)
+            x, c_block = block.forward(x, bias, s.block_parts(i, prefixes) if s else None, train, rng)
+            c["blocks"].append(c_block)  # x (B,n+T,C)
         if self.ln_f:
-            x, c["ln_f"] = norms["ln_f"].forward(x)  # pre-LN (GPT-2) normalises the last output
+            x, c["ln_f"] = self.ln_f.forward(x, own.get("ln_f"))  # pre-LN (GPT-2) normalises the last output
+        if n:
+            x, c["strip"] = ops.strip_prompt_forward(x, n)  # (B,T,C): the heads see the real tokens only
         c["head"] = head_mod = self._head(head, s)
         logits, c["head_cache"] = head_mod.forward(x, pad_mask)  # (B,T,V) or (B,K)
         return logits, c
@@ -426,40 +466,53 @@ class Transformer:
         all (head-only training stops at the head).
         """
         c = cache
-        norms = c["norms"]
-        upto = self._trains_upto(norms)  # upto[i]: does anything under block i train?
+        s = c["task"]
+        own = s.own if s else {}
+        upto = self._trains_upto(c)  # upto[i]: does anything under block i train?
         L = len(self.blocks)
-        below_head = upto[L] or (self.ln_f is not None and bool(norms["ln_f"].trainable()))
+        below_head = upto[L] or (self.ln_f is not None and bool(self.ln_f.trainable(own.get("ln_f"))))
         dx = c["head"].backward(dlogits, c["head_cache"], need_dx=below_head)
         if not below_head:
             return
+        if "strip" in c:
+            dx = ops.strip_prompt_backward(dx, c["strip"])  # (B,n+T,C): zero at the prompt
         if self.ln_f:
-            dx = norms["ln_f"].backward(dx, c["ln_f"], need_dx=upto[L])
+            dx = self.ln_f.backward(dx, c["ln_f"], need_dx=upto[L], own=own.get("ln_f"))
         for i in reversed(range(L)):
             if not upto[i + 1]:  # nothing in block i or under it trains: stop here
-                return
+                break
             dx = self.blocks[i].backward(dx, c["blocks"][i], need_dx=upto[i])
+        if s is not None:
+            s.prefix_backward(c["prefixes"])  # every block's dP_k, dP_v on through the prefix MLP
         if not upto[0]:
             return
         dx = ops.dropout_backward(dx, c["drop"])
+        embed_trains = any(p.trainable for p in self.embed.parameters())
+        prompt_trains = "prompt" in c and bool(s.prompt.trainable())
         if self.ln_emb:
-            embed_trains = any(p.trainable for p in self.embed.parameters())
-            dx = norms["ln_emb"].backward(dx, c["ln_emb"], need_dx=embed_trains)
+            dx = self.ln_emb.backward(dx, c["ln_emb"], need_dx=embed_trains or prompt_trains,
+                                      own=own.get("ln_emb"))
+        if "prompt" in c and dx is not None:  # forward was x = [P; x]
+            dx = s.prompt.backward(dx, c["prompt"], need_dx=embed_trains)
         if dx is not None:
             self.embed.backward(dx, c["embed"])
 
-    def _trains_upto(self, norms):
-        """upto[i], i = 0..n_layers: does any parameter under block i train (the embeddings and
-        blocks 0..i-1, with the active task's adapters and LayerNorms)? upto[n_layers] covers
-        every block."""
-        def trains(mods):
-            return any(p.trainable for m in mods for p in m.parameters())
-        s = self.adapters[self.active_adapter] if self.active_adapter else None
-        upto = [trains([self.embed] + ([norms["ln_emb"]] if self.ln_emb else []))]
-        for i, b in enumerate(self.blocks):
-            mods = [b.attn, b.ffn, norms[f"blocks.{i}.ln1"], norms[f"blocks.{i}.ln2"]]
-            mods += list(s.blocks[i].values()) if s else []
-            upto.append(upto[-1] or trains(mods))
+    def _trains_upto(self, c):
+        """upto[i], i = 0..n_layers: does any parameter under block i train (the embeddings,
+        the prompt and ln_emb, and blocks 0..i-1 with what the forward's task added to them)?
+        upto[n_layers] covers every block."""
+        s = c["task"]
+        own = s.own if s else {}
+
+        def trains(params):
+            return any(p.trainable for p in params)
+        first = self.embed.parameters() + (s.prompt.parameters() if s and s.prompt else [])
+        first += list(self.ln_emb.params(own.get("ln_emb")).values()) if self.ln_emb else []
+        upto = [trains(first)]
+        for b, c_block in zip(self.blocks, c["blocks"]):
+            parts = c_block["parts"]
+            params = [p for k in ("attn", "ffn", "ln1", "ln2") for p in getattr(b, k).params(parts.own.get(k)).values()]
+            upto.append(upto[-1] or trains(params + parts.parameters()))
         return upto
 
     def loss(self, ids, targets, pad_mask=None, head="lm", train=False, rng=None, backward=False,
@@ -479,13 +532,14 @@ class Transformer:
     # ------------------------------------------------------------------ reports
 
     def parameter_groups(self):
-        """{group: (total, trainable)} over embeddings, attention, FFN, LayerNorm, adapters, heads."""
-        groups = {g: [0, 0] for g in ("embeddings", "attention", "FFN", "LayerNorm", "adapters", "heads")}
+        """{group: (total, trainable)} over embeddings, attention, FFN, LayerNorm, adapters, heads,
+        and the groups of the other methods (LoRA, prefix, prompt, biases) where the model has any."""
+        groups = {g: [0, 0] for g in GROUPS}
         for name, p in self.named_parameters().items():
             g = group_of(name)
             groups[g][0] += p.value.size
             groups[g][1] += p.value.size if p.trainable else 0
-        return {g: tuple(v) for g, v in groups.items()}
+        return {g: tuple(v) for g, v in groups.items() if g in BASE_GROUPS or v[0]}
 
     def parameter_report(self):
         """A table like the adapter libraries print: total, trainable, % and the group breakdown."""
@@ -498,21 +552,3 @@ class Transformer:
 
     def print_trainable_parameters(self):
         print(self.parameter_report())
-
-
-def group_of(name):
-    """The report group of a dotted parameter name."""
-    last = name.rsplit(".", 2)[-2]  # the module's own name: attn, ffn, ln1, head, parallel, ...
-    if name.startswith("adapters."):
-        if ".head." in name:
-            return "heads"
-        if last.startswith("ln"):
-            return "LayerNorm"
-        return "adapters"
-    if name.startswith("embed."):
-        return "embeddings"
-    if last.startswith("ln"):
-        return "LayerNorm"
-    if "head" in last:
-        return "heads"
-    return {"attn": "attention", "ffn": "FFN"}[last]

@@ -5,7 +5,7 @@ machine: a size that would not fit in memory is refused before its first array i
 instead of NumPy failing half-way or the system killing the process.
 
     parameter_count(cfg)                     the base (the shipped one: 214,883)
-    adapter_parameter_count(cfg, adapter, K) one task's adapter set: adapters, LayerNorms, head
+    adapter_parameter_count(cfg, adapter, K) one task, any method: what it adds, its copies, its head
     step_bytes(cfg, B, T, adapter, K)        parameters, AdamW's state and cached activations
     check_fits(nbytes, what)                 ValueError when nbytes exceed the memory available
 
@@ -31,20 +31,45 @@ def parameter_count(cfg):
 
 
 def adapter_parameter_count(cfg, adapter, n_classes):
-    """Parameters of one task's adapter set (model.add_adapter(name, adapter, n_classes))."""
-    C, L, m = cfg.d_model, cfg.n_layers, adapter.size(cfg.d_model)
-    one = C * m + m + m * C + C  # W_down (C,m), b_down, W_up (m,C), b_up
-    norms = (2 * L + 1) * 2 * C if adapter.train_layernorm else 0  # the task's LayerNorm copies
-    return L * len(adapter.sites()) * one + norms + C * n_classes + n_classes
+    """Parameters of one task (model.add_adapter(name, adapter, n_classes)), whatever its method
+    (tasks.METHODS): what the method adds, the task's own copies of base parameters, its head."""
+    from .tasks import method_of  # here, not at the top: tasks.py builds on model's modules
+    C, F, L = cfg.d_model, cfg.d_ff, cfg.n_layers
+    method = method_of(adapter)
+    head = C * n_classes + n_classes
+    if method == "adapter":
+        m = adapter.size(C)
+        one = C * m + m + m * C + C  # W_down (C,m), b_down, W_up (m,C), b_up
+        norms = (2 * L + 1) * 2 * C if adapter.train_layernorm else 0  # the task's LayerNorm copies
+        return L * len(adapter.sites()) * one + norms + head
+    if method == "lora":  # A (d_in, r) and B (r, d_out) per target, in every block
+        dims = {"q": (C, C), "k": (C, C), "v": (C, C), "o": (C, C), "ffn1": (C, F), "ffn2": (F, C)}
+        return L * sum(adapter.r * (dims[t][0] + dims[t][1]) for t in adapter.targets) + head
+    if method == "prefix":  # P_k, P_v (n, C) per block; or P' (n, C) and the MLP that makes them
+        n, h = adapter.n_prefix, adapter.hidden
+        if adapter.reparameterize:
+            return n * C + C * h + h + h * 2 * L * C + 2 * L * C + head
+        return L * 2 * n * C + head
+    if method == "prompt":  # P (n, C)
+        return adapter.n_prompt * C + head
+    widths = {"q": C, "k": C, "v": C, "o": C, "ffn1": F, "ffn2": C}  # bitfit: each bias's length
+    betas = (2 * L + 1) * C if adapter.layernorm else 0  # every LayerNorm's beta
+    return L * sum(widths[b] for b in adapter.biases) + betas + head
 
 
 def activation_count(cfg, batch, seq_len, adapter=None):
     """Numbers a forward pass keeps for its backward (an estimate, within a factor of ~2)."""
-    B, T, C, F, H, V = batch, seq_len, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.vocab_size
+    from .tasks import method_of
+    method = None if adapter is None else method_of(adapter)
+    T_keys = seq_len + (adapter.n_prefix if method == "prefix" else 0)  # a prefix adds keys
+    T = seq_len + (adapter.n_prompt if method == "prompt" else 0)  # a prompt adds positions
+    B, C, F, H, V = batch, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.vocab_size
     per_token = 12 * C + 2 * F  # LayerNorms, q, k, v, context, sub-layer outputs; FFN's two (F)
-    if adapter is not None:  # each adapter: down, its nonlinearity's cache (4 m), up (C)
+    if method == "adapter":  # each adapter: down, its nonlinearity's cache (4 m), up (C)
         per_token += len(adapter.sites()) * (4 * adapter.size(C) + C)
-    per_block = B * T * per_token + 3 * B * H * T * T  # scores, probabilities, dropout (B,H,T,T)
+    if method == "lora":  # each branch keeps x A (r)
+        per_token += len(adapter.targets) * adapter.r
+    per_block = B * T * per_token + 3 * B * H * T * T_keys  # scores, probabilities, dropout
     return cfg.n_layers * per_block + B * T * (4 * C + 2 * V)  # embeddings; LM logits and softmax
 
 

@@ -108,10 +108,10 @@ def reference_forward(model, ids, pad_mask):
     pre-LN:  x = x + Ad_attn(Attn(LN1(x)));  x = x + Ad_ffn(FFN(LN2(x)))
     parallel: the FFN's output plus s * W_up f(W_down x_in) of the FFN's own input x_in."""
     cfg, s = model.config, model.adapters[model.active_adapter]
-    ad_cfg, norms = s.config, {**model.norms(), **s.norms}
+    ad_cfg, norms = s.config, {key: {**ln.p, **s.own.get(key, {})} for key, ln in model.norms().items()}
 
     def ln(key, x):
-        return L.layernorm_forward(x, norms[key].p["gamma"].value, norms[key].p["beta"].value, cfg.ln_eps)[0]
+        return L.layernorm_forward(x, norms[key]["gamma"].value, norms[key]["beta"].value, cfg.ln_eps)[0]
 
     def adapter(block, site, x):
         return adapter_forward(x, s.blocks[block][site].w, ad_cfg.nonlinearity, site != "parallel",

@@ -75,6 +75,31 @@ def test_ratios_are_computed_from_the_timings(quick_run):
     assert r["adapter_latency_overhead"] == pytest.approx(r["forward_adapters_s"] / r["forward_s"] - 1)
     m = str(bench.QUICK.bottleneck)
     assert r["adapter_latency_overhead_by_m"][m] == pytest.approx(r["adapter_latency_overhead"])
+    # the rest of the family beside the adapters: LoRA unmerged and merged, prefix, prompt
+    assert set(r["forward_peft_s"]) == {"adapter", "lora", "lora_merged", "prefix", "prompt"}
+    assert r["forward_peft_s"]["adapter"] == r["forward_adapters_s"]
+    for k, v in r["forward_peft_s"].items():
+        assert v > 0 and r["peft_latency_overhead"][k] == pytest.approx(v / r["forward_s"] - 1), k
+
+
+def test_the_latency_models_are_what_they_say():
+    """The merged LoRA model computes no branch, the unmerged one does; the prefix and the prompt
+    are the configured lengths; and each gives the logits of its kind."""
+    b = bench.QUICK
+    models = bench.peft_models(b)
+    assert models["lora_merged"].adapters["task"].merged and not models["lora"].adapters["task"].merged
+    assert models["lora"].adapters["task"].config.r == b.lora_rank
+    assert models["prefix"].adapters["task"].n_prefix() == b.n_prefix
+    assert models["prompt"].adapters["task"].n_prompt() == b.n_prompt
+    ids, _ = bench.make_batch(b)
+    for name, model in models.items():
+        logits, cache = model.forward(ids, head="cls")
+        assert logits.shape == (b.batch, 2), name
+    parts = models["lora_merged"].adapters["task"].block_parts(0)
+    assert parts.lora is None and models["lora"].adapters["task"].block_parts(0).lora is not None
+    # B = 0: merged and unmerged give the bare base's logits (the latency of zeros is the latency)
+    np.testing.assert_array_equal(models["lora"].forward(ids, head="cls")[0],
+                                  models["lora_merged"].forward(ids, head="cls")[0])
 
 
 def test_flop_count_matches_the_shapes():

@@ -1,13 +1,15 @@
 """Checkpoints round-trip bit for bit, adapter files are small, every bad
 file is refused with a clear CheckpointError and leaves the model untouched, and a failed save
 leaves the previous file intact."""
+import json
 import os
 
 import numpy as np
 import pytest
 from conftest import snapshot
 
-from minitransformer import AdapterConfig, ModelConfig, Transformer
+from minitransformer import (AdapterConfig, BitFitConfig, LoRAConfig, ModelConfig, PrefixConfig, PromptConfig,
+                             Transformer)
 from minitransformer.tools.checkpoint import CheckpointError, load_adapter, load_base, save_adapter, save_base
 
 
@@ -283,3 +285,82 @@ def test_failed_save_leaves_the_previous_file_intact(files, monkeypatch, what):
     loaded = load_base(files / "base.npz")  # and the old file still loads
     if what == "adapter":
         load_adapter(loaded, target)
+
+
+# ----------------------------------------------------------------------------- the other methods
+
+PEFT_CONFIGS = {"lora": LoRAConfig(r=2, targets=("q", "v", "ffn2"), init="gaussian"),
+                "prefix": PrefixConfig(n_prefix=3, reparameterize=False),
+                "prefix_mlp": PrefixConfig(n_prefix=2, hidden=6),
+                "prompt": PromptConfig(n_prompt=3),
+                "bitfit": BitFitConfig(biases=("q", "o", "ffn1"))}
+
+
+def meta_of(path):
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(str(z["__meta__"]))
+
+
+@pytest.mark.parametrize("method", list(PEFT_CONFIGS))
+def test_every_method_round_trips_bit_identical(tmp_path, method):
+    model = make_model()
+    s = model.add_adapter("task", PEFT_CONFIGS[method], n_classes=2, seed=1)
+    rng = np.random.default_rng(1)
+    for p in s.parameters():  # off the init, as training would move them
+        p.value += rng.standard_normal(p.value.shape).astype(p.value.dtype)
+    save_base(model, tmp_path / "base.npz")
+    save_adapter(model, "task", tmp_path / "task.npz")
+    meta = meta_of(tmp_path / "task.npz")
+    assert meta["method"] == s.method and type(s.config)(**meta["adapter_config"]) == s.config
+    other = load_base(tmp_path / "base.npz")
+    assert load_adapter(other, tmp_path / "task.npz") == "task"
+    assert other.adapters["task"].config == s.config and other.adapters["task"].method == s.method
+    assert snapshot(other) == snapshot(model)
+    model.set_active_adapter("task")
+    other.set_active_adapter("task")
+    ids, pad = ids_and_mask()
+    for head in ("lm", "cls"):
+        assert np.array_equal(other.forward(ids, pad, head=head)[0], model.forward(ids, pad, head=head)[0])
+
+
+def test_a_merged_lora_task_saves_its_own_matrices_but_the_base_waits(tmp_path):
+    model = make_model()
+    model.add_adapter("task", LoRAConfig(), n_classes=2)
+    model.merge("task")
+    save_adapter(model, "task", tmp_path / "task.npz")  # A and B: unchanged by merging
+    with pytest.raises(CheckpointError, match=r"task 'task' is merged into the base weights; "
+                                              r"model.unmerge\('task'\) before saving the base"):
+        save_base(model, tmp_path / "base.npz")
+    assert not (tmp_path / "base.npz").exists()
+    model.unmerge("task")
+    save_base(model, tmp_path / "base.npz")
+    other = load_base(tmp_path / "base.npz")
+    load_adapter(other, tmp_path / "task.npz")
+    assert snapshot(other) == snapshot(model)
+
+
+def test_a_file_without_method_loads_as_adapters(files):
+    """Adapter files written before the other methods existed have no 'method': adapters."""
+    meta = meta_of(files / "task.npz")
+    del meta["method"]
+    old = rewrite(files / "task.npz", files / "old.npz", replace={"__meta__": np.array(json.dumps(meta))})
+    model = load_base(files / "base.npz")
+    load_adapter(model, old)
+    assert model.adapters["task"].method == "adapter"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(method="dora"), r"method expected one of \('adapter', 'lora', 'prefix', 'prompt', 'bitfit'\), got 'dora'"),
+    (dict(method="lora"), r"adapter_config is not valid \(LoRAConfig.__init__\(\) got an unexpected keyword"),
+    (dict(method="lora", adapter_config={"r": 0}), r"adapter_config is not valid \(r: expected an integer >= 1, got 0\)"),
+    (dict(method="prompt", adapter_config={"n_prompt": 2}), r"missing key 'prompt.P'"),
+    (dict(adapter_config=[1]), r"adapter_config expected a JSON object, got list"),
+])
+def test_a_wrong_method_or_config_is_refused_and_model_untouched(files, change, message):
+    meta = {**meta_of(files / "task.npz"), **change}
+    bad = rewrite(files / "task.npz", files / "bad.npz", replace={"__meta__": np.array(json.dumps(meta))})
+    model = load_base(files / "base.npz")
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=message):
+        load_adapter(model, bad)
+    assert untouched(model, before, [])

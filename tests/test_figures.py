@@ -18,9 +18,10 @@ def _quick(out):
 
 
 def _without_timings(x):
-    """The results with every 'seconds' entry dropped (wall-clock time differs between runs)."""
+    """The results with every 'seconds' and 'step_ms' entry dropped (wall-clock time differs
+    between runs)."""
     if isinstance(x, dict):
-        return {k: _without_timings(v) for k, v in x.items() if k != "seconds"}
+        return {k: _without_timings(v) for k, v in x.items() if k not in ("seconds", "step_ms")}
     if isinstance(x, list):
         return [_without_timings(v) for v in x]
     return x
@@ -46,7 +47,8 @@ def test_results_have_the_expected_keys_and_sane_values(quick):
     s = res["settings"]
     n = s["n_layers"]
     expected = {f"adapter_m{m}" for m in s["adapter_sizes"]} | {f"top_{k}" for k in range(1, n + 1)} \
-        | {"layernorm", "head", "full"}
+        | {"layernorm", "head", "full"} | {f"lora_r{r}" for r in s["lora_ranks"]} \
+        | {f"prefix_n{p}" for p in s["prefix_lengths"]} | {f"prompt_n{p}" for p in s["prompt_lengths"]} | {"bitfit"}
     assert set(res["runs"]) == set(s["tasks"])
     for task, runs in res["runs"].items():
         assert set(runs) == expected
@@ -54,6 +56,12 @@ def test_results_have_the_expected_keys_and_sane_values(quick):
             assert 0 <= rec["test_acc"] <= 1 and 0 <= rec["val_acc"] <= 1
             assert 0 < rec["trained"] <= rec["total"]
             assert rec["pct"] == pytest.approx(100 * rec["trained"] / rec["total"])
+            assert rec["step_ms"] > 0
+            # a prefix stores the prefix its MLP computed, not the MLP; the others what they trained
+            assert (rec["stored"] < rec["trained"]) if rec["method"] == "prefix" and s["prefix_mlp"] \
+                else rec["stored"] == rec["trained"]
+        assert res["step_ms"][f"lora_r{s['lora_ranks'][0]}"] == pytest.approx(
+            np.mean([res["runs"][t][f"lora_r{s['lora_ranks'][0]}"]["step_ms"] for t in res["runs"]]))
         assert runs["full"]["pct"] == pytest.approx(100)  # full trains the whole classification path
         assert runs["head"]["trained"] < runs["layernorm"]["trained"] < runs["full"]["trained"]
         grid = res["ablation"][task]["grid"]
@@ -71,6 +79,12 @@ def test_results_have_the_expected_keys_and_sane_values(quick):
     st = res["storage"]
     assert len(st["T"]) == s["storage_T"]
     assert st["adapters_params"][-1] < st["copies_params"][-1]
+    assert set(st["methods"]) == {"adapter", "lora", "prefix", "prompt", "bitfit"}
+    for method, values in st["methods"].items():
+        assert len(values["params"]) == len(values["bytes"]) == s["storage_T"]
+        assert values["bytes"][-1] < st["copies_bytes"][-1], method
+    assert st["methods"]["adapter"]["params"] == st["adapters_params"]
+    assert set(res["step_ms"]) == expected
 
 
 def test_parameter_counts_match_the_models(quick):
@@ -79,12 +93,18 @@ def test_parameter_counts_match_the_models(quick):
     base = experiments.load_base(settings)
     task = data.load_task(settings.tasks[0], seed=settings.seed)
     lm_head = sum(p.value.size for p in base.lm_head.parameters())
-    for rec in res["runs"][task.name].values():
+    stored = {experiments.storage_key(m, settings): m for m in res["storage"]["methods"]}
+    for key, rec in res["runs"][task.name].items():
         model = copy.deepcopy(base)
-        config = AdapterConfig(bottleneck=rec["size"]) if rec["method"] == "adapter" else None
+        config = experiments.task_config(rec["method"], rec["size"], settings)
         train.prepare(model, rec["method"], task.n_classes, adapter_config=config, k=rec["k"])
         assert rec["trained"] == model.num_parameters(trainable_only=True), rec["label"]
         assert rec["total"] == model.num_parameters() - lm_head, rec["label"]
+        if rec["method"] == "prefix":  # stored: L layers x (P_k, P_v) x n x C, and the head
+            C, L = base.config.d_model, base.config.n_layers
+            assert rec["stored"] == L * 2 * rec["size"] * C + C * task.n_classes + task.n_classes
+        if key in stored:
+            assert res["storage"]["methods"][stored[key]]["per_task"][task.name]["params"] == rec["stored"]
         if rec["method"] == "adapter":
             per_task = res["storage"]["per_task"][task.name]
             if rec["size"] == settings.main_size:
@@ -160,6 +180,47 @@ def test_findings_follow_the_numbers(quick):
     text = " ".join(plots.findings(res))
     assert "within a few points of full fine-tuning (1.0 points lower)" in text
     assert "clearly worse: 50.0 % (39.0 points below" in text
+
+
+def test_family_findings_follow_the_numbers(quick):
+    _, res = quick
+    res = copy.deepcopy(res)
+    s = res["settings"]
+    runs = res["runs"][s["tasks"][0]]
+    lora, prompt = f"lora_r{s['lora_ranks'][0]}", f"prompt_n{s['prompt_lengths'][0]}"
+    runs["full"]["test_acc"], runs[lora]["test_acc"], runs[prompt]["test_acc"] = 0.9, 0.89, 0.7
+    for key in runs:
+        if plots.method_of_key(key) in ("adapter", "prefix", "bitfit"):
+            runs[key]["test_acc"] = 0.8
+    text = " ".join(plots.findings(res))
+    assert f"by average test accuracy: LoRA r={s['lora_ranks'][0]} 89.0 %" in text
+    assert f"Within 3 points of full fine-tuning: LoRA r={s['lora_ranks'][0]}." in text
+    assert f"prompt n={s['prompt_lengths'][0]} (20.0 points)" in text
+    assert f"Prompt tuning (prompt n={s['prompt_lengths'][0]}, " in text
+    assert "trained) ends 20.0 points below full fine-tuning" in text
+    assert "as Lester et al. found for small models" in text
+    runs[prompt]["test_acc"] = 0.895
+    assert "closer than Lester et al. found" in " ".join(plots.findings(res))
+    res["step_ms"] = {k: 10.0 for k in res["step_ms"]}
+    res["step_ms"]["full"], res["step_ms"]["bitfit"] = 20.0, 5.0
+    assert "takes 20.0 ms for full fine-tuning; BitFit 5.0 ms (0.25 x)" in " ".join(plots.findings(res))
+    mib = res["storage"]["methods"]["prompt"]["bytes"][-1] / 2 ** 20
+    assert f"prompt {mib:.2f} MiB" in " ".join(plots.findings(res))
+
+
+def test_results_from_before_the_other_methods_still_draw_and_write(quick, tmp_path):
+    """A results.json with adapter runs only (as committed before LoRA and the rest) redraws."""
+    _, res = quick
+    res = copy.deepcopy(res)
+    for runs in res["runs"].values():
+        for key in [k for k in runs if plots.method_of_key(k) in ("lora", "prefix", "prompt", "bitfit")]:
+            del runs[key]
+    for key in ("step_ms",):
+        del res[key]
+    del res["storage"]["methods"]
+    plots.draw_all(res, tmp_path)
+    assert all((tmp_path / f"{n}.png").read_bytes().startswith(PNG_MAGIC) for n in plots.NAMES)
+    assert "LoRA" not in " ".join(plots.findings(res))
 
 
 def test_init_std_finding_follows_the_numbers(quick):

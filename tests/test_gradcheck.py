@@ -54,7 +54,10 @@ def test_operation_checks_cover_every_operation_below_threshold():
     for needed in ("linear", "token embedding", "position embedding", "layernorm", "layernorm (constant row",
                    "gelu", "relu", "tanh", "softmax (masked)", "dropout", "attention (causal + padding)",
                    "attention (padding)", "adapter (gelu", "adapter (relu", "adapter (tanh",
-                   "adapter (gelu, parallel", "cross-entropy (ignored positions)"):
+                   "adapter (gelu, parallel", "cross-entropy (ignored positions)",
+                   "attention + LoRA q,v (causal + padding)", "attention + LoRA k,o",
+                   "attention + prefix (causal + padding)", "attention + prefix + LoRA q,v (padding)",
+                   "lora", "prefix MLP", "prompt", "strip prompt"):
         assert any(op.startswith(needed) for op in ops), needed
     bad = [(op, name, err) for op, name, _, err in rows if not err <= OP_THRESHOLD]
     assert not bad, bad
@@ -63,8 +66,13 @@ def test_operation_checks_cover_every_operation_below_threshold():
 def test_model_variants_cover_norms_heads_and_placements():
     variants = model_variants()
     assert {(norm, head) for _, norm, head, _ in variants} == {(n, h) for n in ("post", "pre") for h in ("lm", "cls")}
-    assert {(norm, pl) for _, norm, _, pl in variants if pl} == {(n, p) for n in ("post", "pre")
-                                                                for p in ("houlsby", "ffn", "parallel")}
+    placements = ("houlsby", "ffn", "parallel")
+    assert {(norm, pl) for _, norm, _, pl in variants if pl in placements} == {(n, p) for n in ("post", "pre")
+                                                                              for p in placements}
+    # every other method: post-LN and pre-LN under the classification head, and the causal LM head
+    assert {(norm, head, m) for _, norm, head, m in variants if m and m not in placements} == {
+        (norm, head, m) for m in ("lora", "prefix", "prefix MLP", "prompt", "bitfit")
+        for norm, head in (("post", "cls"), ("pre", "cls"), ("pre", "lm"))}
 
 
 def test_check_model_refuses_a_frozen_parameter_with_a_gradient(monkeypatch):

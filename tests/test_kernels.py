@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from conftest import batch, generic_adapter, generic_model
 
-from minitransformer import AdapterConfig, ModelConfig, Transformer, backend, gradcheck
+from minitransformer import (AdapterConfig, BitFitConfig, LoRAConfig, ModelConfig, PrefixConfig, PromptConfig,
+                             Transformer, backend, gradcheck)
 from minitransformer import adapters, attention, layers, losses, optim
 from minitransformer.optim import AdamW
 from minitransformer.tools import kernels, kernels_attention
@@ -141,6 +142,35 @@ def test_attention_with_masks(size, dtype, need):
                  attention.attention_backward(d, cr, need_dx, need), dtype, "dx, grads")
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("targets, n_prefix, causal", [("qv", 0, True), ("ko", 3, False), ("", 3, True),
+                                                        ("qkvo", 2, True)])
+@pytest.mark.parametrize("need", [None, {"A_q", "B_v", "P_k", "W_o"}, {"B_o"}], ids=["all", "some", "B_o only"])
+def test_attention_with_lora_and_prefix(size, dtype, targets, n_prefix, causal, need):
+    """LoRA branches on some projections and a prefix in front of the keys and values: the fast
+    kernel computes them as the reference does, forward and backward (frozen names skipped)."""
+    rng = np.random.default_rng(7)
+    B, T, C = (3, 5, 16) if size == "small" else (8, 64, 128)
+    w = {f"{k}_{n}": randn(rng, dtype, *((C, C) if k == "W" else (C,))) / np.sqrt(C).astype(dtype)
+         for n in "qkvo" for k in "Wb"}
+    lora = {t: (randn(rng, dtype, C, 4) * dtype(0.3), randn(rng, dtype, 4, C) * dtype(0.3), 2.0) for t in targets}
+    prefix = (randn(rng, dtype, n_prefix, C), randn(rng, dtype, n_prefix, C)) if n_prefix else None
+    x, d = randn(rng, dtype, B, T, C), randn(rng, dtype, B, T, C)
+    pad = np.ones((B, T), bool)
+    pad[1, T - 2:] = False
+    bias = attention.attention_bias(T, causal, pad, dtype, n_prefix)
+    (of, cf), (orf, cr) = (mod.attention_forward(x, w, 4, bias, lora=lora, prefix=prefix)
+                           for mod in (kernels_attention, attention))
+    assert_close(of, orf, dtype, "out")
+    if need is not None:  # only names the forward had
+        need = {n for n in need if n in set(w) | {f"{m}_{t}" for t in targets for m in "AB"}
+                | ({"P_k", "P_v"} if n_prefix else set())}
+    need_dx = need is None
+    assert_close(kernels_attention.attention_backward(d, cf, need_dx, need),
+                 attention.attention_backward(d, cr, need_dx, need), dtype, "dx, grads")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("nonlinearity, skip, scaling", [("gelu", True, 1.0), ("relu", True, 1.0),
                                                          ("tanh", True, 1.0), ("gelu", False, 4.0)])
@@ -189,6 +219,55 @@ def test_a_whole_model_checks_on_each_path(path, norm):
         rows = gradcheck.check_model(model, ids, np.array([0, 2, 1]), pad, head="cls")
     errors = [err for _, _, trains, err in rows if trains]
     assert len(errors) >= 20 and max(errors) <= gradcheck.MODEL_THRESHOLD
+
+
+METHODS = {"lora": LoRAConfig(r=2, alpha=2.0, targets=("q", "k", "v", "o", "ffn1", "ffn2")),
+           "prefix": PrefixConfig(n_prefix=2, reparameterize=False),
+           "prefix_mlp": PrefixConfig(n_prefix=2, hidden=5, init_std=1.0),
+           "prompt": PromptConfig(n_prompt=2, init="normal", init_std=0.5),
+           "bitfit": BitFitConfig()}
+
+
+@pytest.mark.parametrize("path", backend.PATHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_checks_on_each_path(path, method):
+    """Every parameter of a LoRA, prefix, prompt or BitFit task on a frozen pre-LN base, causal
+    LM head and padding, checked against finite differences on each path."""
+    model = generic_model(norm="pre", causal=True, pooling="mean")
+    s = model.add_adapter("task", METHODS[method], n_classes=3, seed=1)
+    rng = np.random.default_rng(3)
+    for p in s.parameters():  # off the exact start (B = 0, BitFit's copies = the base's)
+        p.value += 0.3 * rng.standard_normal(p.value.shape)
+    model.train_adapter("task")
+    ids, targets, pad = batch(model.config, head="lm")
+    with backend.using(path):
+        rows = gradcheck.check_model(model, ids, targets, pad, head="lm", dropout_seed=5)
+    errors = [err for name, _, trains, err in rows if trains and ".head." not in name]
+    assert errors and max(errors) <= gradcheck.MODEL_THRESHOLD  # the prompt: one array
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_few_steps_of_every_method_give_the_same_weights_on_both_paths(method):
+    def steps(path):
+        model = Transformer(ModelConfig(vocab_size=23, max_len=16, d_model=32, n_heads=4, n_layers=2,
+                                        d_ff=64, n_classes=3, dropout=0.1, dtype="float64"), seed=0)
+        model.add_adapter("t", METHODS[method], n_classes=3, seed=1)
+        model.train_adapter("t")
+        model.freeze("*.b_k")  # its gradient is round-off noise (see train() below)
+        rng = np.random.default_rng(0)
+        ids, labels = rng.integers(0, 23, (8, 16)), rng.integers(0, 3, 8)
+        pad = np.ones((8, 16), bool)
+        pad[1, 9:] = False
+        with backend.using(path):
+            opt, drop = AdamW(model.parameters(), lr=1e-2), np.random.default_rng(1)
+            for _ in range(4):
+                opt.zero_grad()
+                model.loss(ids, labels, pad, head="cls", train=True, rng=drop, backward=True)
+                opt.step()
+        return {n: p.value for n, p in model.named_parameters().items()}
+    ref, fast = steps("reference"), steps("fast")
+    for n in ref:
+        assert_close(fast[n], ref[n], np.float64, n, scale=max(1.0, largest(ref[n])))
 
 
 def train(path, dtype, steps=5):

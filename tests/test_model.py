@@ -14,6 +14,7 @@ from minitransformer import AdapterConfig, ModelConfig, Transformer
 from minitransformer.attention import attention_bias
 from minitransformer.gradcheck import MODEL_THRESHOLD, OP_THRESHOLD, check_model, check_module
 from minitransformer.model import Block
+from minitransformer.tasks import BlockParts
 from minitransformer.modules import (Adapter, Attention, ClassifierHead, FeedForward, LayerNorm,
                                      LMHead)
 
@@ -113,7 +114,7 @@ class BlockUnderTest:
 
     def forward(self, x, bias=None):
         rng = np.random.default_rng(self.seed)
-        return self.block.forward(x, bias, self.block.ln1, self.block.ln2, self.adapters, True, rng)
+        return self.block.forward(x, bias, BlockParts(adapters=self.adapters), True, rng)
 
     def backward(self, dout, cache):
         return self.block.backward(dout, cache)

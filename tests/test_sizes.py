@@ -7,6 +7,7 @@ import pytest
 
 from minitransformer import AdapterConfig, ModelConfig, Transformer, sizes
 from minitransformer.optim import AdamW
+from minitransformer.peft import BitFitConfig, LoRAConfig, PrefixConfig, PromptConfig
 from minitransformer.tools import pretrain
 
 
@@ -68,3 +69,16 @@ def test_check_fits_refuses_more_than_is_available(monkeypatch):
 def test_available_memory_is_a_positive_number_here():
     room = sizes.available_memory()
     assert room is None or room > 0
+
+
+@pytest.mark.parametrize("config", [
+    AdapterConfig(bottleneck=3), AdapterConfig(bottleneck=2, placement="ffn", train_layernorm=False),
+    LoRAConfig(r=2), LoRAConfig(r=3, targets=("q", "k", "v", "o", "ffn1", "ffn2")),
+    PrefixConfig(n_prefix=3), PrefixConfig(n_prefix=2, reparameterize=False), PromptConfig(n_prompt=4),
+    BitFitConfig(), BitFitConfig(biases=("q", "ffn1"), layernorm=False)], ids=repr)
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_every_methods_count_is_the_parameters_it_creates(config, norm):
+    cfg = ModelConfig(vocab_size=11, max_len=8, d_model=8, n_heads=2, n_layers=2, d_ff=16, norm=norm)
+    model = Transformer(cfg)
+    task = model.add_adapter("task", config, n_classes=3)
+    assert sizes.adapter_parameter_count(cfg, config, 3) == sum(p.value.size for p in task.parameters())

@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from minitransformer import AdapterConfig, ModelConfig, Transformer
+from minitransformer import AdapterConfig, LoRAConfig, ModelConfig, PrefixConfig, PromptConfig, Transformer
 from minitransformer.tools import data, train
 
 
@@ -61,9 +61,28 @@ def test_prepare_methods_train_what_they_say():
     assert set(trainable(m)) == {n for n in m.named_parameters() if not n.startswith("lm_head.")}
 
 
+@pytest.mark.parametrize("method, config, label, leaves", [
+    ("lora", LoRAConfig(r=2), "LoRA (r=2, q,v)", {"A_q", "B_q", "A_v", "B_v"}),
+    ("prefix", None, "prefix (n=8, MLP)", {"P0", "W_1", "b_1", "W_2", "b_2"}),
+    ("prefix", PrefixConfig(n_prefix=3, reparameterize=False), "prefix (n=3)", {"P_k", "P_v"}),
+    ("prompt", PromptConfig(n_prompt=5), "prompt (n=5)", {"P"}),
+    ("bitfit", None, "BitFit", {"b_q", "b_k", "b_v", "b_o", "b_1", "b_2", "beta"}),
+])
+def test_prepare_the_other_methods(method, config, label, leaves):
+    m = tiny_model()
+    assert train.prepare(m, method, 2, adapter_config=config, name="t") == label
+    names = trainable(m)
+    assert m.active_adapter == "t" and all(n.startswith("adapters.t.") for n in names)
+    assert {n.rsplit(".", 1)[1] for n in names} == leaves | {"W", "b"}  # and the head's
+
+
 def test_prepare_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="method.*adapter.*'lora'"):
-        train.prepare(tiny_model(), "lora", 2)
+    with pytest.raises(ValueError, match="method.*adapter.*'dora'"):
+        train.prepare(tiny_model(), "dora", 2)
+    with pytest.raises(ValueError, match="adapter_config: expected a LoRAConfig for method 'lora', got PromptConfig"):
+        train.prepare(tiny_model(), "lora", 2, adapter_config=PromptConfig())
+    with pytest.raises(ValueError, match="adapter_config: only used by the methods .*, got it with 'full'"):
+        train.prepare(tiny_model(), "full", 2, adapter_config=AdapterConfig())
     with pytest.raises(ValueError, match=r"k: expected an integer in \[0, 2\]"):
         train.prepare(tiny_model(), "top_k", 2, k=3)
     with pytest.raises(ValueError, match="k: only used"):

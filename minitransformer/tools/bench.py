@@ -12,6 +12,10 @@ several repetitions of:
                       train_layernorm=False): the gradient then stops at block 0's attention
   forward_s           the inference forward pass of the bare base
   forward_adapters_s  the same with adapters of each size m in {8, 64, 256}
+  forward_peft_s      the same with the rest of the family: LoRA (r = 8 on W_q, W_v) unmerged
+                      (its branches computed) and merged into W (none computed), a prefix and a
+                      soft prompt of 16 (their longer sequences: 16 more keys, or 16 more positions),
+                      beside the adapters (m = 64); peft_latency_overhead: each over forward_s, - 1
   matmul_gflops       the float32 matrix-product rate of every product of a step, back to
                       back (block_products); weight_matmul_gflops: the large ones alone
   step_gflops         the counted matrix-product work of a full step / full_step_s
@@ -52,6 +56,7 @@ from .. import backend, optim
 from . import cli, files, runtime
 from ..adapters import AdapterConfig
 from ..model import ModelConfig, Transformer
+from ..peft import LoRAConfig, PrefixConfig, PromptConfig
 
 
 @dataclass
@@ -65,6 +70,9 @@ class BenchConfig:
     batch: int = 16  # B
     bottleneck: int = 64  # m of the adapter step and of the headline latency overhead
     sizes: tuple = (8, 64, 256)  # every m whose inference latency is reported
+    lora_rank: int = 8  # r of the LoRA latency (on W_q and W_v, as the paper)
+    n_prefix: int = 16  # prefix length of the prefix-tuning latency
+    n_prompt: int = 16  # soft-prompt length of the prompt-tuning latency
     repeats: int = 7  # timed repetitions per measurement (after warm-up); the median is kept
     warmup: int = 1  # untimed rounds first: first touches of memory, BLAS thread start-up
     budget_s: float = 60.0  # stop repeating (after 3 repetitions at least) once this much time passed
@@ -76,7 +84,7 @@ class BenchConfig:
 
 
 QUICK = BenchConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=16, batch=4,
-                    bottleneck=8, sizes=(2, 8, 16), repeats=3, warmup=1)
+                    bottleneck=8, sizes=(2, 8, 16), lora_rank=2, n_prefix=4, n_prompt=4, repeats=3, warmup=1)
 
 # ----------------------------------------------------------------------------- the work counted
 
@@ -233,6 +241,22 @@ def base_full_model(b, seed=0):
     """The bare base with its own classifier, every weight trainable: full fine-tuning."""
     model = Transformer(b.model_config(), seed)
     return model, optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def peft_models(b, seed=0):
+    """{name: model} for the inference latency of the other methods, each task active: LoRA
+    unmerged and merged (its B = 0 costs what a trained B costs), a prefix (without its MLP, as
+    served), a soft prompt; and the adapters of size b.bottleneck beside them."""
+    def with_task(config):
+        model = Transformer(b.model_config(), seed)
+        model.add_adapter("task", config, n_classes=2, seed=seed)
+        model.set_active_adapter("task")
+        return model
+    merged = with_task(LoRAConfig(r=b.lora_rank))
+    merged.merge("task")
+    return {"adapter": with_adapters(b, b.bottleneck, seed), "lora": with_task(LoRAConfig(r=b.lora_rank)),
+            "lora_merged": merged, "prefix": with_task(PrefixConfig(n_prefix=b.n_prefix, reparameterize=False)),
+            "prompt": with_task(PromptConfig(n_prompt=b.n_prompt))}
 
 
 def on_path(path, fn):
@@ -396,6 +420,8 @@ def run(b):
             "forward": lambda: base.forward(ids, head="cls")}
     jobs.update({f"forward_m{m}": (lambda model=model: model.forward(ids, head="cls"))
                  for m, model in inference.items()})
+    jobs.update({f"forward_{name}": (lambda model=model: model.forward(ids, head="cls"))
+                 for name, model in peft_models(b).items() if name != "adapter"})  # adapters: forward_m*
     jobs = {name: on_path("fast", fn) for name, fn in jobs.items()}
     jobs.update({f"reference_{name}": on_path("reference", jobs_fn) for name, jobs_fn in (
         ("full_step", lambda: train_step(full, full_opt, ids, labels)),
@@ -466,6 +492,10 @@ def run(b):
     res["adapter_latency_overhead"] = res["forward_adapters_s"] / res["forward_s"] - 1
     res["adapter_latency_overhead_by_m"] = {str(m): t[f"forward_m{m}"] / t["forward"] - 1
                                             for m in b.sizes}
+    peft = {"adapter": t[f"forward_m{b.bottleneck}"],
+            **{k: t[f"forward_{k}"] for k in ("lora", "lora_merged", "prefix", "prompt")}}
+    res["forward_peft_s"] = peft
+    res["peft_latency_overhead"] = {k: v / t["forward"] - 1 for k, v in peft.items()}
     res["environment"] = environment()
     res["runtime"] = {"elementwise_threads": runtime.threads(), "blas_idle": runtime.blas_timeout_status(),
                       "malloc": runtime.memory_status()}
@@ -561,6 +591,11 @@ def table(res):
     rows += [("gemm_efficiency against weight_matmul_gflops", f"{res['gemm_efficiency_weight_shapes']:9.3f}")]
     rows += [(f"adapter_latency_overhead (m={m})", f"{v:9.3f}")
              for m, v in res["adapter_latency_overhead_by_m"].items()]
+    what = {"adapter": f"adapters m={b['bottleneck']}", "lora": f"LoRA r={b['lora_rank']} (q, v), unmerged",
+            "lora_merged": f"LoRA r={b['lora_rank']} merged into W", "prefix": f"prefix n={b['n_prefix']}",
+            "prompt": f"prompt n={b['n_prompt']}"}
+    rows += [(f"forward_peft_s ({what[k]})", f"{ms(v)}   overhead {res['peft_latency_overhead'][k]:6.3f}")
+             for k, v in res["forward_peft_s"].items()]
     env = res["environment"]
     blas = ", ".join(f"{x.get('internal_api')} {x.get('version')} ({x.get('architecture')}, "
                      f"{x.get('num_threads')} threads)" for x in env["blas"]) or "none found"

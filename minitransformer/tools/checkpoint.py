@@ -6,7 +6,10 @@ configs needed to rebuild or validate the model.
 
     base file     every base parameter by its dotted name (embed.W_tok, blocks.0.attn.W_q, ...)
     adapter file  one task's parameters, named without the `adapters.<task>.` prefix
-                  (blocks.0.attn.W_down, head.W, blocks.0.ln1.gamma when LayerNorms train)
+                  (blocks.0.attn.W_down, head.W, blocks.0.ln1.gamma when LayerNorms train;
+                  blocks.0.lora.A_q, prompt.P, ... for the other methods, see tasks.py), and in
+                  `__meta__` the method ("adapter", "lora", "prefix", "prompt", "bitfit") with
+                  its config, validated by that method's config class on loading
 
 Safety:
 - writes go to a temporary file in the same folder, flushed to disk, then renamed over the
@@ -21,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters import AdapterConfig
 from ..model import AdapterSet, ModelConfig, Transformer
+from ..tasks import METHODS
 from .files import atomic_write
 
 VERSION = 1
@@ -129,6 +132,10 @@ def _config(cls, fields, path, what):
 
 def save_base(model, path):
     """Write every base parameter (not the adapters) and the model config to `path`."""
+    merged = [n for n, s in model.adapters.items() if s.merged]
+    if merged:  # the base's weights hold that task's LoRA update now
+        raise CheckpointError(f"model: task {merged[0]!r} is merged into the base weights; "
+                              f"model.unmerge({merged[0]!r}) before saving the base")
     arrays = {n: p.value for n, p in model.named_parameters().items() if not n.startswith("adapters.")}
     _atomic_savez(path, arrays, {"format": BASE_FORMAT, "version": VERSION,
                                  "model_config": model.config.to_dict()})
@@ -156,15 +163,16 @@ def load_base(path, model=None):
 
 
 def save_adapter(model, name, path):
-    """Write adapter `name`: its weights, its head, its LayerNorms when they train, its config,
-    and the base fields it depends on."""
+    """Write adapter `name`: its weights, its head, its LayerNorms when they train (or its LoRA
+    matrices, prefix, prompt, bias copies), its method and config, and the base fields it
+    depends on."""
     s = model.get_adapter(name)
     prefix = f"adapters.{name}."
     arrays = {p.name[len(prefix):]: p.value for p in s.parameters()}
     base = {k: model.config.to_dict()[k] for k in ADAPTER_BASE_FIELDS}
     _atomic_savez(path, arrays, {"format": ADAPTER_FORMAT, "version": VERSION, "name": name,
-                                 "n_classes": s.n_classes, "adapter_config": s.config.to_dict(),
-                                 "base": base})
+                                 "n_classes": s.n_classes, "method": s.method,
+                                 "adapter_config": s.config.to_dict(), "base": base})
 
 
 def load_adapter(model, path, name=None):
@@ -184,7 +192,13 @@ def load_adapter(model, path, name=None):
         raise CheckpointError(f"name: expected an identifier like 'sentiment', got {name!r}")
     if name in model.adapters:
         raise CheckpointError(f"name: the model already has an adapter called {name!r}")
-    config = _config(AdapterConfig, meta.get("adapter_config", {}), path, "adapter_config")
+    method = meta.get("method", "adapter")  # files written before the other methods: adapters
+    if method not in METHODS:
+        raise CheckpointError(f"{path}: method expected one of {tuple(METHODS)}, got {method!r}")
+    fields = meta.get("adapter_config", {})
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path}: adapter_config expected a JSON object, got {type(fields).__name__}")
+    config = _config(METHODS[method], fields, path, "adapter_config")
     n_classes = meta.get("n_classes")
     if not isinstance(n_classes, int) or n_classes < 1:
         raise CheckpointError(f"{path}: n_classes expected a positive integer, got {n_classes!r}")

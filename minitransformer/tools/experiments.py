@@ -5,7 +5,9 @@ several sizes, fine-tuning only the top k layers, and full fine-tuning; (ii) wha
 trained adapters of a span of layers are removed at inference time; (iii) how robust adapters are to
 the std of their initialisation. Here the same experiments run on the shipped pretrained base and the
 synthetic tasks of `data.py`, plus the training curves of adapter vs full fine-tuning and the storage
-bill for T tasks. Everything is seeded: a re-run reproduces results.json (timings aside).
+bill for T tasks. The rest of the family (LoRA, prefix tuning, prompt tuning, BitFit) runs on the
+same tasks, base and budget, in the tradeoff and storage figures, each run with its training step
+time. Everything is seeded: a re-run reproduces results.json (timings aside).
 
     tradeoff.png  ablation.png  init_std.png  curves.png  storage.png  results.json
     and, for the repository's figures/, the README section between the results markers
@@ -34,6 +36,8 @@ from . import cli, data, files, plots, train
 from ..adapters import AdapterConfig
 from .checkpoint import save_adapter, save_base
 from ..model import ModelConfig, Transformer
+from ..optim import AdamW
+from ..peft import BitFitConfig, LoRAConfig, PrefixConfig, PromptConfig
 from .plots import write_readme_section
 from .pretrain import checked_base, load_pretrained, one_thread
 
@@ -49,11 +53,21 @@ class Settings:
     batch_size: int = 32
     eval_every: int = 50  # validation every this many steps
     patience: int | None = 3  # early stopping, in evaluations
-    # peak learning rate per method: the best of the few tried at 200-400 steps
+    # peak learning rate per method: the best of the few tried at 200-400 steps (LoRA, prefix,
+    # prompt and BitFit: the trial recorded at train.METHOD_LR, on this budget)
     lr: dict = field(default_factory=lambda: {
-        "adapter": 5e-3, "head": 1e-2, "layernorm": 5e-3, "top_k": 1e-3, "full": 1e-3})
+        "adapter": 5e-3, "head": 1e-2, "layernorm": 5e-3, "top_k": 1e-3, "full": 1e-3,
+        **{m: train.METHOD_LR[m] for m in ("lora", "prefix", "prompt", "bitfit")}})
     adapter_sizes: tuple = (2, 8, 32, 64)  # bottleneck m of the tradeoff's adapter curve
     main_size: int = 32  # m used for the ablation, the curves, the init-std sweep and storage
+    lora_ranks: tuple = (1, 4, 16)  # LoRA's r (on W_q, W_v; LoRAConfig's fixed alpha, as the paper)
+    prefix_lengths: tuple = (4, 16)  # prefix tuning's n
+    prefix_mlp: bool = True  # train prefixes through Li & Liang's MLP, dropped after training (a
+    #                          direct prefix trained far worse on this budget: see train.METHOD_LR)
+    prompt_lengths: tuple = (4, 16)  # prompt tuning's n
+    # the size of each of the other methods in the storage bill
+    family_main: dict = field(default_factory=lambda: {"lora": 4, "prefix": 16, "prompt": 16})
+    step_repeats: int = 5  # timed training steps per run (after one untimed): the median is kept
     init_stds: tuple = (1e-7, 1e-5, 1e-3, 1e-2, 1e-1, 1.0)  # the init-std sweep
     init_tasks: tuple = ("nesting",)  # tasks of the init-std sweep
     init_seeds: tuple = (0, 1)  # seeds per task of the init-std sweep
@@ -70,6 +84,10 @@ class Settings:
         if self.main_size not in self.adapter_sizes:
             raise ValueError(f"main_size: expected one of adapter_sizes {self.adapter_sizes}, "
                              f"got {self.main_size}")
+        for method, sizes in (("lora", "lora_ranks"), ("prefix", "prefix_lengths"), ("prompt", "prompt_lengths")):
+            if self.family_main.get(method) not in getattr(self, sizes):
+                raise ValueError(f"family_main: expected {method}'s size among {sizes} "
+                                 f"{getattr(self, sizes)}, got {self.family_main.get(method)!r}")
         if self.base not in ("shipped", "random") and not Path(self.base).is_file():
             raise ValueError(f"base: expected 'shipped', 'random' or an existing .npz file, "
                              f"got {self.base!r}")
@@ -81,6 +99,8 @@ def quick_settings(seed=0):
     return Settings(tasks=(task,), steps=30, batch_size=16, eval_every=10, patience=None,
                     adapter_sizes=(2, 8), main_size=8, init_stds=(1e-4, 1e-2, 1.0),
                     init_tasks=(task,), init_seeds=(0,), curve_task=task, storage_T=5,
+                    lora_ranks=(2,), prefix_lengths=(2,), prompt_lengths=(2,),
+                    family_main={"lora": 2, "prefix": 2, "prompt": 2}, step_repeats=2,
                     seed=seed, base="random")
 
 
@@ -101,15 +121,43 @@ def load_base(settings):
 # ----------------------------------------------------------------------------- one training run
 
 
+def task_config(method, size, settings, init_std=1e-3):
+    """The config of a method that adds a task (train.TASK_METHODS) at `size`; None for the others."""
+    return {"adapter": lambda: AdapterConfig(bottleneck=size, init_std=init_std),
+            "lora": lambda: LoRAConfig(r=size),
+            "prefix": lambda: PrefixConfig(n_prefix=size, reparameterize=settings.prefix_mlp),
+            "prompt": lambda: PromptConfig(n_prompt=size),
+            "bitfit": lambda: BitFitConfig()}.get(method, lambda: None)()
+
+
+def step_seconds(model, task, settings):
+    """The median time of one training step (forward, loss, backward, AdamW) of `model` as it
+    trains, on one batch of the task's training split, on a copy (the model is not changed)."""
+    model = copy.deepcopy(model)
+    opt = AdamW(model.parameters(trainable_only=True), lr=1e-6)
+    b = task.train[:settings.batch_size]
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(1 + settings.step_repeats):  # the first one untimed: first touches of memory
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        model.loss(b.ids, b.labels, b.pad_mask, head="cls", train=True, rng=rng, backward=True)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
 def run(base, task, method, settings, size=None, k=None, init_std=1e-3, seed=None):
     """Train one method on a fresh copy of `base` -> (model, record).
 
     record: test/val accuracy, trained parameters, total parameters on the classification path
-    (all but the masked-token head), % trained, history, seconds.
+    (all but the masked-token head), % trained, stored parameters (what one more task costs: a
+    task's own parameters, a prefix after its MLP is dropped; else the trained ones), the median
+    training step time, history, seconds.
     """
     seed = settings.seed if seed is None else seed
     model = copy.deepcopy(base)  # a fresh copy of every array: runs never share weights
-    adapter_config = AdapterConfig(bottleneck=size, init_std=init_std) if method == "adapter" else None
+    adapter_config = task_config(method, size, settings, init_std)
     label = train.prepare(model, method, task.n_classes, seed=seed, adapter_config=adapter_config, k=k)
     trained = model.num_parameters(trainable_only=True)
     total = model.num_parameters() - lm_head_size(model)  # what classification uses
@@ -118,10 +166,15 @@ def run(base, task, method, settings, size=None, k=None, init_std=1e-3, seed=Non
                                clip=1.0, eval_every=settings.eval_every, patience=settings.patience,
                                seed=seed, progress=False)
     history = train.fit(model, task, config)
+    step = step_seconds(model, task, settings)
+    if method == "prefix" and settings.prefix_mlp:
+        model.drop_prefix_mlp("task")  # the same forward (tests/test_peft.py), fewer parameters
+    stored = sum(p.value.size for p in model.adapters["task"].parameters()) if adapter_config else trained
     record = {"method": method, "label": label, "size": size, "k": k,
               "test_acc": train.accuracy(model, task.test, EVAL_BATCH),
               "val_acc": train.accuracy(model, task.val, EVAL_BATCH),
               "trained": int(trained), "total": int(total), "pct": 100.0 * trained / total,
+              "stored": int(stored), "step_ms": 1e3 * step,
               "best_step": int(history.best_step), "seconds": float(history.seconds),
               "history": {"steps": list(map(int, history.steps)), "loss": list(map(float, history.loss)),
                           "eval_steps": list(map(int, history.eval_steps)),
@@ -147,8 +200,18 @@ def method_grid(settings, n_layers):
     """(key, method, size, k) of every run in the tradeoff figure."""
     grid = [(f"adapter_m{m}", "adapter", m, None) for m in settings.adapter_sizes]
     grid += [(f"top_{k}", "top_k", None, k) for k in range(1, n_layers + 1)]
-    return grid + [("layernorm", "layernorm", None, None), ("head", "head", None, None),
-                   ("full", "full", None, None)]
+    grid += [("layernorm", "layernorm", None, None), ("head", "head", None, None), ("full", "full", None, None)]
+    grid += [(f"lora_r{r}", "lora", r, None) for r in settings.lora_ranks]
+    grid += [(f"prefix_n{n}", "prefix", n, None) for n in settings.prefix_lengths]
+    grid += [(f"prompt_n{n}", "prompt", n, None) for n in settings.prompt_lengths]
+    return grid + [("bitfit", "bitfit", None, None)]
+
+
+def storage_key(method, settings):
+    """The run key whose models the storage bill measures for `method`."""
+    size = settings.main_size if method == "adapter" else settings.family_main.get(method)
+    return {"adapter": f"adapter_m{size}", "lora": f"lora_r{size}", "prefix": f"prefix_n{size}",
+            "prompt": f"prompt_n{size}", "bitfit": "bitfit"}[method]
 
 
 # ----------------------------------------------------------------------------- the experiments
@@ -174,35 +237,48 @@ def ablation(model, name, split):
     return grid
 
 
-def storage(base, adapter_models, full_models, T):
-    """Parameters and file bytes to serve T tasks: one base + T adapters vs T fine-tuned copies.
+def storage(base, task_models, full_models, T):
+    """Parameters and file bytes to serve T tasks: one base + T task files (per method: adapters,
+    LoRA, prefix, prompt, BitFit) vs T fine-tuned copies.
 
-    Sizes are measured per task (real counts, real .npz files); past the measured tasks they
-    repeat in order. Counts leave out the masked-token head (classification does not need it);
-    the files are what save_base / save_adapter write, that head included.
+    task_models: {method: {task name: trained model}}. Sizes are measured per task (real counts,
+    real .npz files); past the measured tasks they repeat in order. Counts leave out the
+    masked-token head (classification does not need it); the files are what save_base /
+    save_adapter write, that head included.
     """
-    names = list(adapter_models)
+    names = list(full_models)
     with tempfile.TemporaryDirectory() as tmp:
         save_base(base, os.path.join(tmp, "base.npz"))
         base_bytes = os.path.getsize(os.path.join(tmp, "base.npz"))
+        per_method = {}
+        for method, models in task_models.items():
+            per_method[method] = {}
+            for name in names:
+                path = os.path.join(tmp, f"{name}_{method}.npz")
+                save_adapter(models[name], "task", path)
+                per_method[method][name] = {
+                    "params": sum(p.value.size for p in models[name].adapters["task"].parameters()),
+                    "bytes": os.path.getsize(path)}
         per_task = {}
         for name in names:
-            a, f = adapter_models[name], full_models[name]
-            a_path, f_path = os.path.join(tmp, f"{name}.npz"), os.path.join(tmp, f"{name}_full.npz")
-            save_adapter(a, "task", a_path)
-            save_base(f, f_path)
-            per_task[name] = {
-                "adapter_params": sum(p.value.size for p in a.adapters["task"].parameters()),
-                "adapter_bytes": os.path.getsize(a_path),
-                "full_params": f.num_parameters() - lm_head_size(f), "full_bytes": os.path.getsize(f_path)}
-    Ts = list(range(1, T + 1))
-    cum = {k: np.cumsum([per_task[names[t % len(names)]][k] for t in range(T)]).tolist()
-           for k in ("adapter_params", "adapter_bytes", "full_params", "full_bytes")}
+            f_path = os.path.join(tmp, f"{name}_full.npz")
+            save_base(full_models[name], f_path)
+            per_task[name] = {"adapter_params": per_method["adapter"][name]["params"],
+                              "adapter_bytes": per_method["adapter"][name]["bytes"],
+                              "full_params": full_models[name].num_parameters() - lm_head_size(full_models[name]),
+                              "full_bytes": os.path.getsize(f_path)}
+
+    def cumulative(sizes):  # sizes {task: n} -> n summed over tasks 1..T, repeating in order
+        return np.cumsum([sizes[names[t % len(names)]] for t in range(T)]).tolist()
     base_params = base.num_parameters() - lm_head_size(base)
-    return {"per_task": per_task, "base_params": base_params, "base_bytes": base_bytes, "T": Ts,
-            "adapters_params": [base_params + c for c in cum["adapter_params"]],
-            "adapters_bytes": [base_bytes + c for c in cum["adapter_bytes"]],
-            "copies_params": cum["full_params"], "copies_bytes": cum["full_bytes"]}
+    methods = {m: {"per_task": per, "params": [base_params + c for c in cumulative({n: v["params"] for n, v in per.items()})],
+                   "bytes": [base_bytes + c for c in cumulative({n: v["bytes"] for n, v in per.items()})]}
+               for m, per in per_method.items()}
+    return {"per_task": per_task, "base_params": base_params, "base_bytes": base_bytes, "T": list(range(1, T + 1)),
+            "adapters_params": methods["adapter"]["params"], "adapters_bytes": methods["adapter"]["bytes"],
+            "copies_params": cumulative({n: v["full_params"] for n, v in per_task.items()}),
+            "copies_bytes": cumulative({n: v["full_bytes"] for n, v in per_task.items()}),
+            "methods": methods}
 
 
 def run_all(settings, log=print):
@@ -223,15 +299,18 @@ def run_all(settings, log=print):
             f"trained {rec['trained']:>9,} ({rec['pct']:.2f}%)  {rec['seconds']:.1f}s  "
             f"[{time.perf_counter() - t0:.0f}s so far]", flush=True)
 
-    runs, ablations, adapter_models, full_models = {}, {}, {}, {}
+    runs, ablations, full_models = {}, {}, {}
+    stored_keys = {storage_key(m, settings): m for m in ("adapter", "lora", "prefix", "prompt", "bitfit")}
+    task_models = {m: {} for m in stored_keys.values()}
     for name, task in tasks.items():
         runs[name] = {}
         for key, method, size, k in grid:
             model, rec = run(base, task, method, settings, size=size, k=k)
             runs[name][key] = rec
             note(f"{name} {key}", rec)
+            if key in stored_keys:
+                task_models[stored_keys[key]][name] = model
             if key == f"adapter_m{settings.main_size}":
-                adapter_models[name] = model
                 ablations[name] = {"size": settings.main_size, "split": "val",
                                    "grid": ablation(model, "task", task.val)}
             elif key == "full":
@@ -262,7 +341,9 @@ def run_all(settings, log=print):
         "ablation": ablations,
         "init_std": sweep,
         "curves": {"task": curve_task, **{k: runs[curve_task][k]["history"] for k in curve_keys}},
-        "storage": storage(base, adapter_models, full_models, settings.storage_T),
+        "storage": storage(base, task_models, full_models, settings.storage_T),
+        # the median training step of each run, in ms, averaged over the tasks
+        "step_ms": {key: float(np.mean([runs[t][key]["step_ms"] for t in runs])) for key, *_ in grid},
     }
     results["seconds"] = {"tradeoff_and_ablation": t_tradeoff, "total": time.perf_counter() - t0}
     results["path"] = backend.current()  # which code the timings are of (backend.py)

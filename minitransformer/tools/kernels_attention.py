@@ -10,10 +10,13 @@ The tricks, each named again where it is used:
 - attention's batched products run one block of sequences per core, each on one BLAS thread
   (`runtime.matmul`): BLAS's own threads cost more than they save on (T x hs) products;
 - the adapter scales and adds its skip in place on its own output: two (N, C) arrays fewer.
+LoRA's branches and the prefix (peft.py) take the reference's own steps inside these kernels
+(peft.lora_forward, one concatenation of the prefix), added in place where the array is fresh.
 """
 import numpy as np
 
-from ..attention import split_heads
+from .. import peft
+from ..attention import BELOW_O, WEIGHTS, split_heads
 from . import kernels
 from .runtime import matmul
 
@@ -36,52 +39,84 @@ def scores_matmul(a, b):
     return out
 
 
-def attention_forward(x, w, n_heads, bias=None, keep=None):
-    """Scale folded into q, heads as views, products per core, no merging copy."""
+def attention_forward(x, w, n_heads, bias=None, keep=None, lora=None, prefix=None):
+    """Scale folded into q, heads as views, products per core, no merging copy. LoRA's branches
+    and the prefix are the reference's steps (peft.lora_forward, one concatenation)."""
     keep = w.keys() if keep is None else keep
+    lora = {} if lora is None else lora
     hs = x.shape[-1] // n_heads
     scale = x.dtype.type(1 / np.sqrt(hs))
-    q, cache_q = kernels.linear_forward(x, w["W_q"], w["b_q"], keep_x="W_q" in keep)  # (B,T,C)
-    k, cache_k = kernels.linear_forward(x, w["W_k"], w["b_k"], keep_x="W_k" in keep)
-    v, cache_v = kernels.linear_forward(x, w["W_v"], w["b_v"], keep_x="W_v" in keep)
-    q *= scale  # on q (B,T,C) rather than on the scores (B,H,T,T)
-    q, k, v = (split_heads(a, n_heads) for a in (q, k, v))  # (B,H,T,hs) views
-    att = scores_matmul(q, k)  # (B,H,T,T)
+    proj, caches = {}, {}
+    for t in ("q", "k", "v"):
+        proj[t], caches[t] = kernels.linear_forward(x, w[f"W_{t}"], w[f"b_{t}"], keep_x=f"W_{t}" in keep)
+        if t in lora:
+            branch, caches[f"lora_{t}"] = peft.lora_forward(x, *lora[t])
+            proj[t] += branch  # proj[t] is the kernel's own fresh array
+    q, k, v = proj["q"], proj["k"], proj["v"]
+    n_prefix = 0
+    if prefix is not None:  # (B, n + T, C): the prefix rows first
+        n_prefix, B = prefix[0].shape[0], x.shape[0]
+        k = np.concatenate([np.broadcast_to(prefix[0], (B, *prefix[0].shape)), k], axis=1)
+        v = np.concatenate([np.broadcast_to(prefix[1], (B, *prefix[1].shape)), v], axis=1)
+    q *= scale  # on q (B,T,C) rather than on the scores (B,H,T,n+T)
+    q, k, v = (split_heads(a, n_heads) for a in (q, k, v))  # (B,H,T,hs), (B,H,n+T,hs) views
+    att = scores_matmul(q, k)  # (B,H,T,n+T)
     if bias is not None:
         att += bias
-    p, _ = kernels.softmax_forward(att)  # (B,H,T,T)
+    p, _ = kernels.softmax_forward(att)  # (B,H,T,n+T)
     ctx = heads_matmul(p, v)  # (B,T,C)
-    out, cache_o = kernels.linear_forward(ctx, w["W_o"], w["b_o"], keep_x="W_o" in keep)
-    cache = (cache_q, cache_k, cache_v, cache_o, q, k, v, p, scale, n_heads)
+    out, caches["o"] = kernels.linear_forward(ctx, w["W_o"], w["b_o"], keep_x="W_o" in keep)
+    if "o" in lora:
+        branch, caches["lora_o"] = peft.lora_forward(ctx, *lora["o"])
+        out += branch
+    cache = (caches, q, k, v, p, scale, n_heads, tuple(lora), n_prefix)
     return out, cache
 
 
 def attention_backward(dout, cache, need_dx=True, need=None):
     """The reference's steps with the products per core and no merging copies."""
-    cache_q, cache_k, cache_v, cache_o, q, k, v, p, scale, n_heads = cache
-    need = {"W_q", "b_q", "W_k", "b_k", "W_v", "b_v", "W_o", "b_o"} if need is None else need
+    caches, q, k, v, p, scale, n_heads, lora, n = cache
+    if need is None:
+        need = set(WEIGHTS) | {f"{m}_{t}" for t in lora for m in "AB"} | ({"P_k", "P_v"} if n else set())
     grads = {}
-    need_core = need_dx or bool(need & {"W_q", "b_q", "W_k", "b_k", "W_v", "b_v"})
+    need_core = need_dx or bool(need & BELOW_O)
     dctx, grads["W_o"], grads["b_o"] = kernels.linear_backward(
-        dout, cache_o, need_dx=need_core, need_dW="W_o" in need, need_db="b_o" in need)
+        dout, caches["o"], need_dx=need_core, need_dW="W_o" in need, need_db="b_o" in need)
+    if "o" in lora:
+        dcl, grads["A_o"], grads["B_o"] = peft.lora_backward(dout, caches["lora_o"], need_dx=need_core,
+                                                             need_dA="A_o" in need, need_dB="B_o" in need)
+        if need_core:
+            dctx += dcl  # dctx is the kernel's fresh array
     if not need_core:
-        return None, {n: g for n, g in grads.items() if g is not None}
+        return None, {name: g for name, g in grads.items() if g is not None}
     dctx = split_heads(dctx, n_heads)  # (B,H,T,hs) view
-    dp = scores_matmul(dctx, v)  # dP = dctx @ V^T: (B,H,T,T)
-    dv = heads_matmul(p.transpose(0, 1, 3, 2), dctx)  # dV = P^T @ dctx: (B,T,C)
-    datt = kernels.softmax_backward(dp, p)  # dS: (B,H,T,T)
+    dp = scores_matmul(dctx, v)  # dP = dctx @ V^T: (B,H,T,n+T)
+    dv = heads_matmul(p.transpose(0, 1, 3, 2), dctx)  # dV = P^T @ dctx: (B,n+T,C)
+    datt = kernels.softmax_backward(dp, p)  # dS: (B,H,T,n+T)
     dq = heads_matmul(datt, k)  # dS @ K: (B,T,C)
     dq *= scale  # q was scaled in the forward
-    dk = heads_matmul(datt.transpose(0, 1, 3, 2), q)  # dS^T @ (scaled) Q: (B,T,C)
+    dk = heads_matmul(datt.transpose(0, 1, 3, 2), q)  # dS^T @ (scaled) Q: (B,n+T,C)
+    if n:  # the prefix rows: summed over the batch; the rest are the sequence's own (views)
+        if "P_k" in need:
+            grads["P_k"] = dk[:, :n].sum(axis=0)
+        if "P_v" in need:
+            grads["P_v"] = dv[:, :n].sum(axis=0)
+        dk, dv = dk[:, n:], dv[:, n:]
     dx = None
-    for name, dh, c in (("q", dq, cache_q), ("k", dk, cache_k), ("v", dv, cache_v)):
+    for name, dh in (("q", dq), ("k", dk), ("v", dv)):
         dxi, grads[f"W_{name}"], grads[f"b_{name}"] = kernels.linear_backward(
-            dh, c, need_dx=need_dx, need_dW=f"W_{name}" in need, need_db=f"b_{name}" in need)
+            dh, caches[name], need_dx=need_dx, need_dW=f"W_{name}" in need, need_db=f"b_{name}" in need)
+        if name in lora:
+            dxl, grads[f"A_{name}"], grads[f"B_{name}"] = peft.lora_backward(
+                dh, caches[f"lora_{name}"], need_dx=need_dx, need_dA=f"A_{name}" in need,
+                need_dB=f"B_{name}" in need)
+            if need_dx:
+                dxi += dxl  # dxi is the kernel's fresh array
         if need_dx and dx is None:
             dx = dxi  # a fresh array: safe to accumulate into
         elif need_dx:
             dx += dxi
-    return dx, {n: g for n, g in grads.items() if g is not None}
+    return dx, {name: g for name, g in grads.items() if g is not None}
 
 
 def adapter_forward(h, w, nonlinearity="gelu", skip=True, scaling=1.0):

@@ -1,5 +1,6 @@
 """What `python -m minitransformer figures` shows, drawn from the results dict (results.json):
 the five figures, and the README's results section (a table and sentences computed from the numbers).
+A results.json from before the other methods (LoRA, prefix, prompt, BitFit) still draws.
 
 Each figure function takes the results and a path and writes one PNG; nothing here trains or
 measures. matplotlib runs with the Agg backend (no display needed). Every file is written
@@ -21,7 +22,15 @@ README = files.README
 MARK_START, MARK_END = files.markers("results")
 NAMES = ("tradeoff", "ablation", "init_std", "curves", "storage")
 COLORS = {"adapter": "tab:blue", "top_k": "tab:orange", "layernorm": "tab:green", "head": "tab:red",
-          "full": "black"}
+          "full": "black", "lora": "tab:purple", "prefix": "tab:brown", "prompt": "tab:pink",
+          "bitfit": "tab:olive"}
+# the methods drawn as a curve over their size: (marker, legend text, the record's size field)
+CURVES = {"adapter": ("o", "adapters (m)", "size"), "top_k": ("s", "top k layers (k)", "k"),
+          "lora": ("D", "LoRA (r)", "size"), "prefix": ("P", "prefix tuning (n)", "size"),
+          "prompt": ("X", "prompt tuning (n)", "size")}
+POINTS = {"layernorm": ("^", "LayerNorm + head"), "head": ("v", "head only"), "bitfit": ("h", "BitFit"),
+          "full": ("*", "full fine-tuning")}
+FAMILY = ("adapter", "lora", "prefix", "prompt", "bitfit")  # the methods that add a task to the base
 
 
 def _panels(n, width=4.2, height=3.6, cols=4, **kw):
@@ -34,9 +43,9 @@ def _panels(n, width=4.2, height=3.6, cols=4, **kw):
     return fig, list(axes.flat[:n])
 
 
-def _write(fig, path):
+def _write(fig, path, **options):
     """Write `fig` as a PNG at `path` (atomically) and free it."""
-    files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, **options))
     plt.close(fig)
 
 
@@ -46,18 +55,21 @@ def _save(fig, path):
 
 
 def tradeoff(results, path):
-    """Test accuracy vs trained parameters (log x), one panel per task."""
-    fig, axes = _panels(len(results["runs"]), width=5.2, height=3.8, cols=2, sharey=True)
+    """Test accuracy vs trained parameters (log x), every method, one panel per task."""
+    fig, axes = _panels(len(results["runs"]), width=5.6, height=4.2, cols=2, sharey=True)
     for ax, (task, runs) in zip(axes, results["runs"].items()):
-        for method, marker, text in (("adapter", "o", "adapters (m)"), ("top_k", "s", "top k layers (k)")):
+        for method, (marker, text, size) in CURVES.items():
             recs = [r for r in runs.values() if r["method"] == method]
+            if not recs:  # a results.json from before the other methods
+                continue
             ax.plot([r["trained"] for r in recs], [r["test_acc"] for r in recs], marker=marker,
                     color=COLORS[method], label=text)
             for r in recs:
-                ax.annotate(str(r["size"] if method == "adapter" else r["k"]), (r["trained"], r["test_acc"]),
-                            textcoords="offset points", xytext=(4, -10), fontsize=8, color=COLORS[method])
-        for method, marker, text in (("layernorm", "^", "LayerNorm + head"), ("head", "v", "head only"),
-                                     ("full", "*", "full fine-tuning")):
+                ax.annotate(str(r[size]), (r["trained"], r["test_acc"]), textcoords="offset points",
+                            xytext=(4, -10), fontsize=8, color=COLORS[method])
+        for method, (marker, text) in POINTS.items():
+            if method not in runs:
+                continue
             r = runs[method]
             ax.plot(r["trained"], r["test_acc"], marker=marker, markersize=11 if method == "full" else 8,
                     linestyle="none", color=COLORS[method], label=text)
@@ -69,10 +81,11 @@ def tradeoff(results, path):
         ax.grid(True, which="major", alpha=0.3)
         ax.yaxis.set_tick_params(labelleft=True)
     fig.suptitle("Accuracy vs number of trained parameters (dotted: full fine-tuning)")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=9,
-               frameon=False)
-    _write(fig, path)
+    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), fontsize=9, frameon=False,
+               ncol=5 if len(axes) > 1 else 3)
+    _write(fig, path, bbox_inches="tight")  # the legend below the panels included
 
 
 def ablation(results, path):
@@ -150,16 +163,19 @@ def curves(results, path):
 
 
 def storage(results, path):
-    """Parameters (and file megabytes) stored to serve T tasks: base + T adapters vs T copies."""
+    """Parameters (and file megabytes) stored to serve T tasks: one base + T task files, per
+    method, vs T fine-tuned copies."""
     st = results["storage"]
     n_measured = len(st["per_task"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, unit, scale, ylabel in ((axes[0], "params", 1e6, "parameters stored (millions)"),
                                     (axes[1], "bytes", 2 ** 20, "files on disk (MiB)")):
         T = np.array(st["T"])
-        for key, text, color in (("adapters", "one base + T adapter sets", COLORS["adapter"]),
-                                 ("copies", "T fine-tuned copies", COLORS["full"])):
-            y = np.array(st[f"{key}_{unit}"]) / scale
+        methods = st.get("methods", {"adapter": {"params": st["adapters_params"], "bytes": st["adapters_bytes"]}})
+        lines = [(m, st_m[unit], f"one base + T {LABEL_OF_METHOD[m]} files", COLORS[m]) for m, st_m in methods.items()]
+        lines.append(("full", st[f"copies_{unit}"], "T fine-tuned copies", COLORS["full"]))
+        for _, values, text, color in lines:
+            y = np.array(values) / scale
             ax.plot(T, y, color=color, label=text)
             ax.plot(T[:n_measured], y[:n_measured], "o", color=color, markersize=4)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -182,13 +198,17 @@ def draw_all(results, out_dir):
 
 # ----------------------------------------------------------------------------- summaries and README
 
-LABELS = {"head": "head only", "layernorm": "LayerNorm + head", "full": "full fine-tuning"}
+LABELS = {"head": "head only", "layernorm": "LayerNorm + head", "full": "full fine-tuning", "bitfit": "BitFit"}
+LABEL_OF_METHOD = {"adapter": "adapter", "lora": "LoRA", "prefix": "prefix", "prompt": "prompt", "bitfit": "BitFit"}
 
 
 def label(key):
-    """A readable name for a run key: adapter_m8 -> 'adapter m=8', top_2 -> 'top 2 layers'."""
-    if key.startswith("adapter_m"):
-        return f"adapter m={key[len('adapter_m'):]}"
+    """A readable name for a run key: adapter_m8 -> 'adapter m=8', top_2 -> 'top 2 layers',
+    lora_r4 -> 'LoRA r=4', prefix_n8 -> 'prefix n=8', prompt_n8 -> 'prompt n=8'."""
+    for start, text in (("adapter_m", "adapter m="), ("lora_r", "LoRA r="), ("prefix_n", "prefix n="),
+                        ("prompt_n", "prompt n=")):
+        if key.startswith(start):
+            return f"{text}{key[len(start):]}"
     if key.startswith("top_"):
         k = int(key[len("top_"):])
         return f"top {k} layer{'s' if k > 1 else ''}"
@@ -206,6 +226,15 @@ def table(results):
                      float(np.mean([r["test_acc"] for r in recs])),
                      float(np.mean([r["trained"] for r in recs])), float(np.mean([r["pct"] for r in recs]))))
     return rows
+
+
+def method_of_key(key):
+    """The method of a run key: adapter_m8 -> "adapter", lora_r4 -> "lora", top_2 -> "top_k"."""
+    for start, method in (("adapter_m", "adapter"), ("lora_r", "lora"), ("prefix_n", "prefix"),
+                          ("prompt_n", "prompt"), ("top_", "top_k")):
+        if key.startswith(start):
+            return method
+    return key
 
 
 def findings(results):
@@ -246,6 +275,49 @@ def findings(results):
     T, ours, copies = st["T"][-1], st["adapters_params"][-1], st["copies_params"][-1]
     out.append(f"Serving {T} tasks takes {ours / 1e6:.2f} M parameters as one base plus {T} adapter sets, "
                f"against {copies / 1e6:.2f} M as {T} fine-tuned copies ({copies / ours:.1f} times more).")
+    return out + _family_findings(results)
+
+
+def _family_findings(results):
+    """The other methods against adapters and full fine-tuning: accuracy, size, step time, storage."""
+    rows = {key: (mean, trained, pct) for key, _, mean, trained, pct in table(results)}
+    best = {}  # each method's best run key by mean test accuracy
+    for key in rows:
+        m = method_of_key(key)
+        if m in FAMILY and (m not in best or rows[key][0] > rows[best[m]][0]):
+            best[m] = key
+    if set(best) <= {"adapter"}:  # a results.json from before the other methods
+        return []
+    full = rows["full"][0]
+    ranked = sorted(best.values(), key=lambda k: -rows[k][0])
+    out = ["The best run of each parameter-efficient method, by average test accuracy: " + "; ".join(
+        f"{label(k)} {100 * rows[k][0]:.1f} % ({rows[k][2]:.2f} % of the parameters trained)" for k in ranked)
+        + f"; full fine-tuning {100 * full:.1f} %."]
+    close = [label(k) for k in ranked if 100 * (full - rows[k][0]) <= 3]
+    far = [f"{label(k)} ({100 * (full - rows[k][0]):.1f} points)" for k in ranked if 100 * (full - rows[k][0]) > 3]
+    out.append(("Within 3 points of full fine-tuning: " + (", ".join(close) if close else "none") + ". "
+                + ("More than 3 points below it: " + ", ".join(far) + "." if far else "")).strip())
+    if "prompt" in best:
+        gap = 100 * (full - rows[best["prompt"]][0])
+        n_base = results["base"]["n_parameters"]
+        verdict = ("as Lester et al. found for small models (it closes the gap only at billions of parameters)"
+                   if gap > 3 else "closer than Lester et al. found for small models")
+        out.append(f"Prompt tuning ({label(best['prompt'])}, {rows[best['prompt']][2]:.2f} % of the parameters "
+                   f"trained) ends {abs(gap):.1f} points {'below' if gap >= 0 else 'above'} full fine-tuning "
+                   f"on this base of {n_base / 1e3:.0f} k parameters: {verdict}.")
+    step = results.get("step_ms", {})
+    if "full" in step and all(k in step for k in best.values()):
+        parts = "; ".join(f"{label(k)} {step[k]:.1f} ms ({step[k] / step['full']:.2f} x)"
+                          for k in sorted(best.values(), key=lambda k: step[k]))
+        out.append(f"A training step (forward, backward, AdamW; batch {results['settings']['batch_size']}, "
+                   f"one BLAS thread, median) takes {step['full']:.1f} ms for full fine-tuning; {parts}.")
+    methods = results["storage"].get("methods", {})
+    if len(methods) > 1:
+        T = results["storage"]["T"][-1]
+        per = sorted(methods.items(), key=lambda kv: kv[1]["bytes"][-1])
+        out.append(f"Files to serve {T} tasks (one base plus {T} task files): " + "; ".join(
+            f"{LABEL_OF_METHOD[m]} {v['bytes'][-1] / 2 ** 20:.2f} MiB" for m, v in per)
+            + f"; {T} fine-tuned copies {results['storage']['copies_bytes'][-1] / 2 ** 20:.2f} MiB.")
     return out
 
 
@@ -307,17 +379,21 @@ def readme_section(results, readme_dir, out_dir):
              f"Re-run it with the same "
              f"command; adding `--from-json {rel}/results.json` redraws figures and this section without training.",
              "", "Test accuracy (%) per task, and the parameters each method trains per task "
-             "(mean over tasks; an adapter set counts its adapters, its head and its own LayerNorm copies; % of the "
-             "parameters the classification uses, i.e. all but the masked-token head):",
-             "", "| method | " + " | ".join(tasks) + " | average | trained params | % of total |",
-             "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: | ---: |"]
+             "(mean over tasks; an adapter set counts its adapters, its head and its own LayerNorm copies; "
+             "a prefix counts its reparameterising MLP, which is dropped after training; % of the "
+             "parameters the classification uses, i.e. all but the masked-token head); ms/step: the median "
+             "training step, mean over tasks:",
+             "", "| method | " + " | ".join(tasks) + " | average | trained params | % of total | ms/step |",
+             "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: | ---: | ---: |"]
+    step = results.get("step_ms", {})
     for key, accs, mean, trained, pct in table(results):
         lines.append(f"| {label(key)} | " + " | ".join(f"{100 * accs[t]:.1f}" for t in tasks)
-                     + f" | {100 * mean:.1f} | {trained:,.0f} | {pct:.2f} |")
+                     + f" | {100 * mean:.1f} | {trained:,.0f} | {pct:.2f} | "
+                     + (f"{step[key]:.1f} |" if key in step else "- |"))
     lines += [""] + [f"- {sentence}" for sentence in findings(results)] + [""]
-    captions = {"tradeoff": "accuracy vs trained parameters", "ablation": "removing adapters of layers i..j",
-                "init_std": "accuracy vs adapter init std", "curves": "training curves, adapter vs full",
-                "storage": "parameters stored for T tasks"}
+    captions = {"tradeoff": "accuracy vs trained parameters, every method",
+                "ablation": "removing adapters of layers i..j", "init_std": "accuracy vs adapter init std",
+                "curves": "training curves, adapter vs full", "storage": "parameters and bytes stored for T tasks"}
     lines.append(" ".join(f"![{text}]({rel}/{name}.png)" for name, text in captions.items()))
     return "\n".join(lines)
 

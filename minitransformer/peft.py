@@ -1,0 +1,268 @@
+"""The rest of the parameter-efficient family: LoRA, prefix tuning, prompt tuning and BitFit.
+Their configs, and the forward/backward pairs that are new (the attention's LoRA and prefix
+arguments are in attention.py; BitFit needs no new operation, only its own copies of biases).
+
+    LoRA (Hu et al., 2021)           y = x W + b + s (x A) B,   s = alpha / r
+        A (d_in, r) random, B (r, d_out) zero: a fresh LoRA is exactly the base. A branch beside
+        the frozen W: its backward gives dA and dB through u = x A and never forms x^T dy for W.
+        Merging folds it into W (W + s A B): no extra work at inference.
+    Prefix tuning (Li & Liang, 2021) n trained keys P_k and values P_v (n, C) in front of every
+        layer's own keys and values; every query may attend to them. Optionally produced by a
+        small MLP from P' (the paper's reparameterisation), which is dropped after training.
+    Prompt tuning (Lester et al., 2021) n trained embeddings P (n, C) in front of the embedded
+        input, once, below the first block; the heads never see those positions.
+    BitFit (Ben Zaken et al., 2022)  only the biases (every linear layer's b, every LayerNorm's
+        beta) and the head train; the task keeps its own copies, so the base never changes.
+
+What "starts at the base" means for each: LoRA (B = 0) and BitFit (copies equal to the base's)
+reproduce the bare base bit for bit. A prefix or a prompt cannot: an extra key always takes a
+share pi > 0 of every query's softmax, and an extra position is always attended to. The exact
+statement for a prefix with P_v = 0: each attention output is the base's times (1 - pi).
+
+Shape legend as in layers.py; n prefix or prompt length, r LoRA rank, L blocks, h the MLP's width.
+"""
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .layers import linear_backward, linear_forward, tanh_backward, tanh_forward
+
+LORA_TARGETS = ("q", "k", "v", "o", "ffn1", "ffn2")  # W_q, W_k, W_v, W_o, the FFN's W_1 and W_2
+BIASES = LORA_TARGETS  # the same six linear layers, each with its bias b_q ... b_1, b_2
+
+
+def _integer(name, value, least=1):
+    # bool is a subclass of int, but r=True is a mistake, not 1
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
+
+
+def _number(name, value, expected, ok):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not ok(value):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")  # `not ok` also refuses NaN
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+
+
+def _subset(name, value, choices, allow_empty=False):
+    """A tuple of names from `choices` (a list from a JSON file becomes a tuple)."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise ValueError(f"{name}: expected a tuple of names from {choices}, got {value!r}")
+    bad = [v for v in value if v not in choices]
+    if bad or len(set(value)) != len(value) or not (value or allow_empty):
+        raise ValueError(f"{name}: expected distinct names from {choices}"
+                         f"{'' if allow_empty else ', at least one'}, got {tuple(value)!r}")
+    return tuple(value)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class LoRAConfig:
+    """Hu et al. (2021): a trainable low-rank update beside chosen frozen weight matrices."""
+    r: int = 8  # the rank: A is (d_in, r), B is (r, d_out)
+    alpha: float = 8.0  # the update is scaled by s = alpha / r; the paper keeps alpha fixed as r varies
+    targets: tuple = ("q", "v")  # the weights that get a branch: any of LORA_TARGETS; ("q", "v") as in the paper
+    init: str = "kaiming"  # A's init: "kaiming" U(-1/sqrt(d_in), 1/sqrt(d_in)) (loralib's and PEFT's
+    #                        default: A's scale does not depend on r) or "gaussian" N(0, 1/r^2) (the
+    #                        paper's Gaussian at PEFT's scale: with alpha fixed, small r then steps harder)
+
+    def __post_init__(self):
+        _integer("r", self.r)
+        _number("alpha", self.alpha, "a number > 0", lambda a: a > 0)
+        self.targets = _subset("targets", self.targets, LORA_TARGETS)
+        _choice("init", self.init, ("gaussian", "kaiming"))
+
+    @property
+    def scale(self):
+        """s = alpha / r, the factor of the low-rank update."""
+        return self.alpha / self.r
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class PrefixConfig:
+    """Li & Liang (2021): n trained keys and values in front of every layer's attention."""
+    n_prefix: int = 8  # n, the prefix length (in every layer)
+    reparameterize: bool = True  # train through the paper's MLP (P' -> every layer's P_k, P_v);
+    #                              False: train each layer's P_k, P_v directly
+    hidden: int = 64  # h, the MLP's inner width (only with reparameterize)
+    init_std: float = 0.5  # std of the normal init of P_k, P_v (direct) or of P' (with the MLP)
+
+    def __post_init__(self):
+        _integer("n_prefix", self.n_prefix)
+        if not isinstance(self.reparameterize, bool):
+            raise ValueError(f"reparameterize: expected True or False, got {self.reparameterize!r}")
+        _integer("hidden", self.hidden)
+        _number("init_std", self.init_std, "a number >= 0", lambda s: s >= 0)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class PromptConfig:
+    """Lester et al. (2021): n trained embeddings in front of the embedded input sequence."""
+    n_prompt: int = 8  # n, the soft prompt's length
+    init: str = "vocab"  # "vocab": copies of randomly drawn token embeddings (the paper's best);
+    #                      "normal": N(0, init_std^2)
+    init_std: float = 0.02  # std of the "normal" init (unused by "vocab")
+
+    def __post_init__(self):
+        _integer("n_prompt", self.n_prompt)
+        _choice("init", self.init, ("vocab", "normal"))
+        _number("init_std", self.init_std, "a number >= 0", lambda s: s >= 0)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class BitFitConfig:
+    """Ben Zaken et al. (2022): only bias terms (and the task head) train."""
+    biases: tuple = BIASES  # the linear layers whose bias trains: any of BIASES (all, as in the paper)
+    layernorm: bool = True  # also every LayerNorm's beta, which the paper counts among the biases
+
+    def __post_init__(self):
+        self.biases = _subset("biases", self.biases, BIASES, allow_empty=True)
+        if not isinstance(self.layernorm, bool):
+            raise ValueError(f"layernorm: expected True or False, got {self.layernorm!r}")
+        if not self.biases and not self.layernorm:
+            raise ValueError("biases: expected at least one bias to train, got none "
+                             "(biases=() and layernorm=False)")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def init_lora(config, d_in, d_out, rng, dtype):
+    """A (d_in, r) random (config.init), B (r, d_out) zero: the update s A B starts at 0."""
+    r = config.r
+    if config.init == "gaussian":
+        A = rng.standard_normal((d_in, r)) / r
+    else:  # kaiming_uniform_(a=sqrt(5)) on a (r, d_in) weight, as loralib: bound 1/sqrt(d_in)
+        A = rng.uniform(-1, 1, (d_in, r)) / np.sqrt(d_in)
+    return A.astype(dtype), np.zeros((r, d_out), dtype)
+
+
+def lora_forward(x, A, B, s):
+    """The low-rank branch s (x A) B.   x (N, d_in), A (d_in, r), B (r, d_out) -> out (N, d_out).
+
+    It is added to the frozen layer's x W + b by the caller; W itself is never touched.
+    """
+    t = x.dtype.type
+    u = x @ A  # (N, d_in) @ (d_in, r) -> (N, r): down to rank r
+    out = t(s) * (u @ B)  # (N, r) @ (r, d_out) -> (N, d_out)
+    cache = (x, A, B, u, t(s))  # x for dA, u for dB: both products of the forward are reused
+    return out, cache
+
+
+def lora_backward(dout, cache, need_dx=True, need_dA=True, need_dB=True):
+    """dout (N, d_out) -> dx (N, d_in), dA (d_in, r), dB (r, d_out); None for what is not needed.
+
+    dx is this branch's share only: the caller adds the frozen layer's dout @ W^T.
+    """
+    x, A, B, u, s = cache
+    dx = dA = dB = None
+    dv = s * dout  # forward was out = s * v with v = u @ B: (N, d_out)
+    if need_dB:
+        dB = u.reshape(-1, u.shape[-1]).T @ dv.reshape(-1, dv.shape[-1])  # v = u @ B: (r, N) @ (N, d_out)
+    if need_dA or need_dx:
+        du = dv @ B.T  # forward was v = u @ B: (N, d_out) @ (d_out, r) -> (N, r)
+        if need_dA:
+            dA = x.reshape(-1, x.shape[-1]).T @ du.reshape(-1, du.shape[-1])  # u = x @ A: (d_in, N) @ (N, r)
+        if need_dx:
+            dx = du @ A.T  # forward was u = x @ A: (N, r) @ (r, d_in) -> (N, d_in)
+    return dx, dA, dB
+
+
+def lora_merge(W, A, B, s):
+    """W + s A B: the weight that computes x W + s (x A) B in one product.   -> (d_in, d_out).
+
+    Merging back out by W - s A B would not give W bit for bit (rounding in the addition), so
+    the model keeps the original array and puts it back to unmerge (Transformer.unmerge).
+    """
+    return W + W.dtype.type(s) * (A @ B)  # (d_in, r) @ (r, d_out) -> (d_in, d_out)
+
+
+# ----------------------------------------------------------------------------- prefix tuning
+
+
+def prefix_mlp_forward(P0, w, n_layers):
+    """Li & Liang's reparameterisation: every layer's prefix keys and values from one small P'.
+
+        y = tanh(P' W_1 + b_1) W_2 + b_2        one row per prefix position, split into
+                                                L layers x (keys, values) x C
+    P0 (n, C), W_1 (C, h), b_1 (h,), W_2 (h, 2 L C), b_2 (2 L C,) -> prefixes (L, 2, n, C):
+    prefixes[i, 0] is layer i's P_k, prefixes[i, 1] its P_v.
+    """
+    z, cache_1 = linear_forward(P0, w["W_1"], w["b_1"])  # (n, C) @ (C, h) -> (n, h)
+    a, cache_t = tanh_forward(z)  # (n, h)
+    y, cache_2 = linear_forward(a, w["W_2"], w["b_2"])  # (n, h) @ (h, 2LC) -> (n, 2LC)
+    n, C = P0.shape[0], y.shape[1] // (2 * n_layers)
+    prefixes = y.reshape(n, n_layers, 2, C).transpose(1, 2, 0, 3)  # (n, L, 2, C) -> (L, 2, n, C)
+    cache = (cache_1, cache_t, cache_2)
+    return prefixes, cache
+
+
+def prefix_mlp_backward(dprefixes, cache, need=None):
+    """dprefixes (L, 2, n, C) -> grads {P0, W_1, b_1, W_2, b_2} for the names in `need`."""
+    cache_1, cache_t, cache_2 = cache
+    need = {"P0", "W_1", "b_1", "W_2", "b_2"} if need is None else need
+    L, _, n, C = dprefixes.shape
+    grads = {}
+    dy = dprefixes.transpose(2, 0, 1, 3).reshape(n, 2 * L * C)  # forward was the split: (n, 2LC)
+    below = bool(need & {"P0", "W_1", "b_1"})
+    da, grads["W_2"], grads["b_2"] = linear_backward(dy, cache_2, need_dx=below, need_dW="W_2" in need,
+                                                     need_db="b_2" in need)  # y = a W_2 + b_2
+    if below:
+        dz = tanh_backward(da, cache_t)  # forward was a = tanh(z): (n, h)
+        grads["P0"], grads["W_1"], grads["b_1"] = linear_backward(
+            dz, cache_1, need_dx="P0" in need, need_dW="W_1" in need,
+            need_db="b_1" in need)  # forward was z = P' W_1 + b_1: (n, C)
+    return {k: g for k, g in grads.items() if g is not None}
+
+
+# ----------------------------------------------------------------------------- prompt tuning
+
+
+def prompt_forward(x, P):
+    """The soft prompt in front of every sequence.   x (B, T, C), P (n, C) -> (B, n + T, C).
+
+    P gets no position embedding: the real tokens keep positions 0..T-1, so the base's max_len
+    and everything it learned about positions stay as they were.
+    """
+    B = x.shape[0]
+    out = np.concatenate([np.broadcast_to(P, (B, *P.shape)), x], axis=1)  # (B, n + T, C)
+    cache = P.shape[0]
+    return out, cache
+
+
+def prompt_backward(dout, cache, need_dx=True, need_dP=True):
+    """dout (B, n + T, C) -> dx (B, T, C), dP (n, C); None for what is not needed."""
+    n = cache
+    dx = dout[:, n:].copy() if need_dx else None  # forward put x after the prompt (a copy: never a view of dout)
+    dP = dout[:, :n].sum(axis=0) if need_dP else None  # the same P went in front of every sequence: sum over B
+    return dx, dP
+
+
+def strip_prompt_forward(h, n):
+    """The heads see only the real tokens.   h (B, n + T, C) -> (B, T, C)."""
+    return h[:, n:], (n, h.shape)
+
+
+def strip_prompt_backward(dout, cache):
+    """dout (B, T, C) -> dh (B, n + T, C): zero at the prompt positions, which no head used."""
+    n, shape = cache
+    dh = np.zeros(shape, dout.dtype)  # (B, n + T, C)
+    dh[:, n:] = dout  # forward was out = h[:, n:]
+    return dh
