@@ -26,36 +26,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .layers import linear_backward, linear_forward, tanh_backward, tanh_forward
+from .validate import choice, flag, integer, number, subset
 
 LORA_TARGETS = ("q", "k", "v", "o", "ffn1", "ffn2")  # W_q, W_k, W_v, W_o, the FFN's W_1 and W_2
 BIASES = LORA_TARGETS  # the same six linear layers, each with its bias b_q ... b_1, b_2
-
-
-def _integer(name, value, least=1):
-    # bool is a subclass of int, but r=True is a mistake, not 1
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-        raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
-
-
-def _number(name, value, expected, ok):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not ok(value):
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")  # `not ok` also refuses NaN
-
-
-def _choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
-
-
-def _subset(name, value, choices, allow_empty=False):
-    """A tuple of names from `choices` (a list from a JSON file becomes a tuple)."""
-    if isinstance(value, str) or not isinstance(value, (tuple, list)):
-        raise ValueError(f"{name}: expected a tuple of names from {choices}, got {value!r}")
-    bad = [v for v in value if v not in choices]
-    if bad or len(set(value)) != len(value) or not (value or allow_empty):
-        raise ValueError(f"{name}: expected distinct names from {choices}"
-                         f"{'' if allow_empty else ', at least one'}, got {tuple(value)!r}")
-    return tuple(value)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -72,10 +46,10 @@ class LoRAConfig:
     #                        paper's Gaussian at PEFT's scale: with alpha fixed, small r then steps harder)
 
     def __post_init__(self):
-        _integer("r", self.r)
-        _number("alpha", self.alpha, "a number > 0", lambda a: a > 0)
-        self.targets = _subset("targets", self.targets, LORA_TARGETS)
-        _choice("init", self.init, ("gaussian", "kaiming"))
+        integer("r", self.r)
+        number("alpha", self.alpha, "a number > 0", lambda a: a > 0)
+        self.targets = subset("targets", self.targets, LORA_TARGETS)
+        choice("init", self.init, ("gaussian", "kaiming"))
 
     @property
     def scale(self):
@@ -96,11 +70,10 @@ class PrefixConfig:
     init_std: float = 0.5  # std of the normal init of P_k, P_v (direct) or of P' (with the MLP)
 
     def __post_init__(self):
-        _integer("n_prefix", self.n_prefix)
-        if not isinstance(self.reparameterize, bool):
-            raise ValueError(f"reparameterize: expected True or False, got {self.reparameterize!r}")
-        _integer("hidden", self.hidden)
-        _number("init_std", self.init_std, "a number >= 0", lambda s: s >= 0)
+        integer("n_prefix", self.n_prefix)
+        flag("reparameterize", self.reparameterize)
+        integer("hidden", self.hidden)
+        number("init_std", self.init_std, "a number >= 0", lambda s: s >= 0)
 
     def to_dict(self):
         return asdict(self)
@@ -115,9 +88,9 @@ class PromptConfig:
     init_std: float = 0.02  # std of the "normal" init (unused by "vocab")
 
     def __post_init__(self):
-        _integer("n_prompt", self.n_prompt)
-        _choice("init", self.init, ("vocab", "normal"))
-        _number("init_std", self.init_std, "a number >= 0", lambda s: s >= 0)
+        integer("n_prompt", self.n_prompt)
+        choice("init", self.init, ("vocab", "normal"))
+        number("init_std", self.init_std, "a number >= 0", lambda s: s >= 0)
 
     def to_dict(self):
         return asdict(self)
@@ -130,9 +103,8 @@ class BitFitConfig:
     layernorm: bool = True  # also every LayerNorm's beta, which the paper counts among the biases
 
     def __post_init__(self):
-        self.biases = _subset("biases", self.biases, BIASES, allow_empty=True)
-        if not isinstance(self.layernorm, bool):
-            raise ValueError(f"layernorm: expected True or False, got {self.layernorm!r}")
+        self.biases = subset("biases", self.biases, BIASES, allow_empty=True)
+        flag("layernorm", self.layernorm)
         if not self.biases and not self.layernorm:
             raise ValueError("biases: expected at least one bias to train, got none "
                              "(biases=() and layernorm=False)")

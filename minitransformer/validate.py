@@ -5,6 +5,10 @@ names the field, says what was expected and shows what came.
     number("ln_eps", nan, "a number > 0", lambda v: v > 0)
                                            ln_eps: expected a number > 0, got nan
     flag("causal", 1)                      causal: expected True or False, got 1
+    choice("init", "he", ("gaussian", "kaiming"))
+                                           init: expected one of ('gaussian', 'kaiming'), got 'he'
+    subset("targets", ("q", "x"), ("q", "k", "v"))
+                                           targets: expected distinct names from (...), ...
 """
 import math
 
@@ -34,3 +38,21 @@ def flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name}: expected True or False, got {value!r}")
     return value
+
+
+def choice(name, value, choices):
+    """One of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def subset(name, value, choices, allow_empty=False):
+    """A tuple of distinct names from `choices` (a list, as from a JSON file, becomes a tuple)."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise ValueError(f"{name}: expected a tuple of names from {choices}, got {value!r}")
+    bad = [v for v in value if v not in choices]
+    if bad or len(set(value)) != len(value) or not (value or allow_empty):
+        raise ValueError(f"{name}: expected distinct names from {choices}"
+                         f"{'' if allow_empty else ', at least one'}, got {tuple(value)!r}")
+    return tuple(value)

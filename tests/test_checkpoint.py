@@ -352,7 +352,7 @@ def test_a_file_without_method_loads_as_adapters(files):
 @pytest.mark.parametrize("change, message", [
     (dict(method="dora"), r"method expected one of \('adapter', 'lora', 'prefix', 'prompt', 'bitfit'\), got 'dora'"),
     (dict(method="lora"), r"adapter_config is not valid \(LoRAConfig.__init__\(\) got an unexpected keyword"),
-    (dict(method="lora", adapter_config={"r": 0}), r"adapter_config is not valid \(r: expected an integer >= 1, got 0\)"),
+    (dict(method="lora", adapter_config={"r": 0}), r"adapter_config is not valid \(r: expected a positive integer, got 0\)"),
     (dict(method="prompt", adapter_config={"n_prompt": 2}), r"missing key 'prompt.P'"),
     (dict(adapter_config=[1]), r"adapter_config expected a JSON object, got list"),
 ])

@@ -427,18 +427,18 @@ def test_dropping_the_prefix_mlp_keeps_the_forward(tmp_path):
 
 
 @pytest.mark.parametrize("cls, fields, message", [
-    (LoRAConfig, dict(r=0), r"r: expected an integer >= 1, got 0"),
-    (LoRAConfig, dict(r=True), r"r: expected an integer >= 1, got True"),
+    (LoRAConfig, dict(r=0), r"r: expected a positive integer, got 0"),
+    (LoRAConfig, dict(r=True), r"r: expected a positive integer, got True"),
     (LoRAConfig, dict(alpha=float("nan")), r"alpha: expected a number > 0, got nan"),
     (LoRAConfig, dict(targets=("q", "x")), r"targets: expected distinct names from .*, at least one, got \('q', 'x'\)"),
     (LoRAConfig, dict(targets="qv"), r"targets: expected a tuple of names from .*, got 'qv'"),
     (LoRAConfig, dict(targets=()), r"targets: expected distinct names .*, at least one, got \(\)"),
     (LoRAConfig, dict(init="xavier"), r"init: expected one of \('gaussian', 'kaiming'\), got 'xavier'"),
-    (PrefixConfig, dict(n_prefix=0), r"n_prefix: expected an integer >= 1, got 0"),
+    (PrefixConfig, dict(n_prefix=0), r"n_prefix: expected a positive integer, got 0"),
     (PrefixConfig, dict(reparameterize=1), r"reparameterize: expected True or False, got 1"),
-    (PrefixConfig, dict(hidden=2.5), r"hidden: expected an integer >= 1, got 2.5"),
+    (PrefixConfig, dict(hidden=2.5), r"hidden: expected a positive integer, got 2.5"),
     (PrefixConfig, dict(init_std=-1), r"init_std: expected a number >= 0, got -1"),
-    (PromptConfig, dict(n_prompt=-2), r"n_prompt: expected an integer >= 1, got -2"),
+    (PromptConfig, dict(n_prompt=-2), r"n_prompt: expected a positive integer, got -2"),
     (PromptConfig, dict(init="zeros"), r"init: expected one of \('vocab', 'normal'\), got 'zeros'"),
     (BitFitConfig, dict(biases=("q", "q")), r"biases: expected distinct names from .*, got \('q', 'q'\)"),
     (BitFitConfig, dict(biases=(), layernorm=False), r"biases: expected at least one bias to train, got none"),
