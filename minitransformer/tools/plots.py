@@ -3,20 +3,18 @@ the five figures, and the README's results section (a table and sentences comput
 A results.json from before the other methods (LoRA, prefix, prompt, BitFit) still draws.
 
 Each figure function takes the results and a path and writes one PNG; nothing here trains or
-measures. matplotlib runs with the Agg backend (no display needed). Every file is written
+measures. The figures are matplotlib Figure objects drawn without pyplot, so importing this
+module changes no backend (a notebook keeps showing its own plots). Every file is written
 atomically (files.atomic_write).
 """
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-
-from . import files  # noqa: E402
+from . import files
 
 README = files.README
 MARK_START, MARK_END = files.markers("results")
@@ -37,7 +35,8 @@ def _panels(n, width=4.2, height=3.6, cols=4, **kw):
     """A grid (up to `cols` wide) of n panels -> (figure, flat list of n axes)."""
     cols = min(n, cols)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, **kw)
+    fig = Figure(figsize=(width * cols, height * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, **kw)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
@@ -46,7 +45,6 @@ def _panels(n, width=4.2, height=3.6, cols=4, **kw):
 def _write(fig, path, **options):
     """Write `fig` as a PNG at `path` (atomically) and free it."""
     files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, **options))
-    plt.close(fig)
 
 
 def _save(fig, path):
@@ -117,7 +115,8 @@ def ablation(results, path):
 
 def init_std(results, path):
     """Test accuracy vs the adapters' init std (log x), one line per task and seed."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     sweep = results["init_std"]
     for task, seed in sorted({(r["task"], r["seed"]) for r in sweep}):
         rs = sorted((r for r in sweep if r["task"] == task and r["seed"] == seed), key=lambda r: r["std"])
@@ -143,7 +142,8 @@ def _smooth(y, w):
 def curves(results, path):
     """Training loss and validation accuracy vs step: adapter vs full fine-tuning on one task."""
     cv = results["curves"]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     m = results["settings"]["main_size"]
     for key, text, color in ((f"adapter_m{m}", f"adapter m={m}", COLORS["adapter"]),
                              ("full", "full fine-tuning", COLORS["full"])):
@@ -167,7 +167,8 @@ def storage(results, path):
     method, vs T fine-tuned copies."""
     st = results["storage"]
     n_measured = len(st["per_task"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     for ax, unit, scale, ylabel in ((axes[0], "params", 1e6, "parameters stored (millions)"),
                                     (axes[1], "bytes", 2 ** 20, "files on disk (MiB)")):
         T = np.array(st["T"])
