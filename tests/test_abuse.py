@@ -320,9 +320,9 @@ def test_the_demo_tells_the_shipped_base_from_another():
 
 
 def test_bench_quick_shows_the_targets_as_not_applicable():
-    from minitransformer.tools import bench
+    from minitransformer.tools import bench, bench_report
     res = {"config": vars(bench.QUICK), "adapter_over_full_step": 0.9, "gemm_efficiency": 0.1,
            "adapter_latency_overhead": 0.5}  # every ratio misses its target
-    assert bench.verdict(res, "adapter_over_full_step").startswith("not applicable at these sizes")
+    assert bench_report.verdict(res, "adapter_over_full_step").startswith("not applicable at these sizes")
     res["config"] = vars(bench.BenchConfig())
-    assert bench.verdict(res, "adapter_over_full_step") == "NOT met"
+    assert bench_report.verdict(res, "adapter_over_full_step") == "NOT met"

@@ -42,7 +42,6 @@ import platform
 import statistics
 import time
 import tracemalloc
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,74 +54,13 @@ except ImportError:
 from .. import backend, optim
 from . import cli, files, runtime
 from ..adapters import AdapterConfig
-from ..model import ModelConfig, Transformer
+from ..model import Transformer
 from ..peft import LoRAConfig, PrefixConfig, PromptConfig
+from .bench_report import page, table
+from .benchmodel import QUICK, BenchConfig, block_products, matmul_shapes, step_flops  # noqa: F401
 
 
-@dataclass
-class BenchConfig:
-    vocab_size: int = 128  # V
-    d_model: int = 256  # C
-    n_layers: int = 4
-    n_heads: int = 4  # H
-    d_ff: int = 1024  # F
-    seq_len: int = 128  # T
-    batch: int = 16  # B
-    bottleneck: int = 64  # m of the adapter step and of the headline latency overhead
-    sizes: tuple = (8, 64, 256)  # every m whose inference latency is reported
-    lora_rank: int = 8  # r of the LoRA latency (on W_q and W_v, as the paper)
-    n_prefix: int = 16  # prefix length of the prefix-tuning latency
-    n_prompt: int = 16  # soft-prompt length of the prompt-tuning latency
-    repeats: int = 7  # timed repetitions per measurement (after warm-up); the median is kept
-    warmup: int = 1  # untimed rounds first: first touches of memory, BLAS thread start-up
-    budget_s: float = 60.0  # stop repeating (after 3 repetitions at least) once this much time passed
-
-    def model_config(self):
-        return ModelConfig(vocab_size=self.vocab_size, max_len=self.seq_len, d_model=self.d_model,
-                           n_heads=self.n_heads, n_layers=self.n_layers, d_ff=self.d_ff,
-                           norm="post", n_classes=2, dtype="float32")
-
-
-QUICK = BenchConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=16, batch=4,
-                    bottleneck=8, sizes=(2, 8, 16), lora_rank=2, n_prefix=4, n_prompt=4, repeats=3, warmup=1)
-
-# ----------------------------------------------------------------------------- the work counted
-
-
-def step_flops(b, trains="all", train_layernorm=True, adapters=True):
-    """Floating-point operations of the matrix products of one training step.
-
-    Counted from the shapes, 2 flops per multiply-add, N = B*T rows. Per block, forward:
-      weights    2 N (4 C^2 + 2 C F)      Q, K, V, output projection; FFN up and down
-      attention  2 * 2 B T^2 C            Q K^T and P V over all heads (H * hs = C)
-      adapters   2 * 2 * 2 N C m          two Houlsby sites, a down and an up projection each
-    The backward of every product costs the same again per gradient it produces:
-      trains="all"      dx and dW of every weight product, 4 batched products in attention
-                        (adapters=False: the bare base, as in full fine-tuning);
-      trains="adapters" dx only (frozen weights skip dW), plus the adapters' dx and dW.
-                        With the paper's trained LayerNorms the embedding LayerNorm trains, so
-                        the gradient must flow through every block down to it; with
-                        train_layernorm=False nothing below block 0 trains and its attention
-                        backward (4 projections and 2 batched products' backward) is skipped.
-    Elementwise work (softmax, GELU, LayerNorm, AdamW) is not counted: it is a few percent
-    of the flops but, being memory-bound, a larger share of the time. The classification
-    head (C x 2) is negligible and left out.
-    """
-    N, C, F, T = b.batch * b.seq_len, b.d_model, b.d_ff, b.seq_len
-    weights = 2 * N * (4 * C * C + 2 * C * F)
-    attn = 2 * 2 * b.batch * T * T * C
-    adapter = 2 * (2 * 2 * N * C * b.bottleneck) if adapters or trains == "adapters" else 0
-    if trains == "all":
-        return b.n_layers * 3 * (weights + attn + adapter)
-    per_block = (weights + attn + adapter) + (weights + 2 * attn + 2 * adapter)
-    block0_attention_backward = 0 if train_layernorm else 2 * N * 4 * C * C + 2 * attn
-    return b.n_layers * per_block - block0_attention_backward
-
-
-def matmul_shapes(b):
-    """(rows, inner, cols) of the model's large weight products: projections, FFN up, FFN down."""
-    N, C, F = b.batch * b.seq_len, b.d_model, b.d_ff
-    return [(N, C, C), (N, C, F), (N, F, C)]
+# ----------------------------------------------------------------------------- matrix-product rates
 
 
 def weight_matmul_gflops(b, repeats):
@@ -138,40 +76,6 @@ def weight_matmul_gflops(b, repeats):
         for x, w in pairs:
             x @ w
     return flops / median_time(run, repeats, warmup=1) / 1e9
-
-
-def block_products(b, seed=0):
-    """Every matrix product one block does in a full step, as (flops, fn): random operands of
-    the step's shapes and layouts, each product made by the same call the step makes.
-
-    Linear layers (4 attention projections, FFN up and down, each adapter's down and up):
-    forward x @ W, backward dout @ W.T and x.T @ dout. Attention: Q K^T and P V forward;
-    dP = dctx V^T, dV = P^T dctx, dQ = dS K, dK = dS^T Q backward, with the heads as strided
-    views, through kernels_attention.scores_matmul and heads_matmul. n_layers times the sum of the
-    flops is step_flops(b) (tests/test_bench.py checks this).
-    """
-    from ..attention import split_heads
-    from .kernels_attention import heads_matmul, scores_matmul
-    rng = np.random.default_rng(seed)
-    N, C, F, m, B, T, H = (b.batch * b.seq_len, b.d_model, b.d_ff, b.bottleneck, b.batch, b.seq_len,
-                           b.n_heads)
-
-    def randn(*shape):
-        return rng.standard_normal(shape, dtype=np.float32)
-    out = []
-    for d_in, d_out in [(C, C)] * 4 + [(C, F), (F, C)] + [(C, m), (m, C)] * 2:
-        x, W, d = randn(N, d_in), randn(d_in, d_out), randn(N, d_out)
-        flops = 2 * N * d_in * d_out
-        out += [(flops, lambda x=x, W=W: x @ W), (flops, lambda d=d, W=W: d @ W.T),
-                (flops, lambda x=x, d=d: x.T @ d)]
-    q, k, v, dctx = (split_heads(randn(B, T, C), H) for _ in range(4))  # (B,H,T,hs) views
-    p, ds = randn(B, H, T, T), randn(B, H, T, T)
-    flops = 2 * B * T * T * C  # one batched product over every head
-    t = (0, 1, 3, 2)
-    out += [(flops, lambda: scores_matmul(q, k)), (flops, lambda: heads_matmul(p, v)),
-            (flops, lambda: scores_matmul(dctx, v)), (flops, lambda: heads_matmul(p.transpose(t), dctx)),
-            (flops, lambda: heads_matmul(ds, k)), (flops, lambda: heads_matmul(ds.transpose(t), q))]
-    return out
 
 
 def matmul_gflops(b, repeats):
@@ -537,90 +441,6 @@ def profile(b, steps=5, top=12, clock="wall", path="fast"):
     return "\n".join(lines)
 
 
-TARGETS = {"adapter_over_full_step": ("<=", 0.70), "gemm_efficiency": (">=", 0.50),
-           "adapter_latency_overhead": ("<=", 0.12)}
-
-
-SIZE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch", "bottleneck")
-
-
-def meets(res):
-    """{ratio: True/False} against TARGETS."""
-    return {k: (res[k] <= v if op == "<=" else res[k] >= v) for k, (op, v) in TARGETS.items()}
-
-
-def targets_apply(config):
-    """The targets are set for the standard sizes (BenchConfig()); at others (--quick) they
-    say nothing."""
-    standard = vars(BenchConfig())
-    return all(config[k] == standard[k] for k in SIZE_FIELDS)
-
-
-def verdict(res, key):
-    """'met', 'NOT met', or 'not applicable' when the run's sizes are not the standard ones."""
-    if not targets_apply(res["config"]):
-        return "not applicable at these sizes (set for the standard ones)"
-    return "met" if meets(res)[key] else "NOT met"
-
-
-def table(res):
-    b = res["config"]
-    ms = lambda s: f"{1e3 * s:9.1f} ms"  # noqa: E731
-    rows = [("full_step_s", ms(res["full_step_s"])), ("adapter_step_s", ms(res["adapter_step_s"])),
-            ("base_full_step_s (no adapters)", ms(res["base_full_step_s"])),
-            ("adapter_ln_frozen_step_s", ms(res["adapter_ln_frozen_step_s"])), ("forward_s", ms(res["forward_s"]))]
-    rows += [(f"forward_adapters_s (m={m})", ms(s)) for m, s in res["forward_adapters_s_by_m"].items()]
-    rows += [(f"reference path: {k}", f"{ms(res['reference'][k + '_s'])}   "
-              f"{res['reference_over_fast'][k]:5.2f} x the fast path")
-             for k in ("full_step", "adapter_step", "forward")]
-    rows += [(f"operation: {name}", f"{o['reference_ms']:6.2f} ms reference, {o['fast_ms']:6.2f} ms fast, "
-              f"{o['ratio']:5.2f} x") for name, o in res["operations"].items()]
-    rows += [("matmul_gflops (every product of a step)", f"{res['matmul_gflops']:9.1f} GFLOP/s"),
-             ("weight_matmul_gflops (large products only)", f"{res['weight_matmul_gflops']:9.1f} GFLOP/s"),
-             ("step_gflops", f"{res['step_gflops']:9.1f} GFLOP/s "
-                             f"({res['full_step_gflop']:.2f} GFLOP counted)")]
-    rows += [("adapter step / full step, counted flops", f"{res['adapter_over_full_flops']:9.3f}"),
-             ("adapter step / base full step, time", f"{res['adapter_over_base_full_step']:9.3f}"),
-             ("adapter step / base full step, counted flops", f"{res['adapter_over_base_full_flops']:9.3f}"),
-             ("adapter step, LayerNorms frozen / full step, time",
-              f"{res['adapter_ln_frozen_over_full_step']:9.3f}"),
-             ("adapter step, LayerNorms frozen / full step, counted flops",
-              f"{res['adapter_ln_frozen_over_full_flops']:9.3f}")]
-    rows += [(f"peak_memory_mb ({k})", f"{v:9.1f} MB") for k, v in res["peak_memory_mb"].items()]
-    rows += [(k, f"{res[k]:9.3f}   target {op} {v}: {verdict(res, k)}") for k, (op, v) in TARGETS.items()]
-    rows += [("gemm_efficiency against weight_matmul_gflops", f"{res['gemm_efficiency_weight_shapes']:9.3f}")]
-    rows += [(f"adapter_latency_overhead (m={m})", f"{v:9.3f}")
-             for m, v in res["adapter_latency_overhead_by_m"].items()]
-    what = {"adapter": f"adapters m={b['bottleneck']}", "lora": f"LoRA r={b['lora_rank']} (q, v), unmerged",
-            "lora_merged": f"LoRA r={b['lora_rank']} merged into W", "prefix": f"prefix n={b['n_prefix']}",
-            "prompt": f"prompt n={b['n_prompt']}"}
-    rows += [(f"forward_peft_s ({what[k]})", f"{ms(v)}   overhead {res['peft_latency_overhead'][k]:6.3f}")
-             for k, v in res["forward_peft_s"].items()]
-    env = res["environment"]
-    blas = ", ".join(f"{x.get('internal_api')} {x.get('version')} ({x.get('architecture')}, "
-                     f"{x.get('num_threads')} threads)" for x in env["blas"]) or "none found"
-    head = (f"minitransformer bench: V={b['vocab_size']} C={b['d_model']} L={b['n_layers']} "
-            f"H={b['n_heads']} F={b['d_ff']} T={b['seq_len']} B={b['batch']} m={b['bottleneck']}, "
-            f"float32, post-LN; median of {b['repeats']}; fast path (backend.use('fast')) unless "
-            f"a row says reference")
-    foot = [f"cpu: {env['cpu']} ({env['cores']} cores); numpy {env['numpy']}; BLAS: {blas}"]
-    if env["env"]:
-        foot.append("env: " + " ".join(f"{k}={v}" for k, v in env["env"].items()))
-    load = res["load_average_before_after"]
-    faults = res["page_faults_per_step"]
-    foot.append(f"page faults per step: full {faults['full']:.0f}, adapter {faults['adapter']:.0f}; "
-                f"load average {load[0]:.1f} before, {load[1]:.1f} after, on {env['cores']} cores; "
-                f"{res['repeats_done']} repetitions")
-    rt = res["runtime"]
-    foot.append(f"runtime: {rt['elementwise_threads']} elementwise threads; BLAS idle spin: "
-                f"{rt['blas_idle']}; freed memory: {rt['malloc']}")
-    if max(load) > 0.5 * (env["cores"] or 1):
-        foot.append("WARNING: other processes are using the CPU: BLAS threads wait for each other "
-                    "and times can be many times longer; ratios are still from one run")
-    width = max(len(r[0]) for r in rows)
-    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows] + foot)
-
-
 def main(argv=None):
     parser = cli.parser("bench", __doc__.split("\n")[0])
     parser.add_argument("--json", metavar="PATH",
@@ -676,7 +496,6 @@ def main(argv=None):
         profiles = [profile(b, path=path) for path in ("fast", "reference")] if args.docs else []
     print(table(res))
     if args.docs:
-        from .perfdoc import page
         files.write_text(args.docs, page(res, profiles))
         print(f"wrote {cli.shown(args.docs)}")
     if args.json:

@@ -1,11 +1,102 @@
-"""docs/performance.md, written from one benchmark run: `python -m minitransformer bench --docs PATH`.
+"""How a benchmark run is shown: the table `python -m minitransformer bench` prints, the targets'
+verdicts, and docs/performance.md (`bench --docs PATH`).
 
 Every number on the page comes from the run that writes it (bench.run and bench.profile); the
 prose around them is here, so that the page and the code that measures it change together.
 """
 import time
 
-from . import bench
+from .benchmodel import BenchConfig
+
+# ----------------------------------------------------------------------------- the table
+
+
+TARGETS = {"adapter_over_full_step": ("<=", 0.70), "gemm_efficiency": (">=", 0.50),
+           "adapter_latency_overhead": ("<=", 0.12)}
+
+
+SIZE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch", "bottleneck")
+
+
+def meets(res):
+    """{ratio: True/False} against TARGETS."""
+    return {k: (res[k] <= v if op == "<=" else res[k] >= v) for k, (op, v) in TARGETS.items()}
+
+
+def targets_apply(config):
+    """The targets are set for the standard sizes (BenchConfig()); at others (--quick) they
+    say nothing."""
+    standard = vars(BenchConfig())
+    return all(config[k] == standard[k] for k in SIZE_FIELDS)
+
+
+def verdict(res, key):
+    """'met', 'NOT met', or 'not applicable' when the run's sizes are not the standard ones."""
+    if not targets_apply(res["config"]):
+        return "not applicable at these sizes (set for the standard ones)"
+    return "met" if meets(res)[key] else "NOT met"
+
+
+def table(res):
+    b = res["config"]
+    ms = lambda s: f"{1e3 * s:9.1f} ms"  # noqa: E731
+    rows = [("full_step_s", ms(res["full_step_s"])), ("adapter_step_s", ms(res["adapter_step_s"])),
+            ("base_full_step_s (no adapters)", ms(res["base_full_step_s"])),
+            ("adapter_ln_frozen_step_s", ms(res["adapter_ln_frozen_step_s"])), ("forward_s", ms(res["forward_s"]))]
+    rows += [(f"forward_adapters_s (m={m})", ms(s)) for m, s in res["forward_adapters_s_by_m"].items()]
+    rows += [(f"reference path: {k}", f"{ms(res['reference'][k + '_s'])}   "
+              f"{res['reference_over_fast'][k]:5.2f} x the fast path")
+             for k in ("full_step", "adapter_step", "forward")]
+    rows += [(f"operation: {name}", f"{o['reference_ms']:6.2f} ms reference, {o['fast_ms']:6.2f} ms fast, "
+              f"{o['ratio']:5.2f} x") for name, o in res["operations"].items()]
+    rows += [("matmul_gflops (every product of a step)", f"{res['matmul_gflops']:9.1f} GFLOP/s"),
+             ("weight_matmul_gflops (large products only)", f"{res['weight_matmul_gflops']:9.1f} GFLOP/s"),
+             ("step_gflops", f"{res['step_gflops']:9.1f} GFLOP/s "
+                             f"({res['full_step_gflop']:.2f} GFLOP counted)")]
+    rows += [("adapter step / full step, counted flops", f"{res['adapter_over_full_flops']:9.3f}"),
+             ("adapter step / base full step, time", f"{res['adapter_over_base_full_step']:9.3f}"),
+             ("adapter step / base full step, counted flops", f"{res['adapter_over_base_full_flops']:9.3f}"),
+             ("adapter step, LayerNorms frozen / full step, time",
+              f"{res['adapter_ln_frozen_over_full_step']:9.3f}"),
+             ("adapter step, LayerNorms frozen / full step, counted flops",
+              f"{res['adapter_ln_frozen_over_full_flops']:9.3f}")]
+    rows += [(f"peak_memory_mb ({k})", f"{v:9.1f} MB") for k, v in res["peak_memory_mb"].items()]
+    rows += [(k, f"{res[k]:9.3f}   target {op} {v}: {verdict(res, k)}") for k, (op, v) in TARGETS.items()]
+    rows += [("gemm_efficiency against weight_matmul_gflops", f"{res['gemm_efficiency_weight_shapes']:9.3f}")]
+    rows += [(f"adapter_latency_overhead (m={m})", f"{v:9.3f}")
+             for m, v in res["adapter_latency_overhead_by_m"].items()]
+    what = {"adapter": f"adapters m={b['bottleneck']}", "lora": f"LoRA r={b['lora_rank']} (q, v), unmerged",
+            "lora_merged": f"LoRA r={b['lora_rank']} merged into W", "prefix": f"prefix n={b['n_prefix']}",
+            "prompt": f"prompt n={b['n_prompt']}"}
+    rows += [(f"forward_peft_s ({what[k]})", f"{ms(v)}   overhead {res['peft_latency_overhead'][k]:6.3f}")
+             for k, v in res["forward_peft_s"].items()]
+    env = res["environment"]
+    blas = ", ".join(f"{x.get('internal_api')} {x.get('version')} ({x.get('architecture')}, "
+                     f"{x.get('num_threads')} threads)" for x in env["blas"]) or "none found"
+    head = (f"minitransformer bench: V={b['vocab_size']} C={b['d_model']} L={b['n_layers']} "
+            f"H={b['n_heads']} F={b['d_ff']} T={b['seq_len']} B={b['batch']} m={b['bottleneck']}, "
+            f"float32, post-LN; median of {b['repeats']}; fast path (backend.use('fast')) unless "
+            f"a row says reference")
+    foot = [f"cpu: {env['cpu']} ({env['cores']} cores); numpy {env['numpy']}; BLAS: {blas}"]
+    if env["env"]:
+        foot.append("env: " + " ".join(f"{k}={v}" for k, v in env["env"].items()))
+    load = res["load_average_before_after"]
+    faults = res["page_faults_per_step"]
+    foot.append(f"page faults per step: full {faults['full']:.0f}, adapter {faults['adapter']:.0f}; "
+                f"load average {load[0]:.1f} before, {load[1]:.1f} after, on {env['cores']} cores; "
+                f"{res['repeats_done']} repetitions")
+    rt = res["runtime"]
+    foot.append(f"runtime: {rt['elementwise_threads']} elementwise threads; BLAS idle spin: "
+                f"{rt['blas_idle']}; freed memory: {rt['malloc']}")
+    if max(load) > 0.5 * (env["cores"] or 1):
+        foot.append("WARNING: other processes are using the CPU: BLAS threads wait for each other "
+                    "and times can be many times longer; ratios are still from one run")
+    width = max(len(r[0]) for r in rows)
+    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows] + foot)
+
+
+# ----------------------------------------------------------------------------- the page
+
 
 INTRO = """\
 # Performance
@@ -46,7 +137,7 @@ measures both. Every time below is on the fast path unless it says reference.
 MEASURED = """\
 ## What is measured
 
-The standard configuration (`BenchConfig` in `minitransformer/tools/bench.py`): vocab 128, C = 256,
+The standard configuration (`BenchConfig` in `minitransformer/tools/benchmodel.py`): vocab 128, C = 256,
 4 layers, 4 heads, F = 1024, T = 128, B = 16, Houlsby adapters with m = 64, float32, post-LN. After a
 warm-up round the repetitions of all measurements are interleaved, so that a burst of load from other
 processes hits all of them alike, and each one's median is kept. A step is forward, loss, backward
@@ -94,7 +185,7 @@ PROCESS = """\
   warns when the load average is above half the cores.
 """
 
-TARGETS = """\
+TARGETS_TEXT = """\
 ## The three targets
 
 - `adapter_latency_overhead` <= 0.12 at m = 64: the adapters' own products are 8NCm flops per
@@ -140,7 +231,7 @@ def page(res, profiles, when=None):
              "The reference path beside the fast one:\n", paths_table(res), "",
              "Each operation that has a fast kernel, on the benchmark's shapes:\n", operations_table(res), "",
              "The whole table, as `python -m minitransformer bench` prints it:\n",
-             "```\n" + bench.table(res) + "\n```\n", MEASURED, TARGETS, PROCESS,
+             "```\n" + table(res) + "\n```\n", MEASURED, TARGETS_TEXT, PROCESS,
              "## Where the time goes\n\nElapsed time of the full step, by function (`bench --profile`; "
              "`--profile --path reference` for the textbook code):\n"]
     for text in profiles:
