@@ -188,9 +188,11 @@ PROCESS = """\
 TARGETS_TEXT = """\
 ## The three targets
 
+The table above gives each target's verdict for this run; what decides them:
+
 - `adapter_latency_overhead` <= 0.12 at m = 64: the adapters' own products are 8NCm flops per
-  block, about 7.7 % of the forward at m = 64, so about 0.08 is the floor; the thin products also
-  wake sleeping BLAS threads, so runs vary around 0.09 to 0.12.
+  block against the block's 2N(4C^2 + 2CF) + 4BT^2C, about 7.7 % of the forward at these sizes; the
+  thin products also wake sleeping BLAS threads, so the measured overhead moves from run to run.
 - `gemm_efficiency` >= 0.50, against the rate of the step's own products. Against the large weight
   products alone (`gemm_efficiency against weight_matmul_gflops`) it is lower: the small per-head
   and thin adapter products run below that rate even on their own.
