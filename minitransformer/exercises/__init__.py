@@ -58,9 +58,14 @@ def compare(name, got, expected, tolerance, what="max relative error"):
     return Result(name, err <= tolerance, f"{what} {err:.1e} {verdict} {tolerance:.0e}")
 
 
+def is_number(value):
+    """A real number (Python's or NumPy's), and not a bool (True is not the answer 1)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_number(name, got, expected, tolerance=0.0):
     """A number the student worked out: PASS when |got - expected| <= tolerance."""
-    if isinstance(got, bool) or not isinstance(got, (int, float, np.integer, np.floating)):
+    if not is_number(got):
         return Result(name, False, f"expected a number, got {type(got).__name__}")
     ok = abs(got - expected) <= tolerance
     return Result(name, ok, f"got {got}" + ("" if ok else f", expected {expected}"))

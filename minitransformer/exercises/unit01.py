@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import layers, losses
 from ..gradcheck import OP_THRESHOLD, numerical_gradient, random_functional, rel_error
-from . import Result, attempt, compare
+from . import Result, attempt, compare, is_number
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -98,7 +98,7 @@ def check_best_step(best_step):
         got, failed = attempt(name, best_step, u, f, f3)
         if failed is not None:
             return failed
-        if isinstance(got, bool) or not isinstance(got, (int, float, np.integer, np.floating)):
+        if not is_number(got):
             return Result(name, False, f"best_step({u:.2g}, {f}, {f3}): expected a number, got {_describe(got)}")
         expected = (3 * u * f / f3) ** (1 / 3)
         if not _relative(got, expected) <= 1e-6:

@@ -15,7 +15,7 @@ import numpy as np
 from ..attention import attention_bias
 from ..gradcheck import OP_THRESHOLD, numerical_gradient, random_functional, rel_error
 from ..layers import softmax_forward
-from . import Result, attempt
+from . import Result, attempt, is_number
 
 REPORT_BELOW = 1e-9  # a passing error below this is reported as "below 1e-9" (see _errors_line)
 
@@ -180,7 +180,7 @@ def check_attention_costs(fn):
         exp_params, exp_flops = _attention_costs(B, T, C, H)
         shape = f"B={B}, T={T}, C={C}, H={H}"
         for label, value in (("parameters", params), ("flops", flops)):
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            if not is_number(value):
                 return Result(name, False, f"{label}: expected a number, got {type(value).__name__}")
         if params != exp_params:
             hint = ""

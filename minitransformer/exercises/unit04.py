@@ -14,7 +14,7 @@ A FAIL line gives the measured numbers and, where the mistake is a common one, n
 """
 import numpy as np
 
-from . import Result, attempt, check_number, compare
+from . import Result, attempt, check_number, compare, is_number
 from ..adapters import AdapterConfig, adapter_backward, adapter_forward, init_adapter
 from ..gradcheck import OP_THRESHOLD, numerical_gradient, random_functional, rel_error
 from ..model import ModelConfig, Transformer
@@ -247,7 +247,7 @@ def check_init_law(fn, tolerance=0.1):
         got, failed = attempt(name, fn, std, C, m)
         if failed is not None:
             return failed
-        if isinstance(got, bool) or not isinstance(got, (int, float, np.integer, np.floating)):
+        if not is_number(got):
             return Result(name, False, f"expected a number, got {type(got).__name__}")
         measured = measured_ratio(std, C, m)
         off = got / measured

@@ -8,7 +8,7 @@ switching between a base's adapters, and the trained fraction of the shipped bas
 """
 import numpy as np
 
-from . import Result, attempt
+from . import Result, attempt, is_number
 from ..adapters import AdapterConfig
 
 # ----------------------------------------------------------------------------- storage
@@ -123,7 +123,7 @@ def check_trained_percent(fn, base=None):
         got, failed = attempt(name, fn, m, K, ln)
         if failed is not None:
             return failed
-        if isinstance(got, bool) or not isinstance(got, (int, float, np.integer, np.floating)):
+        if not is_number(got):
             return Result(name, False, f"expected a number (a percentage), got {type(got).__name__}")
         expected = trained_percent_of(base, m, K, ln)
         if abs(got - expected) <= 1e-6 * expected:
