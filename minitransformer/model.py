@@ -16,7 +16,7 @@ bottleneck adapters, LoRA branches (peft.py; merge/unmerge fold them into W), a 
 attention, a soft prompt in front of the input, or BitFit's own copies of the biases.
 """
 import fnmatch
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 

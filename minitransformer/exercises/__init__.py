@@ -63,6 +63,11 @@ def is_number(value):
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+def is_integer(value):
+    """An int (Python's or NumPy's), and not a bool: a count the student gives."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_number(name, got, expected, tolerance=0.0):
     """A number the student worked out: PASS when |got - expected| <= tolerance."""
     if not is_number(got):

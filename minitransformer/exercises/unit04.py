@@ -15,7 +15,7 @@ A FAIL line gives the measured numbers and, where the mistake is a common one, n
 import numpy as np
 
 from . import Result, attempt, check_number, compare, is_number
-from ..adapters import AdapterConfig, adapter_backward, adapter_forward, init_adapter
+from ..adapters import AdapterConfig, adapter_forward, init_adapter
 from ..gradcheck import OP_THRESHOLD, numerical_gradient, random_functional, rel_error
 from ..model import ModelConfig, Transformer
 

@@ -21,10 +21,6 @@ def stored(T, n_base, n_task, n_head):
     return n_base + T * n_task, T * (n_base + n_head)
 
 
-def _is_count(x):
-    return not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating))
-
-
 def check_storage(fn):
     """fn(T, n_base, n_task, n_head) -> (parameters stored with adapters, with full copies).
 
@@ -36,7 +32,7 @@ def check_storage(fn):
         got, failed = attempt(name, fn, T, n_base, n_task, n_head)
         if failed is not None:
             return failed
-        if not (isinstance(got, tuple) and len(got) == 2 and all(map(_is_count, got))):
+        if not (isinstance(got, tuple) and len(got) == 2 and all(map(is_number, got))):
             return Result(name, False, f"expected a pair of numbers (with adapters, with copies), got {got!r}")
         (a, c), (ea, ec) = got, stored(T, n_base, n_task, n_head)
         where = f"T={T}, n_base={n_base:,}, n_task={n_task:,}, n_head={n_head:,}"

@@ -22,13 +22,9 @@ from ..adapters import AdapterConfig
 from ..gradcheck import rel_error
 from ..model import ModelConfig
 from ..tools.bench import step_flops
-from . import Result, attempt
+from . import Result, attempt, is_integer
 
 BYTES_PER_PARAMETER = 4  # float32
-
-
-def _is_int(x):
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 # ----------------------------------------------------------------------------- storage for T tasks
@@ -113,7 +109,7 @@ def check_storage_bytes(fn):
             if failed is not None:  # a Result: not written yet, or it raised
                 return failed
             if isinstance(got, (str, bytes)) or not hasattr(got, "__len__") or len(got) != 2 \
-                    or not all(_is_int(g) for g in got):
+                    or not all(is_integer(g) for g in got):
                 return Result(name, False, f"expected two integers (adapters_bytes, copies_bytes), "
                                            f"got {got!r}")
             expected = storage_bytes(cfg, adapter, K, T)
@@ -195,7 +191,7 @@ def check_skipped_flops(fn):
             got, failed = attempt(name, fn, b, train_layernorm)
             if failed is not None:  # a Result: not written yet, or it raised
                 return failed
-            if not _is_int(got):
+            if not is_integer(got):
                 return Result(name, False, f"expected an integer number of flops, got "
                                            f"{type(got).__name__} {got!r}")
             expected = skipped_flops(b, train_layernorm)
@@ -311,7 +307,7 @@ def check_break_even(fn):
                 return Result(name, False, f"{where}: expected None, got {got!r}: an adapter set "
                                            f"as large as a copy never pays for the shared base")
             continue
-        if not _is_int(got):
+        if not is_integer(got):
             return Result(name, False, f"{where}: expected an integer T, got "
                                        f"{type(got).__name__} {got!r}")
         if got == expected:

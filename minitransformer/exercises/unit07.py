@@ -15,11 +15,7 @@ import numpy as np
 from .. import peft
 from ..gradcheck import OP_THRESHOLD, numerical_gradient, rel_error
 from ..model import ModelConfig, Transformer
-from . import Result, attempt
-
-
-def _is_int(x):
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+from . import Result, attempt, is_integer
 
 
 # ----------------------------------------------------------------------------- LoRA's backward
@@ -150,7 +146,7 @@ def check_prefix_count(fn):
             got, failed = attempt(name, fn, n, C, L, h, reparam)
             if failed is not None:
                 return failed
-            if not _is_int(got):
+            if not is_integer(got):
                 return Result(name, False, f"expected an integer, got {got!r}")
             expected = _task_size(C, L, peft.PrefixConfig(n_prefix=n, reparameterize=reparam, hidden=h))
             if got != expected:
@@ -190,7 +186,7 @@ def check_bitfit_count(fn):
         got, failed = attempt(name, fn, C, F, L)
         if failed is not None:
             return failed
-        if not _is_int(got):
+        if not is_integer(got):
             return Result(name, False, f"expected an integer, got {got!r}")
         for norm in ("post", "pre"):
             expected = _task_size(C, L, peft.BitFitConfig(), d_ff=F, norm=norm)
