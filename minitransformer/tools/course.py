@@ -2,6 +2,7 @@
 
     python -m minitransformer course student OUT_DIR        # copies without solutions, outputs cleared
     python -m minitransformer course run [NOTEBOOK ...]     # execute in place, then clean (default: all)
+    python -m minitransformer course site OUT_DIR           # the course as HTML pages (coursesite.py)
 
 A solution sits between a line `### BEGIN SOLUTION` and a line `### END SOLUTION` (nbgrader's
 markers). The student copy replaces each such region, markers included, by one line
@@ -21,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import cli
+from . import cli, coursesite
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"  # the course, in a source checkout
@@ -211,7 +212,7 @@ def run_notebooks(paths, timeout=600, log=print, run=True):
 def main(argv=None):
     parser = cli.parser("course", "The notebooks of the course (notebooks/): make the student copies, "
                                   "or execute and clean the notebooks before committing them.")
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{student,run}")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{student,run,site}")
     student = sub.add_parser(
         "student", help="write the student copies: solutions replaced by raise NotImplementedError",
         description=f"Write a copy of every notebook into OUT_DIR with each region between "
@@ -228,8 +229,11 @@ def main(argv=None):
     run.add_argument("--timeout", type=float, default=600, help="seconds per cell (default 600)")
     run.add_argument("--no-execute", action="store_true",
                      help="only clean (counts, metadata, streams) and check for paths: outputs kept as they are")
+    coursesite.add_parser(sub)
     args = parser.parse_args(argv)
 
+    if args.action == "site":
+        return coursesite.run(args)
     if args.action == "student":
         try:
             written = write_student_copies(args.out_dir)
