@@ -1,5 +1,6 @@
 """The course's infrastructure (minitransformer/tools/course.py): the student copies hold no
-solution and still run, saying "not implemented yet" where an exercise is unsolved; the committed
+solution and still run, saying "not implemented yet" where an exercise is unsolved, and keep
+nbgrader's markers and cell metadata so that a teacher can run nbgrader on them; the committed
 notebooks are clean (no execution counts, no machine paths, minimal metadata) and each has at
 least three checkable exercises; `course run` executes, cleans, and refuses machine paths.
 
@@ -36,13 +37,14 @@ def test_the_course_has_notebooks():
 # ----------------------------------------------------------------------------- strip_solutions
 
 
-def test_strip_solutions_keeps_the_code_around_and_the_indentation():
+def test_strip_solutions_keeps_the_code_around_the_markers_and_the_indentation():
     source = ("def f(x):\n    '''doc'''\n    ### BEGIN SOLUTION\n    y = x + 1\n    return y\n"
               "    ### END SOLUTION\n\n\nanswer = 3  # kept\n### BEGIN SOLUTION\nanswer = 4\n### END SOLUTION")
     text, regions = course.strip_solutions(source)
     assert regions == 2
-    assert text == ("def f(x):\n    '''doc'''\n    raise NotImplementedError\n\n\nanswer = 3  # kept\n"
-                    "raise NotImplementedError")
+    assert text == ("def f(x):\n    '''doc'''\n    ### BEGIN SOLUTION\n    raise NotImplementedError\n"
+                    "    ### END SOLUTION\n\n\nanswer = 3  # kept\n"
+                    "### BEGIN SOLUTION\nraise NotImplementedError\n### END SOLUTION")
     compile(text, "<student>", "exec")  # still valid Python
     assert course.strip_solutions("x = 1\n") == ("x = 1\n", 0)
 
@@ -85,17 +87,51 @@ def test_the_student_copy_holds_no_solution(student_dir, path):
             assert after.source == before.source
             assert not {line.strip() for line in after.source.splitlines()} & {course.BEGIN, course.END}
             continue
-        assert "BEGIN SOLUTION" not in after.source and "END SOLUTION" not in after.source
         assert after.outputs == [] and after.execution_count is None
         expected, regions = course.strip_solutions(before.source)
         assert after.source == expected
         replaced += regions
+        lines = after.source.splitlines()
+        stripped = [line.strip() for line in lines]
+        assert stripped.count(course.BEGIN) == stripped.count(course.END) == regions
+        for k, line in enumerate(lines):  # between the markers kept: one line that raises, indented alike
+            if line.strip() == course.BEGIN:
+                assert lines[k + 1:k + 3] == [line.replace(course.BEGIN, "raise NotImplementedError"),
+                                              line.replace(course.BEGIN, course.END)]
         if regions:
             compile(after.source, path.name, "exec")  # the student's cell is valid Python
-            for line in before.source.splitlines():  # each solution's replacement, indented alike
-                if line.strip() == course.BEGIN:
-                    assert line.replace(course.BEGIN, "raise NotImplementedError") in after.source.splitlines()
     assert replaced == sum(c.source.count(course.BEGIN) for c in original.cells if c.cell_type == "code") >= 3
+
+
+# nbgrader's cell metadata, schema 3 (nbgrader/nbgraderformat/v3.json): the fields a cell may have
+NBGRADER_FIELDS = {"schema_version", "grade", "locked", "solution", "task", "grade_id", "points", "checksum",
+                   "cell_type"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_student_copy_is_marked_for_nbgrader(student_dir, path):
+    """Every cell holding the markers is an nbgrader solution cell (nbgrader refuses markers in any
+    other cell), the checker after it is locked, the ids are unique, and nothing else is marked."""
+    copy = read(student_dir / path.name)
+    marked = {i: c.metadata["nbgrader"] for i, c in enumerate(copy.cells) if "nbgrader" in c.metadata}
+    solutions = [i for i, c in enumerate(copy.cells) if c.cell_type == "code" and course.BEGIN in c.source]
+    checks = [next(j for j in range(i + 1, len(copy.cells)) if copy.cells[j].cell_type == "code")
+              for i in solutions]
+    assert sorted(marked) == sorted(solutions + checks) and len(solutions) >= 3
+    for i, meta in marked.items():
+        assert set(meta) <= NBGRADER_FIELDS and meta["schema_version"] == 3
+        assert meta["solution"] is (i in solutions) and meta["locked"] is (i not in solutions)
+        assert meta["grade"] is False and meta["task"] is False  # the checkers print; they grade no points
+        assert re.fullmatch(r"[a-zA-Z0-9_-]+", meta["grade_id"])
+    assert len({m["grade_id"] for m in marked.values()}) == len(marked)
+
+
+def test_lines_nbgrader_would_take_for_markers_are_found():
+    nb = new_notebook(cells=[new_markdown_cell("Write it between `### BEGIN SOLUTION` and the end."),
+                             new_code_cell("def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION"),
+                             new_code_cell("x = 1  # END SOLUTION is above")])
+    assert course.nbgrader_misreads(course.student_copy(nb)) == [
+        (0, "Write it between `### BEGIN SOLUTION` and the end."), (2, "x = 1  # END SOLUTION is above")]
 
 
 def test_the_student_copies_refuse_notebooks_as_out_dir(tmp_path, capsys):

@@ -5,10 +5,14 @@
     python -m minitransformer course site OUT_DIR           # the course as HTML pages (coursesite.py)
 
 A solution sits between a line `### BEGIN SOLUTION` and a line `### END SOLUTION` (nbgrader's
-markers). The student copy replaces each such region, markers included, by one line
+markers). The student copy keeps the two markers and replaces what lies between them by one line
 `raise NotImplementedError`, indented like the BEGIN line, so that a solution written as the body
 of a `def` leaves a function that raises, and the checker in the next cell says "not implemented
-yet". The notebooks in notebooks/ are only read; OUT_DIR may not be notebooks/ or lie inside it.
+yet". For nbgrader, each cell holding markers is marked as a solution cell ("Autograded answer")
+and the code cell after it, the checker, as a locked one ("Read-only"): a teacher can run nbgrader
+on the copies as they are, provided no other line holds a marker's words (nbgrader would take
+prose that writes a marker out for one; the command names each such line). The notebooks in
+notebooks/ are only read; OUT_DIR may not be notebooks/ or lie inside it.
 
 `course run` executes each notebook top to bottom from its own folder (as nbval does), then
 cleans it for committing: every execution count null, notebook metadata reduced to the kernel,
@@ -32,9 +36,9 @@ KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3
 
 
 def strip_solutions(source, where="cell"):
-    """source with every BEGIN..END SOLUTION region replaced by `raise NotImplementedError`
-    (indented like the BEGIN line) -> (new source, number of regions). Raises ValueError on a
-    marker without its partner."""
+    """source with what lies between each BEGIN and END SOLUTION marker replaced by `raise
+    NotImplementedError` (indented like the BEGIN line; the markers kept) -> (new source, number
+    of regions). Raises ValueError on a marker without its partner."""
     out, regions, inside = [], 0, False
     for line in source.splitlines(keepends=True):
         stripped = line.strip()
@@ -43,11 +47,12 @@ def strip_solutions(source, where="cell"):
                 raise ValueError(f"{where}: {BEGIN!r} inside another solution")
             inside, regions = True, regions + 1
             indent = line[:len(line) - len(line.lstrip())]
-            out.append(f"{indent}raise NotImplementedError\n")
+            out += [line, f"{indent}raise NotImplementedError\n"]
         elif stripped == END:
             if not inside:
                 raise ValueError(f"{where}: {END!r} without a {BEGIN!r} before it")
             inside = False
+            out.append(line)
         elif not inside:
             out.append(line)
     if inside:
@@ -56,19 +61,44 @@ def strip_solutions(source, where="cell"):
     return (text[:-1] if text.endswith("\n") and not source.endswith("\n") else text), regions
 
 
+def nbgrader(grade_id, solution):
+    """nbgrader's cell metadata (schema 3): a solution cell, or a locked cell (solution=False)."""
+    return {"grade": False, "grade_id": grade_id, "locked": not solution, "schema_version": 3,
+            "solution": solution, "task": False}
+
+
 def student_copy(nb, name="notebook"):
-    """A new notebook: solutions replaced (code cells), outputs and execution counts cleared.
+    """A new notebook: solutions replaced (code cells), outputs and execution counts cleared,
+    nbgrader's metadata on each solution cell (`exercise-K`) and its checker (`exercise-K-check`).
     A marker line in a Markdown cell is an error (prose may name the markers, inline)."""
     import copy
     nb = copy.deepcopy(nb)
+    solutions = []
     for i, cell in enumerate(nb.cells):
         where = f"{name}, cell {i}"
         if cell.cell_type == "code":
-            cell.source, _ = strip_solutions(cell.source, where)
+            cell.source, regions = strip_solutions(cell.source, where)
             cell.outputs, cell.execution_count = [], None
+            if regions:
+                solutions.append(i)
         elif any(line.strip() in (BEGIN, END) for line in cell.source.splitlines()):
             raise ValueError(f"{where}: a solution marker line in a {cell.cell_type} cell")
-    return clean(nb)
+    clean(nb)
+    for k, i in enumerate(solutions, 1):
+        nb.cells[i].metadata["nbgrader"] = nbgrader(f"exercise-{k}", solution=True)
+        check = next((j for j in range(i + 1, len(nb.cells)) if nb.cells[j].cell_type == "code"), None)
+        if check is not None and check not in solutions:
+            nb.cells[check].metadata["nbgrader"] = nbgrader(f"exercise-{k}-check", solution=False)
+    return nb
+
+
+def nbgrader_misreads(nb):
+    """[(cell index, line)]: the lines nbgrader would take for a marker and are none of ours.
+    nbgrader reads any line *holding* 'BEGIN SOLUTION' or 'END SOLUTION', in any cell, as a
+    marker: prose that writes the markers out on a line makes `nbgrader generate_assignment` fail."""
+    return [(i, line.strip()) for i, cell in enumerate(nb.cells) for line in cell.source.splitlines()
+            if ("BEGIN SOLUTION" in line or "END SOLUTION" in line)
+            and not (cell.cell_type == "code" and line.strip() in (BEGIN, END))]
 
 
 def write_student_copies(out_dir, notebooks=NOTEBOOKS):
@@ -215,9 +245,10 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="action", required=True, metavar="{student,run,site}")
     student = sub.add_parser(
         "student", help="write the student copies: solutions replaced by raise NotImplementedError",
-        description=f"Write a copy of every notebook into OUT_DIR with each region between "
-                    f"'{BEGIN}' and '{END}' replaced by 'raise NotImplementedError' and all "
-                    f"outputs cleared. notebooks/ itself is only read.")
+        description=f"Write a copy of every notebook into OUT_DIR with what lies between "
+                    f"'{BEGIN}' and '{END}' replaced by 'raise NotImplementedError' (the markers "
+                    f"kept, the cells marked for nbgrader) and all outputs cleared. notebooks/ "
+                    f"itself is only read.")
     student.add_argument("out_dir", metavar="OUT_DIR", help="where to write the copies (not notebooks/)")
     run = sub.add_parser(
         "run", help="execute notebooks in place, then clean them for committing",
@@ -239,8 +270,12 @@ def main(argv=None):
             written = write_student_copies(args.out_dir)
         except ValueError as e:
             raise cli.UsageError(str(e)) from e
+        import nbformat
         for path in written:
             print(f"wrote {cli.shown(path)}")
+            for i, line in nbgrader_misreads(nbformat.read(path, as_version=4)):
+                print(f"  note: nbgrader takes this line of cell {i} for a marker (its generate_assignment "
+                      f"fails): {line[:50]!r}...")
         return 0
     paths = args.notebooks or sorted(NOTEBOOKS.glob("*.ipynb"))
     missing = [p for p in map(Path, paths) if not p.is_file()]
