@@ -28,6 +28,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"  # the course, in 
 GENERATOR = '<meta name="generator" content="minitransformer course site">'  # marks our own pages
 TEX_LEFT = re.compile(r"\\[A-Za-z]+")  # a TeX command the converter passed through as text
 TEXT_ESCAPE = re.compile(r"\\([&%$#_{}])")  # \& in \text{..}: latex2mathml 3.81 keeps the backslash
+ORDINARY = re.compile(r'<mo((?: (?:stretchy|fence)="false")*)>(&#x0007C;|&#x02016;|&#x0002F;)</mo>')
 TEACHES = "What this unit teaches"
 LIST = re.compile(r"(\d+\.|[-*+])\s")  # a Markdown list item
 MATH_FONTS = '"Latin Modern Math", "STIX Two Math", "DejaVu Math TeX Gyre", "Cambria Math", math'
@@ -46,6 +47,10 @@ def tex_to_mathml(tex, display):
         return None
     mathml = re.sub(r"(<mtext>)(.*?)(</mtext>)",
                     lambda m: m[1] + TEXT_ESCAPE.sub(lambda e: html.escape(e[1]), m[2]) + m[3], mathml)
+    # TeX spaces |, \| and / as ordinary symbols and \infty as a letter; latex2mathml makes them
+    # operators, which a browser spaces out ("u | f | / h", "- oo")
+    mathml = ORDINARY.sub(r'<mo lspace="0" rspace="0"\1>\2</mo>', mathml).replace(
+        "<mo>&#x0221E;</mo>", "<mi>&#x0221E;</mi>")
     text = html.unescape(re.sub(r"<[^>]+>", "", mathml))
     return None if TEX_LEFT.search(text) else mathml
 
