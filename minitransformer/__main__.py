@@ -16,7 +16,8 @@ COMMANDS = {
     "pretrain": "pretrain a base checkpoint, deterministically (the shipped one: --overwrite)",
     "figures": "re-create the paper's figures (add --quick for tiny sizes)",
     "bench": "the performance benchmark (add --json PATH, --quick)",
-    "course": "the notebooks: `course student OUT_DIR` (student copies), `course run` (execute, clean), `course site OUT_DIR` (HTML)",
+    "course": "the notebooks: `course student OUT_DIR` (student copies), `course run` (execute, clean), "
+              "`course site OUT_DIR` (HTML pages)",
 }
 
 

@@ -113,6 +113,35 @@ def test_a_formula_the_converter_cannot_read_is_left_as_tex_and_reported():
     assert '<code class="tex">$\\notacommand{x}$</code>' in text
 
 
+def test_every_link_inside_the_site_leads_to_one_of_its_pages(site):
+    for path in site.iterdir():
+        for href in re.findall(r'href="([^"]+)"', read(site, path.name)):
+            target = href.split("#")[0]
+            if target and not re.match(r"[a-z]+:", target):  # not http:, mailto:, an anchor
+                assert (site / target).is_file(), (path.name, href)
+
+
+def test_a_markdown_file_a_notebook_links_to_becomes_a_page(tmp_path):
+    """docs/notation.md, linked from a notebook as ../docs/notation.md, is a page of the site."""
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notation.md").write_text("# Notation\n\n| symbol | meaning |\n|---|---|\n"
+                                                  "| $d_\\mathrm{in}$ | width in |\n")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+        "# One\n\nThe symbols: [the table](../docs/notation.md#sizes); $x^2$. Next: [two](02_two.ipynb).")])
+    nbformat.write(nb, tmp_path / "notebooks" / "01_one.ipynb")
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Two")]),
+                   tmp_path / "notebooks" / "02_two.ipynb")
+    written, formulas, raw = coursesite.build(tmp_path / "site", tmp_path / "notebooks")
+    assert sorted(p.name for p in written) == ["01_one.html", "02_two.html", "index.html", "notation.html"]
+    assert (formulas, raw) == (3, [])  # x^2 on its page and in the index (its summary), d_in
+    one = (tmp_path / "site" / "01_one.html").read_text()
+    assert 'href="notation.html#sizes"' in one and 'href="02_two.html"' in one
+    notation = (tmp_path / "site" / "notation.html").read_text()
+    assert "<title>Notation</title>" in notation and "<math " in notation and "<table>" in notation
+    assert 'href="notation.html">Notation</a>' in (tmp_path / "site" / "index.html").read_text()
+
+
 # ----------------------------------------------------------------------------- what it writes
 
 
@@ -171,6 +200,7 @@ class Chromium:
         self.proc = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage",
              "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
              f"--user-data-dir={profile}", "--hide-scrollbars", "--remote-debugging-pipe", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

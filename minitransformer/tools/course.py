@@ -241,7 +241,7 @@ def run_notebooks(paths, timeout=600, log=print, run=True):
 
 def main(argv=None):
     parser = cli.parser("course", "The notebooks of the course (notebooks/): make the student copies, "
-                                  "or execute and clean the notebooks before committing them.")
+                                  "execute and clean the notebooks before committing them, or build the site.")
     sub = parser.add_subparsers(dest="action", required=True, metavar="{student,run,site}")
     student = sub.add_parser(
         "student", help="write the student copies: solutions replaced by raise NotImplementedError",

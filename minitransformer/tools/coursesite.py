@@ -1,7 +1,8 @@
 """The course as a web site that reads offline: `python -m minitransformer course site OUT_DIR`.
 
     build(out_dir)                 notebooks/*.ipynb -> OUT_DIR/index.html + one page per notebook
-    page(nb, name, prev, next)     one notebook -> (HTML text, formulas converted, formulas left as TeX)
+    page(nb, title, prev, nxt)     one notebook -> (HTML text, formulas converted, formulas left as TeX)
+    document(path, state)          a Markdown file a page links to (the notation table) -> its page
     tex_to_mathml(tex, display)    one formula -> MathML, or None when some of it stayed TeX
 
 The maths is converted to MathML when the site is built (latex2mathml), so a page needs no script,
@@ -10,7 +11,8 @@ draws it. Figures and outputs are embedded in the page (PNG as data: URIs); noth
 
 The pages come in the notebooks' order (their file names sort as the reading order); index.html
 lists them with what each teaches, taken from the notebook itself: the paragraph that opens with
-"What this unit teaches", else the first paragraph after the title.
+"What this unit teaches", else the first paragraph after the title. A Markdown file of the
+repository that a page links to (docs/notation.md) becomes a page too, and the link points at it.
 
 Writing: every page is built before any is written, then each is written whole (files.write_text).
 A page carries a generator mark; an existing file without it is refused, never replaced, and so
@@ -57,7 +59,9 @@ def tex_to_mathml(tex, display):
 
 def _markdown(renderer_state):
     """A Markdown -> HTML function (nbconvert's parser, which reads $..$ and $$..$$ as Jupyter
-    does) whose formulas become MathML, counted in renderer_state ({"math": n, "raw": [tex]})."""
+    does) whose formulas become MathML, counted in renderer_state ({"math": n, "raw": [tex]}).
+    With renderer_state["root"] (a folder), a link to a Markdown file inside it (the notation
+    table, say) points at that file's page, recorded in renderer_state["docs"] {path: page}."""
     from nbconvert.filters.markdown_mistune import IPythonRenderer, MarkdownWithMath
 
     class Renderer(IPythonRenderer):
@@ -84,8 +88,15 @@ def _markdown(renderer_state):
             return (f'<h{level} id="{anchor}">{text}<a class="anchor-link" href="#{anchor}">#</a>'
                     f'</h{level}>\n')
 
-        def link(self, text, url, title=None):  # another notebook of the course: its page
-            return super().link(text, re.sub(r"^([\w-]+)\.ipynb(?=$|#)", r"\1.html", url), title)
+        def link(self, text, url, title=None):  # another notebook or document of the course: its page
+            url = re.sub(r"^([\w-]+)\.ipynb(?=$|#)", r"\1.html", url)
+            target, hash_, fragment = url.partition("#")
+            root = renderer_state.get("root")
+            if root and target.endswith(".md") and ":" not in target:
+                doc = (Path(self.path) / target).resolve()
+                if doc.is_file() and root in doc.parents:
+                    url = renderer_state["docs"].setdefault(doc, doc.stem + ".html") + hash_ + fragment
+            return super().link(text, url, title)
 
     def render(source, attachments=None, path=""):
         renderer = Renderer(escape=False, embed_images=True, path=path, attachments=attachments)
@@ -112,7 +123,8 @@ def _output(output, markdown):
     data = output.get("data", {})
     for mime in ("image/png", "image/jpeg"):
         if mime in data:
-            encoded = "".join(data[mime]).replace("\n", "") if isinstance(data[mime], list) else data[mime].replace("\n", "")
+            value = data[mime]
+            encoded = ("".join(value) if isinstance(value, list) else value).replace("\n", "")
             base64.b64decode(encoded, validate=True)  # a malformed image fails the build, not the reader
             return f'<div class="output"><img alt="a figure" src="data:{mime};base64,{encoded}"></div>'
     if "image/svg+xml" in data:
@@ -183,11 +195,13 @@ def _html(title, body):
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
 <style>
-body {{ max-width: 52rem; margin: 0 auto; padding: 1rem 1.5rem 3rem; font: 16px/1.55 system-ui, sans-serif; color: #1d1d1f; }}
+body {{ max-width: 52rem; margin: 0 auto; padding: 1rem 1.5rem 3rem; color: #1d1d1f;
+       font: 16px/1.55 system-ui, sans-serif; }}
 math {{ font-family: {MATH_FONTS}; font-size: 1.08em; }}
 math[display="block"] {{ margin: 0.8em 0; overflow-x: auto; overflow-y: hidden; }}
 menclose[notation="box"] {{ border: 1px solid currentColor; padding: 0.15em 0.3em; }}
-nav {{ display: flex; justify-content: space-between; gap: 1rem; padding: 0.6rem 0; border-bottom: 1px solid #ddd; font-size: 0.95em; }}
+nav {{ display: flex; justify-content: space-between; gap: 1rem; padding: 0.6rem 0; font-size: 0.95em;
+      border-bottom: 1px solid #ddd; }}
 nav.bottom {{ border-top: 1px solid #ddd; border-bottom: 0; margin-top: 2rem; }}
 a {{ color: #0b57d0; }}
 table {{ border-collapse: collapse; margin: 0.8em 0; font-size: 0.93em; }}
@@ -220,24 +234,35 @@ def _nav(prev, nxt, where):
     return f'<nav class="{where}">{left}<a href="index.html">Contents</a>{right}</nav>'
 
 
-def page(nb, title, prev=None, nxt=None, path=""):
-    """One notebook -> (HTML text, number of formulas converted, [formulas left as TeX])."""
-    state = {"math": 0, "raw": []}
+def page(nb, title, prev=None, nxt=None, path="", state=None):
+    """One notebook -> (HTML text, number of formulas converted, [formulas left as TeX]).
+    state: a renderer state shared by the pages of a site (see _markdown), or None."""
+    state = {"math": 0, "raw": []} if state is None else state
+    math, raw = state["math"], len(state["raw"])
     body = _cells(nb, _markdown(state), path)
     text = _html(title, f"{_nav(prev, nxt, 'top')}\n<main>\n{body}\n</main>\n{_nav(prev, nxt, 'bottom')}")
-    return text, state["math"], state["raw"]
+    return text, state["math"] - math, state["raw"][raw:]
 
 
-def index(units):
-    """units: [(file name, title, summary as Markdown)] -> (HTML text, formulas, [left as TeX])."""
-    state = {"math": 0, "raw": []}
-    markdown = _markdown(state)
-    items = "\n".join(f'<li><a href="{name}">{html.escape(title)}</a>{markdown(summary)}</li>'
+def document(path, state):
+    """A Markdown file of the repository (the notation table) -> (title, HTML text)."""
+    source = Path(path).read_text(encoding="utf-8")
+    heading = re.search(r"^#+\s+(.*)$", source, re.MULTILINE)
+    title = heading[1].strip() if heading else Path(path).stem
+    body = _markdown(state)(source, None, str(Path(path).parent))
+    nav = _nav(None, None, "top")
+    return title, _html(title, f"{nav}\n<main>\n<div class=\"markdown\">{body}</div>\n</main>")
+
+
+def index(units, documents=()):
+    """units: [(file name, title, summary as HTML)]; documents: [(file name, title)] -> HTML text."""
+    items = "\n".join(f'<li><a href="{name}">{html.escape(title)}</a>{summary}</li>'
                       for name, title, summary in units)
+    also = "".join(f'<p>Beside them: <a href="{name}">{html.escape(title)}</a>.</p>\n' for name, title in documents)
     body = (f"<h1>minitransformer: the course</h1>\n<p>Read the units in this order. Each derives a piece, "
             f"checks it, uses it, and ends with exercises; these pages show the notebooks with their "
-            f"solutions and outputs.</p>\n<ol class=\"units\">\n{items}\n</ol>")
-    return _html("minitransformer: the course", body), state["math"], state["raw"]
+            f"solutions and outputs.</p>\n<ol class=\"units\">\n{items}\n</ol>\n{also}")
+    return _html("minitransformer: the course", body)
 
 
 # ----------------------------------------------------------------------------- the site
@@ -252,9 +277,10 @@ def is_site_page(path):
         return False
 
 
-def build(out_dir, notebooks=NOTEBOOKS, log=print):
-    """Write OUT_DIR/index.html and one page per notebooks/*.ipynb -> (paths written, formulas
-    converted, [(page, formula left as TeX)]). Every check comes before any file is written."""
+def build(out_dir, notebooks=NOTEBOOKS):
+    """Write OUT_DIR/index.html, one page per notebooks/*.ipynb and one per Markdown file of the
+    repository that a page links to -> (paths written, formulas converted, [(page, formula left
+    as TeX)]). Every page is made and every check done before any file is written."""
     import nbformat
     out_dir, notebooks = Path(out_dir), Path(notebooks)
     if out_dir.resolve() == notebooks.resolve() or notebooks.resolve() in out_dir.resolve().parents:
@@ -265,23 +291,34 @@ def build(out_dir, notebooks=NOTEBOOKS, log=print):
     books = [nbformat.read(p, as_version=4) for p in sources]
     units = [(p.with_suffix(".html").name, *title_and_summary(nb)) for p, nb in zip(sources, books)]
     units = [(name, title or Path(name).stem, summary) for name, title, summary in units]
-    pages, formulas, raw = {}, 0, []
+    state = {"math": 0, "raw": [], "root": notebooks.resolve().parent, "docs": {}}
+    pages, raw = {}, []
     for i, (source, nb) in enumerate(zip(sources, books)):
         prev = units[i - 1][:2] if i > 0 else None
         nxt = units[i + 1][:2] if i + 1 < len(units) else None
-        text, n, left = page(nb, units[i][1], prev, nxt, str(source.parent))
-        pages[units[i][0]] = text
-        formulas, raw = formulas + n, raw + [(units[i][0], tex) for tex in left]
-    text, n, left = index(units)
-    pages = {"index.html": text, **pages}
-    formulas, raw = formulas + n, raw + [("index.html", tex) for tex in left]
+        pages[units[i][0]], _, left = page(nb, units[i][1], prev, nxt, str(source.parent), state)
+        raw += [(units[i][0], tex) for tex in left]
+    before = len(state["raw"])
+    summaries = [_markdown(state)(summary, None, str(notebooks)) for _, _, summary in units]
+    raw += [("index.html", tex) for tex in state["raw"][before:]]
+    documents, done = [], set()
+    while pending := [doc for doc in state["docs"] if doc not in done]:  # a document may link another
+        for doc in pending:
+            done.add(doc)
+            name, before = state["docs"][doc], len(state["raw"])
+            if name in pages or name == "index.html":
+                raise ValueError(f"{cli.shown(doc)}: its page {name} would replace another page of the site")
+            title, pages[name] = document(doc, state)
+            documents.append((name, title))
+            raw += [(name, tex) for tex in state["raw"][before:]]
+    pages = {"index.html": index([(n, t, h) for (n, t, _), h in zip(units, summaries)], documents), **pages}
     files.check_output_dir(out_dir, "OUT_DIR", {name: (is_site_page, "a page of this course site")
                                                 for name in pages}, overwrite=None)
     written = []
     for name, text in pages.items():
         files.write_text(out_dir / name, text)
         written.append(out_dir / name)
-    return written, formulas, raw
+    return written, state["math"], raw
 
 
 def add_parser(sub):
