@@ -270,11 +270,20 @@ def index(units, documents=()):
 
 def is_site_page(path):
     """Did this command write the file at path? (the same_kind test of files.check_output)"""
+    if not Path(path).is_file():  # a FIFO or a device is not ours, and opening one could block
+        return False
     try:
         with open(path, "rb") as f:
             return GENERATOR.encode() in f.read(2000)
     except OSError:
         return False
+
+
+def _check(out_dir, names):
+    """Refuse (UsageError) an OUT_DIR in shipped work, or one holding a file of one of these names
+    that this command did not write."""
+    files.check_output_dir(out_dir, "OUT_DIR", {name: (is_site_page, "a page of this course site")
+                                                for name in names}, overwrite=None)
 
 
 def build(out_dir, notebooks=NOTEBOOKS):
@@ -288,6 +297,8 @@ def build(out_dir, notebooks=NOTEBOOKS):
     sources = sorted(notebooks.glob("*.ipynb"))
     if not sources:
         raise ValueError(f"no notebook in {cli.shown(notebooks)}")
+    names = ["index.html", *(p.with_suffix(".html").name for p in sources)]
+    _check(out_dir, names)  # before the work; the documents' pages again once they are known
     books = [nbformat.read(p, as_version=4) for p in sources]
     units = [(p.with_suffix(".html").name, *title_and_summary(nb)) for p, nb in zip(sources, books)]
     units = [(name, title or Path(name).stem, summary) for name, title, summary in units]
@@ -312,8 +323,7 @@ def build(out_dir, notebooks=NOTEBOOKS):
             documents.append((name, title))
             raw += [(name, tex) for tex in state["raw"][before:]]
     pages = {"index.html": index([(n, t, h) for (n, t, _), h in zip(units, summaries)], documents), **pages}
-    files.check_output_dir(out_dir, "OUT_DIR", {name: (is_site_page, "a page of this course site")
-                                                for name in pages}, overwrite=None)
+    _check(out_dir, pages)
     written = []
     for name, text in pages.items():
         files.write_text(out_dir / name, text)
