@@ -4,15 +4,16 @@
     python -m minitransformer course run [NOTEBOOK ...]     # execute in place, then clean (default: all)
     python -m minitransformer course site OUT_DIR           # the course as HTML pages (coursesite.py)
 
+For nbgrader, the student copy marks each cell holding a solution's markers as a solution cell
+("Autograded answer") and the code cell after it, the checker, as a locked one ("Read-only"): a
+teacher can run nbgrader on the copies as they are, provided no other line holds a marker's words
+(nbgrader takes any such line for a marker, prose included; the student command names each one).
+
 A solution sits between a line `### BEGIN SOLUTION` and a line `### END SOLUTION` (nbgrader's
 markers). The student copy keeps the two markers and replaces what lies between them by one line
 `raise NotImplementedError`, indented like the BEGIN line, so that a solution written as the body
 of a `def` leaves a function that raises, and the checker in the next cell says "not implemented
-yet". For nbgrader, each cell holding markers is marked as a solution cell ("Autograded answer")
-and the code cell after it, the checker, as a locked one ("Read-only"): a teacher can run nbgrader
-on the copies as they are, provided no other line holds a marker's words (nbgrader would take
-prose that writes a marker out for one; the command names each such line). The notebooks in
-notebooks/ are only read; OUT_DIR may not be notebooks/ or lie inside it.
+yet". The notebooks in notebooks/ are only read; OUT_DIR may not be notebooks/ or lie inside it.
 
 `course run` executes each notebook top to bottom from its own folder (as nbval does), then
 cleans it for committing: every execution count null, notebook metadata reduced to the kernel,
@@ -26,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import cli, coursesite
+from . import cli
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"  # the course, in a source checkout
@@ -260,6 +261,7 @@ def main(argv=None):
     run.add_argument("--timeout", type=float, default=600, help="seconds per cell (default 600)")
     run.add_argument("--no-execute", action="store_true",
                      help="only clean (counts, metadata, streams) and check for paths: outputs kept as they are")
+    from . import coursesite
     coursesite.add_parser(sub)
     args = parser.parse_args(argv)
 
