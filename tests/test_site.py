@@ -19,6 +19,22 @@ from minitransformer.tools import course, coursesite, files
 
 NOTEBOOKS = sorted(course.NOTEBOOKS.glob("*.ipynb"))
 PAGES = [p.with_suffix(".html").name for p in NOTEBOOKS]
+
+
+def linked_documents():
+    """The pages of the Markdown files of the repository that the notebooks link to (the
+    notation table): [file name]."""
+    found = set()
+    for path in NOTEBOOKS:
+        for cell in nbformat.read(path, as_version=4).cells:
+            for target in re.findall(r"\]\(([^)\s#:]+\.md)", cell.source if cell.cell_type == "markdown" else ""):
+                doc = (path.parent / target).resolve()
+                if doc.is_file() and files.ROOT in doc.parents:
+                    found.add(doc.stem + ".html")
+    return sorted(found)
+
+
+DOCUMENTS = linked_documents()
 BUILD_SECONDS = 120  # from a clean clone, the whole site
 
 
@@ -59,14 +75,16 @@ def formulas(nb):
 
 
 def test_the_site_has_an_index_and_a_page_per_notebook_in_reading_order(site):
-    assert sorted(p.name for p in site.iterdir()) == sorted(["index.html", *PAGES])
+    assert sorted(p.name for p in site.iterdir()) == sorted(["index.html", *PAGES, *DOCUMENTS])
     index = read(site, "index.html")
     links = re.findall(r'<li><a href="([^"]+)">', index)
     assert links == PAGES
+    for name in DOCUMENTS:  # the notation table, say: named on the index
+        assert f'<a href="{name}">' in index
     for path in NOTEBOOKS:  # what each unit teaches, from the notebook itself
         title, summary = coursesite.title_and_summary(nbformat.read(path, as_version=4))
         assert title and len(summary) > 40, path.name
-        assert title in index.replace("&amp;", "&")
+        assert coursesite.html.escape(title) in index
 
 
 @pytest.mark.parametrize("i", range(len(NOTEBOOKS)), ids=lambda i: PAGES[i])
@@ -149,7 +167,7 @@ def test_building_again_replaces_its_own_pages(site, capsys):
     before = {p.name: p.read_bytes() for p in site.iterdir()}
     assert cli(["course", "site", str(site)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"wrote {len(PAGES) + 1} pages into ") and ", 0 left as TeX" in out
+    assert out.startswith(f"wrote {len(PAGES) + len(DOCUMENTS) + 1} pages into ") and ", 0 left as TeX" in out
     assert {p.name: p.read_bytes() for p in site.iterdir()} == before  # the same build, bit for bit
 
 
@@ -311,7 +329,7 @@ RAW_TEX = re.compile(r"\\[A-Za-z]+|\$|\\\(|\\\[|[_^]\{")
 
 
 @needs_chromium
-@pytest.mark.parametrize("name", ["index.html", *PAGES])
+@pytest.mark.parametrize("name", ["index.html", *PAGES, *DOCUMENTS])
 def test_chromium_shows_the_maths_rendered_with_no_network(site, browser, name):
     requested = browser.open((site / name).resolve().as_uri())
     assert [url[:80] for url in requested if not url.startswith(("file:", "data:"))] == []
