@@ -211,9 +211,11 @@ class Chromium:
         ours_r, theirs_w = os.pipe()  # Chromium writes fd 4, we read
         theirs_r, ours_w = os.pipe()  # we write, Chromium reads fd 3
 
-        def fds():
-            os.dup2(theirs_r, 3)
-            os.dup2(theirs_w, 4)
+        def fds():  # in the child: its ends on fds 3 and 4, through copies above them (either may be 3 or 4)
+            import fcntl
+            r, w = fcntl.fcntl(theirs_r, fcntl.F_DUPFD, 10), fcntl.fcntl(theirs_w, fcntl.F_DUPFD, 10)
+            os.dup2(r, 3)
+            os.dup2(w, 4)
 
         self.proc = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
