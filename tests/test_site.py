@@ -6,6 +6,7 @@ what a reader would see: the maths laid out as maths, no TeX left in the text, n
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import time
@@ -236,7 +237,8 @@ class Chromium:
 
     def _message(self, deadline):
         while b"\0" not in self.buffer:
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.inp.fileno()], [], [], left)[0]:
                 raise TimeoutError("Chromium did not answer in time")
             chunk = os.read(self.inp.fileno(), 1 << 16)
             if not chunk:
