@@ -125,10 +125,10 @@ def block_backward(dout, cache):
     g["dz1"] = gelu_backward(g["dg1"], a["z1"])
     datt, g["dW_down1"], g["db_down1"] = linear_backward(g["dz1"], a["att"], p["W_down1"])
     g["datt"] = datt + g["da1"]
-    g["dy"], g["dW_o"], g["db_o"] = linear_backward(g["datt"], a["y"], p["W_o"])
-    g["dY"] = g["dy"].reshape(B, T, H, hs).transpose(0, 2, 1, 3)
-    g["dP"] = g["dY"] @ a["V"].swapaxes(-1, -2)
-    g["dV"] = a["P"].swapaxes(-1, -2) @ g["dY"]
+    g["dmerged"], g["dW_o"], g["db_o"] = linear_backward(g["datt"], a["merged"], p["W_o"])
+    g["dctx"] = g["dmerged"].reshape(B, T, H, hs).transpose(0, 2, 1, 3)
+    g["dP"] = g["dctx"] @ a["V"].swapaxes(-1, -2)
+    g["dV"] = a["P"].swapaxes(-1, -2) @ g["dctx"]
     g["dS"] = a["P"] * (g["dP"] - (g["dP"] * a["P"]).sum(-1, keepdims=True))
     g["dQ"] = g["dS"] @ a["K"] / math.sqrt(hs)
     g["dK"] = g["dS"].swapaxes(-1, -2) @ a["Q"] / math.sqrt(hs)
@@ -201,10 +201,10 @@ def einsum_backward(dout, cache):
     g["dz1"] = g["dg1"] * gelu_grad(a["z1"])
     datt, g["dW_down1"], g["db_down1"] = lin(g["dz1"], a["att"], p["W_down1"])
     g["datt"] = g["da1"] + datt
-    g["dy"], g["dW_o"], g["db_o"] = lin(g["datt"], a["y"], p["W_o"])
-    g["dY"] = np.einsum("bthd->bhtd", g["dy"].reshape(B, T, H, hs))
-    g["dP"] = np.einsum("bhid,bhjd->bhij", g["dY"], a["V"])
-    g["dV"] = np.einsum("bhij,bhid->bhjd", a["P"], g["dY"])
+    g["dmerged"], g["dW_o"], g["db_o"] = lin(g["datt"], a["merged"], p["W_o"])
+    g["dctx"] = np.einsum("bthd->bhtd", g["dmerged"].reshape(B, T, H, hs))
+    g["dP"] = np.einsum("bhid,bhjd->bhij", g["dctx"], a["V"])
+    g["dV"] = np.einsum("bhij,bhid->bhjd", a["P"], g["dctx"])
     g["dS"] = a["P"] * g["dP"] - a["P"] * np.einsum("bhij,bhij->bhi", a["P"], g["dP"])[..., None]
     g["dQ"] = np.einsum("bhij,bhjd->bhid", g["dS"], a["K"]) / math.sqrt(hs)
     g["dK"] = np.einsum("bhij,bhid->bhjd", g["dS"], a["Q"]) / math.sqrt(hs)
@@ -321,10 +321,10 @@ SLIPS = [  # (name, change, lora, the gradient named first, words of the cause)
      False, "dgamma2", "instead of the normalised xhat2"),
     ("softmax without its sum term", _set("dS", lambda g, a, p, s, d: a["P"] * g["dP"]), False, "dS",
      "-sum(dP * P) term is missing"),
-    ("P not transposed in dV", _set("dV", lambda g, a, p, s, d: a["P"] @ g["dY"]), False, "dV",
+    ("P not transposed in dV", _set("dV", lambda g, a, p, s, d: a["P"] @ g["dctx"]), False, "dV",
      "P must be transposed"),
-    ("heads split without the transpose", _set("dY", lambda g, a, p, s, d: g["dy"].reshape(g["dY"].shape)), False,
-     "dY", "split wrongly"),
+    ("heads split without the transpose", _set("dctx", lambda g, a, p, s, d: g["dmerged"].reshape(g["dctx"].shape)), False,
+     "dctx", "split wrongly"),
     ("GELU's derivative missing", _set("dz2", lambda g, a, p, s, d: g["dg2"]), False, "dz2", "GELU's derivative"),
     ("half of GELU's product rule", _set("de", lambda g, a, p, s, d: g["dg"] * 0.5 * (
         1 + np.tanh(math.sqrt(2 / math.pi) * (a["e"] + 0.044715 * a["e"] ** 3)))), False, "de", "half of GELU"),
@@ -359,7 +359,7 @@ def test_a_slip_propagates_but_only_its_first_gradient_is_named():
 def test_an_unknown_slip_points_at_the_forward_step():
     result = ex.check_block_backward(with_change(_set("dP", lambda g, a, p, s, d: g["dP"] + 0.1 * a["P"])), seed=0)
     assert result.passed is False
-    assert result.message.startswith("dP is the first") and "forward was Y = P V" in result.message
+    assert result.message.startswith("dP is the first") and "forward was ctx = P V" in result.message
 
 
 # ----------------------------------------------------------------------------- anything else that comes back
@@ -378,7 +378,7 @@ def test_not_written_and_exceptions_are_one_line():
     assert "not implemented yet" in repr(ex.check_block_backward(not_written))
     result = ex.check_block_backward(raises)
     assert result.passed is False and result.message == "your code raised ZeroDivisionError: division by zero"
-    shape_error = ex.check_block_backward(lambda d, c: {"dP": c[0]["Y"] @ c[0]["V"]})
+    shape_error = ex.check_block_backward(lambda d, c: {"dP": c[0]["ctx"] @ c[0]["V"]})
     assert shape_error.passed is False and shape_error.message.startswith("your code raised ValueError: matmul")
     assert "\n" not in shape_error.message
 

@@ -73,12 +73,12 @@ def reference_backward(dout, cache):
     g["dz1"] = g["dg1"] * _gelu_grad(a["z1"])
     g["dW_down1"], g["db_down1"] = _weight(a["att"], g["dz1"]), g["dz1"].sum(axis=(0, 1))
     g["datt"] = g["dz1"] @ p["W_down1"].T + g["da1"]
-    # ---- attention: att = y W_o + b_o, y = merge(Y), Y = P V, P = softmax(S), S = Q K^T / sqrt(hs)
-    g["dW_o"], g["db_o"] = _weight(a["y"], g["datt"]), g["datt"].sum(axis=(0, 1))
-    g["dy"] = g["datt"] @ p["W_o"].T
-    g["dY"] = _split(g["dy"], H)
-    g["dP"] = g["dY"] @ a["V"].swapaxes(-1, -2)
-    g["dV"] = a["P"].swapaxes(-1, -2) @ g["dY"]
+    # ---- attention: att = merged W_o + b_o, merged = merge(ctx), ctx = P V, P = softmax(S), S = Q K^T / sqrt(hs)
+    g["dW_o"], g["db_o"] = _weight(a["merged"], g["datt"]), g["datt"].sum(axis=(0, 1))
+    g["dmerged"] = g["datt"] @ p["W_o"].T
+    g["dctx"] = _split(g["dmerged"], H)
+    g["dP"] = g["dctx"] @ a["V"].swapaxes(-1, -2)
+    g["dV"] = a["P"].swapaxes(-1, -2) @ g["dctx"]
     g["dS"] = a["P"] * (g["dP"] - (g["dP"] * a["P"]).sum(-1, keepdims=True))
     scale = 1 / math.sqrt(a["Q"].shape[-1])
     g["dQ"] = g["dS"] @ a["K"] * scale
@@ -153,8 +153,8 @@ CONSUMERS = {  # what each gradient's forward step is, named in the fallback mes
     "da1": "r1 = x + a1", "dW_up1": "a1 = att + g1 W_up1 + b_up1", "db_up1": "a1 = att + g1 W_up1 + b_up1",
     "dg1": "a1 = att + g1 W_up1 + b_up1", "dz1": "g1 = GELU(z1)", "dW_down1": "z1 = att W_down1 + b_down1",
     "db_down1": "z1 = att W_down1 + b_down1", "datt": "z1 = att W_down1 + b_down1 and a1 = att + ...",
-    "dW_o": "att = y W_o + b_o", "db_o": "att = y W_o + b_o", "dy": "att = y W_o + b_o",
-    "dY": "y = merge(Y)", "dP": "Y = P V", "dV": "Y = P V", "dS": "P = softmax(S)",
+    "dW_o": "att = merged W_o + b_o", "db_o": "att = merged W_o + b_o", "dmerged": "att = merged W_o + b_o",
+    "dctx": "merged = merge(ctx)", "dP": "ctx = P V", "dV": "ctx = P V", "dS": "P = softmax(S)",
     "dQ": "S = Q K^T / sqrt(hs)", "dK": "S = Q K^T / sqrt(hs)",
     "dq": "Q = split(q)", "dk": "K = split(k)", "dv": "V = split(v)",
     "dB_q": "q = x W_q + b_q + s uq B_q", "duq": "q = x W_q + b_q + s uq B_q", "dA_q": "uq = x A_q",
@@ -169,7 +169,7 @@ WEIGHT_INPUTS = {  # weight gradient -> (its layer's input, the upstream gradien
     "dW_up2": ("g2", "da2"), "db_up2": (None, "da2"), "dW_down2": ("f", "dz2"), "db_down2": (None, "dz2"),
     "dW_2": ("g", "df"), "db_2": (None, "df"), "dW_1": ("h", "de"), "db_1": (None, "de"),
     "dW_up1": ("g1", "da1"), "db_up1": (None, "da1"), "dW_down1": ("att", "dz1"), "db_down1": (None, "dz1"),
-    "dW_o": ("y", "datt"), "db_o": (None, "datt"),
+    "dW_o": ("merged", "datt"), "db_o": (None, "datt"),
     "dW_q": ("x", "dq"), "db_q": (None, "dq"), "dW_k": ("x", "dk"), "db_k": (None, "dk"),
     "dW_v": ("x", "dv"), "db_v": (None, "dv"),
     "dB_q": ("uq", "dq"), "dA_q": ("x", "duq"), "dB_v": ("uv", "dv"), "dA_v": ("x", "duv"),
@@ -228,13 +228,13 @@ def likely_causes(key, ref, cache, dout):
             out.append((g["dx"] - g[f"d{t}"] @ p[f"W_{t}"].T + g[f"d{t}"] @ p[f"W_{t}"],
                         f"W_{t} is used untransposed: {t} = x W_{t} + b_{t}, so x gets d{t} W_{t}^T"))
         out.append((g["dr1"], "only the residual path: x also feeds q, k and v"))
-    if key == "dy":
-        out.append((g["datt"] @ p["W_o"], "W_o is used untransposed: att = y W_o + b_o, so dy = datt W_o^T"))
-    if key == "dY":
-        out.append((_split_slip(g["dy"], H), "the heads are split wrongly: like the forward, reshape to "
+    if key == "dmerged":
+        out.append((g["datt"] @ p["W_o"], "W_o is used untransposed: att = merged W_o + b_o, so dmerged = datt W_o^T"))
+    if key == "dctx":
+        out.append((_split_slip(g["dmerged"], H), "the heads are split wrongly: like the forward, reshape to "
                                              "(B, T, H, hs), then move H forward to (B, H, T, hs)"))
     if key == "dV":
-        out.append((a["P"] @ g["dY"], "P must be transposed: Y = P V, so dV = P^T dY"))
+        out.append((a["P"] @ g["dctx"], "P must be transposed: ctx = P V, so dV = P^T dctx"))
     if key == "dS":
         P, dP = a["P"], g["dP"]
         out += [(P * dP, "the softmax's -sum(dP * P) term is missing: each P depends on every S of its row, "

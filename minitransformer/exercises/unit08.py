@@ -117,9 +117,9 @@ def block_forward(x, p, n_heads, s=None, nudge=None):
     Q, K, V = keep("Q", split(q)), keep("K", split(k)), keep("V", split(v))  # (B, H, T, hs)
     S = keep("S", Q @ K.swapaxes(-1, -2) / math.sqrt(hs))  # (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T)
     P = keep("P", softmax_forward(S)[0])  # (B, H, T, T), over the keys (last axis)
-    Y = keep("Y", P @ V)  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
-    y = keep("y", Y.transpose(0, 2, 1, 3).reshape(B, T, C))  # heads merged: (B, T, C)
-    att = keep("att", y @ p["W_o"] + p["b_o"])  # (B, T, C)
+    ctx = keep("ctx", P @ V)  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
+    merged = keep("merged", ctx.transpose(0, 2, 1, 3).reshape(B, T, C))  # heads merged: (B, T, C)
+    att = keep("att", merged @ p["W_o"] + p["b_o"])  # (B, T, C)
     # ---- adapter 1 (Houlsby): on the sub-layer's output, before the residual add
     z1 = keep("z1", att @ p["W_down1"] + p["b_down1"])  # (B, T, C) @ (C, m) -> (B, T, m)
     g1 = keep("g1", gelu_forward(z1)[0])  # (B, T, m)
@@ -147,7 +147,7 @@ def gradient_names(lora=False):
     names = ["dr2", "dgamma2", "dbeta2", "da2", "dW_up2", "db_up2", "dg2", "dz2", "dW_down2", "db_down2",
              "df", "dW_2", "db_2", "dg", "de", "dW_1", "db_1", "dh",
              "dr1", "dgamma1", "dbeta1", "da1", "dW_up1", "db_up1", "dg1", "dz1", "dW_down1", "db_down1",
-             "datt", "dW_o", "db_o", "dy", "dY", "dP", "dV", "dS", "dQ", "dK", "dq", "dk", "dv"]
+             "datt", "dW_o", "db_o", "dmerged", "dctx", "dP", "dV", "dS", "dQ", "dK", "dq", "dk", "dv"]
     if lora:
         names += ["dB_q", "duq", "dA_q", "dB_v", "duv", "dA_v"]
     return names + ["dW_q", "db_q", "dW_k", "db_k", "dW_v", "db_v", "dx"]
