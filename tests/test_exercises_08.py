@@ -469,3 +469,26 @@ def test_no_reference_answer_among_the_public_names():
     public = {n for n in dir(ex) if not n.startswith("_")}
     assert not any("reference" in n or n.endswith("backward") and not n.startswith("check") for n in public)
     assert not hasattr(ex, "reference_backward") and not hasattr(ex, "likely_causes")
+
+
+# ----------------------------------------------------------------------------- exercise 1: the feed-forward half
+
+
+def ffn_half(dout, cache):
+    g = block_backward(dout, cache)
+    return {k: g[k] for k in ex.gradient_names(upto="dh")}
+
+
+def test_the_feed_forward_half():
+    assert len(ex.gradient_names(upto="dh")) == 18 and ex.gradient_names(upto="dh")[-1] == "dh"
+    for seed in SEEDS:
+        result = ex.check_ffn_half_backward(ffn_half, seed=seed)
+        assert result.passed is True and "all 18 gradients match" in result.message, result
+    assert ex.check_ffn_half_backward(block_backward, seed=0).passed is True  # more than asked: fine
+    slip = with_change(_set("df", lambda g, a, p, s, d: g["df"] - g["da2"]))
+    result = ex.check_ffn_half_backward(slip, seed=0)
+    assert result.passed is False and result.message.startswith("df is the first") and "skip connection" in result.message
+    result = ex.check_ffn_half_backward(lambda d, c: {k: v for k, v in ffn_half(d, c).items() if k != "dh"}, seed=0)
+    assert result.passed is False and "17 of 18 gradients match" in result.message and "'dh', is missing" in result.message
+    assert "ex.gradient_names(upto='dh')" in ex.check_ffn_half_backward(lambda d, c: [], seed=0).message
+    assert ex.check_ffn_half_backward(not_written).passed is None

@@ -5,6 +5,7 @@ with its two Houlsby adapters, then with LoRA on W_q and W_v.
     p = ex.init_block(rng, C=12, n_heads=3, F=20, m=4)        # the parameters, a generic point
     out, cache = ex.block_forward(x, p, n_heads=3)             # every intermediate in cache[0]
     ex.gradient_names()                                        # what the backward returns, in order
+    ex.check_ffn_half_backward(ffn_half_backward)              # the first 18: from out down to h
     ex.check_block_backward(block_backward)                    # fn(dout, cache) -> {"d<name>": array}
     ex.check_lora_backward(block_backward_lora)                # the same with LoRA (s = alpha / r)
 
@@ -141,16 +142,18 @@ def block_forward(x, p, n_heads, s=None, nudge=None):
     return out, (acts, p, H, s)
 
 
-def gradient_names(lora=False):
+def gradient_names(lora=False, upto=None):
     """The keys the backward returns, in the order it computes them: d<name> for every
-    intermediate and every parameter (LoRA: also duq, duv and the four matrices' gradients)."""
+    intermediate and every parameter (LoRA: also duq, duv and the four matrices' gradients).
+    upto: the last key wanted ("dh": the feed-forward half, from the output down to h)."""
     names = ["dr2", "dgamma2", "dbeta2", "da2", "dW_up2", "db_up2", "dg2", "dz2", "dW_down2", "db_down2",
              "df", "dW_2", "db_2", "dg", "de", "dW_1", "db_1", "dh",
              "dr1", "dgamma1", "dbeta1", "da1", "dW_up1", "db_up1", "dg1", "dz1", "dW_down1", "db_down1",
              "datt", "dW_o", "db_o", "dmerged", "dctx", "dP", "dV", "dS", "dQ", "dK", "dq", "dk", "dv"]
     if lora:
         names += ["dB_q", "duq", "dA_q", "dB_v", "duv", "dA_v"]
-    return names + ["dW_q", "db_q", "dW_k", "db_k", "dW_v", "db_v", "dx"]
+    names += ["dW_q", "db_q", "dW_k", "db_k", "dW_v", "db_v", "dx"]
+    return names if upto is None else names[:names.index(upto) + 1]
 
 
 # ----------------------------------------------------------------------------- the random cases
@@ -258,7 +261,7 @@ def _describe(value):
     return type(value).__name__
 
 
-def _first_divergence(got, ref, cache, dout, names):
+def _first_divergence(got, ref, cache, dout, names, wanted):
     """-> None when every gradient matches, else (one-line message)."""
     from ._block_reference import CONSUMERS
     acts = cache[0]
@@ -269,7 +272,7 @@ def _first_divergence(got, ref, cache, dout, names):
         if key not in got:
             if i == 0:
                 return (f"no {key!r} in your dict: it must hold a gradient for every name in "
-                        f"ex.gradient_names(), in any order")
+                        f"{wanted}, in any order")
             return f"{i} of {len(names)} gradients match, in backward order; the next, {key!r}, is missing from your dict"
         value = got[key]
         if value is None:
@@ -325,12 +328,13 @@ def _cause(key, arr, want, ref, cache, dout):
     return None
 
 
-def _check(label, fn, lora, seed):
+def _check(label, fn, lora, seed, upto=None):
     from ._block_reference import reference_backward
     if not callable(fn):
         return Result(label, False, f"expected your backward function, got {_describe(fn)}")
     rng = np.random.default_rng(seed)
-    names = gradient_names(lora)
+    names = gradient_names(lora, upto)
+    wanted = "ex.gradient_names(" + ("lora=True" if lora else "upto='dh'" if upto else "") + ")"
     for n in range(N_CASES):
         x, p, H, s, dout = _case(rng, lora)
         _, cache = block_forward(x, p, H, s)
@@ -345,8 +349,8 @@ def _check(label, fn, lora, seed):
         if message is not None:
             return Result(label, False, message)
         if not isinstance(got, dict):
-            return Result(label, False, f"expected a dict {{'dx': array, ...}} with every name in "
-                                        f"ex.gradient_names({'lora=True' if lora else ''}), got {_describe(got)}")
+            return Result(label, False, f"expected a dict {{'{names[0]}': array, ...}} with every name in "
+                                        f"{wanted}, got {_describe(got)}")
         if not np.array_equal(their_dout, dout):
             return Result(label, False, "your backward wrote into dout, the array it was handed: compute "
                                         "new arrays (dx = dout + ..., never dout += ...)")
@@ -355,7 +359,7 @@ def _check(label, fn, lora, seed):
                 any(not np.array_equal(theirs[1][k], mine[1][k]) for k in mine[1]):
             return Result(label, False, "your backward wrote into the cache (an intermediate or a parameter): "
                                         "compute new arrays instead")
-        failure = _first_divergence(got, ref, cache, dout, names)
+        failure = _first_divergence(got, ref, cache, dout, names, wanted)
         if failure is not None:
             B, T, C = x.shape
             return Result(label, False, f"{failure} [block {n + 1} of {N_CASES}: B={B}, T={T}, C={C}, "
@@ -363,6 +367,13 @@ def _check(label, fn, lora, seed):
                                         + (f", r={p['A_q'].shape[1]}" if lora else "") + "]")
     return Result(label, True, f"all {len(names)} gradients match the reference, in backward order, on "
                                f"{N_CASES} random blocks (relative error below {TOLERANCE:.0e})")
+
+
+def check_ffn_half_backward(fn, seed=None):
+    """fn(dout, cache) -> {"d<name>": array} for every name in gradient_names(upto="dh"): the
+    block's backward from the output down to h (add & norm 2, adapter 2, the feed-forward
+    sub-layer). seed: the random blocks (None: fresh ones at every call)."""
+    return _check("feed-forward half backward", fn, False, seed, upto="dh")
 
 
 def check_block_backward(fn, seed=None):
