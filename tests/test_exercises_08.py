@@ -66,8 +66,8 @@ def test_forward_is_the_package_block():
     assert rel_error(a["att"], attention_forward(x, w, H, lora=lora)[0]) < 1e-13
     ad1 = {k: p[k + "1"] for k in ("W_down", "b_down", "W_up", "b_up")}
     assert rel_error(a["a1"], adapter_forward(a["att"], ad1)[0]) < 1e-13
-    assert rel_error(a["h"], layers.layernorm_forward(a["r1"], p["gamma1"], p["beta1"])[0]) < 1e-13
-    assert rel_error(out, layers.layernorm_forward(a["r2"], p["gamma2"], p["beta2"])[0]) < 1e-13
+    assert rel_error(a["h"], layers.layernorm_forward(a["res1"], p["gamma1"], p["beta1"])[0]) < 1e-13
+    assert rel_error(out, layers.layernorm_forward(a["res2"], p["gamma2"], p["beta2"])[0]) < 1e-13
 
 
 def test_cases_vary_and_keep_their_promises():
@@ -109,8 +109,8 @@ def block_backward(dout, cache):
         th = np.tanh(k * (z + 0.044715 * z ** 3))
         return dy * (0.5 * (1 + th) + 0.5 * z * (1 - th ** 2) * k * (1 + 3 * 0.044715 * z ** 2))
 
-    g["dr2"], g["dgamma2"], g["dbeta2"] = layernorm_backward(dout, a["xhat2"], a["rstd2"], p["gamma2"])
-    g["da2"] = g["dr2"]
+    g["dres2"], g["dgamma2"], g["dbeta2"] = layernorm_backward(dout, a["xhat2"], a["rstd2"], p["gamma2"])
+    g["da2"] = g["dres2"]
     g["dg2"], g["dW_up2"], g["db_up2"] = linear_backward(g["da2"], a["g2"], p["W_up2"])
     g["dz2"] = gelu_backward(g["dg2"], a["z2"])
     df, g["dW_down2"], g["db_down2"] = linear_backward(g["dz2"], a["f"], p["W_down2"])
@@ -118,9 +118,9 @@ def block_backward(dout, cache):
     g["dg"], g["dW_2"], g["db_2"] = linear_backward(g["df"], a["g"], p["W_2"])
     g["de"] = gelu_backward(g["dg"], a["e"])
     dh, g["dW_1"], g["db_1"] = linear_backward(g["de"], a["h"], p["W_1"])
-    g["dh"] = dh + g["dr2"]
-    g["dr1"], g["dgamma1"], g["dbeta1"] = layernorm_backward(g["dh"], a["xhat1"], a["rstd1"], p["gamma1"])
-    g["da1"] = g["dr1"]
+    g["dh"] = dh + g["dres2"]
+    g["dres1"], g["dgamma1"], g["dbeta1"] = layernorm_backward(g["dh"], a["xhat1"], a["rstd1"], p["gamma1"])
+    g["da1"] = g["dres1"]
     g["dg1"], g["dW_up1"], g["db_up1"] = linear_backward(g["da1"], a["g1"], p["W_up1"])
     g["dz1"] = gelu_backward(g["dg1"], a["z1"])
     datt, g["dW_down1"], g["db_down1"] = linear_backward(g["dz1"], a["att"], p["W_down1"])
@@ -134,7 +134,7 @@ def block_backward(dout, cache):
     g["dK"] = g["dS"].swapaxes(-1, -2) @ a["Q"] / math.sqrt(hs)
     for t in "qkv":
         g[f"d{t}"] = g[f"d{t.upper()}"].transpose(0, 2, 1, 3).reshape(B, T, C)
-    dx = g["dr1"]
+    dx = g["dres1"]
     for t in "qkv":
         dxt, g[f"dW_{t}"], g[f"db_{t}"] = linear_backward(g[f"d{t}"], a["x"], p[f"W_{t}"])
         dx = dx + dxt
@@ -185,8 +185,8 @@ def einsum_backward(dout, cache):
     def lin(dy, x, W):
         return (np.einsum("btj,ij->bti", dy, W), np.einsum("bti,btj->ij", x, dy), np.einsum("btj->j", dy))
 
-    g["dr2"], g["dgamma2"], g["dbeta2"] = ln(dout, a["r2"], p["gamma2"])
-    g["da2"] = g["dr2"]
+    g["dres2"], g["dgamma2"], g["dbeta2"] = ln(dout, a["res2"], p["gamma2"])
+    g["da2"] = g["dres2"]
     g["dg2"], g["dW_up2"], g["db_up2"] = lin(g["da2"], a["g2"], p["W_up2"])
     g["dz2"] = g["dg2"] * gelu_grad(a["z2"])
     df, g["dW_down2"], g["db_down2"] = lin(g["dz2"], a["f"], p["W_down2"])
@@ -194,9 +194,9 @@ def einsum_backward(dout, cache):
     g["dg"], g["dW_2"], g["db_2"] = lin(g["df"], a["g"], p["W_2"])
     g["de"] = g["dg"] * gelu_grad(a["e"])
     dh, g["dW_1"], g["db_1"] = lin(g["de"], a["h"], p["W_1"])
-    g["dh"] = g["dr2"] + dh
-    g["dr1"], g["dgamma1"], g["dbeta1"] = ln(g["dh"], a["r1"], p["gamma1"])
-    g["da1"] = g["dr1"]
+    g["dh"] = g["dres2"] + dh
+    g["dres1"], g["dgamma1"], g["dbeta1"] = ln(g["dh"], a["res1"], p["gamma1"])
+    g["da1"] = g["dres1"]
     g["dg1"], g["dW_up1"], g["db_up1"] = lin(g["da1"], a["g1"], p["W_up1"])
     g["dz1"] = g["dg1"] * gelu_grad(a["z1"])
     datt, g["dW_down1"], g["db_down1"] = lin(g["dz1"], a["att"], p["W_down1"])
@@ -211,7 +211,7 @@ def einsum_backward(dout, cache):
     for t in "qkv":
         g[f"d{t}"] = np.einsum("bhtd->bthd", g[f"d{t.upper()}"]).reshape(B, T, C)
     dx = np.zeros_like(a["x"])
-    dx += g["dr1"]
+    dx += g["dres1"]
     for t in "qkv":
         # per head: W_t's columns of head h meet dQ's head h
         Wh = p[f"W_{t}"].reshape(C, H, hs)
@@ -302,8 +302,8 @@ SLIPS = [  # (name, change, lora, the gradient named first, words of the cause)
      "db_o", "only the first sequence"),
     ("weight of the first sequence only",
      _set("dW_down2", lambda g, a, p, s, d: a["f"][0].T @ g["dz2"][0]), False, "dW_down2", "only the first sequence"),
-    ("dh without the residual", _set("dh", lambda g, a, p, s, d: g["dh"] - g["dr2"]), False, "dh", "residual path"),
-    ("dx without the residual", _set("dx", lambda g, a, p, s, d: g["dx"] - g["dr1"]), False, "dx", "residual path"),
+    ("dh without the residual", _set("dh", lambda g, a, p, s, d: g["dh"] - g["dres2"]), False, "dh", "residual path"),
+    ("dx without the residual", _set("dx", lambda g, a, p, s, d: g["dx"] - g["dres1"]), False, "dx", "residual path"),
     ("dx without the path through k", _set("dx", lambda g, a, p, s, d: g["dx"] - g["dk"] @ p["W_k"].T), False,
      "dx", "path through k"),
     ("adapter skip forgotten", _set("datt", lambda g, a, p, s, d: g["datt"] - g["da1"]), False, "datt",
@@ -311,13 +311,13 @@ SLIPS = [  # (name, change, lora, the gradient named first, words of the cause)
     ("missing 1/sqrt(hs)", lambda g, c, d: g.update(dQ=g["dQ"] * _sqrt_hs(c)), False, "dQ", "1/sqrt(hs)"),
     ("sqrt(C) for sqrt(hs)", lambda g, c, d: g.update(dK=g["dK"] * _sqrt_hs(c) / math.sqrt(c[0]["x"].shape[-1])),
      False, "dK", "sqrt(C) instead of sqrt(hs)"),
-    ("LayerNorm mean term missing", _set("dr2", lambda g, a, p, s, d: a["rstd2"] * (
+    ("LayerNorm mean term missing", _set("dres2", lambda g, a, p, s, d: a["rstd2"] * (
         d * p["gamma2"] - a["xhat2"] * (d * p["gamma2"] * a["xhat2"]).mean(-1, keepdims=True))), False,
-     "dr2", "mean term"),
-    ("LayerNorm without gamma", _set("dr1", lambda g, a, p, s, d: a["rstd1"] * (
+     "dres2", "mean term"),
+    ("LayerNorm without gamma", _set("dres1", lambda g, a, p, s, d: a["rstd1"] * (
         g["dh"] - g["dh"].mean(-1, keepdims=True) - a["xhat1"] * (g["dh"] * a["xhat1"]).mean(-1, keepdims=True))),
-     False, "dr1", "gamma is missing"),
-    ("dgamma from the LayerNorm's input", _set("dgamma2", lambda g, a, p, s, d: (d * a["r2"]).sum(axis=(0, 1))),
+     False, "dres1", "gamma is missing"),
+    ("dgamma from the LayerNorm's input", _set("dgamma2", lambda g, a, p, s, d: (d * a["res2"]).sum(axis=(0, 1))),
      False, "dgamma2", "instead of the normalised xhat2"),
     ("softmax without its sum term", _set("dS", lambda g, a, p, s, d: a["P"] * g["dP"]), False, "dS",
      "-sum(dP * P) term is missing"),
@@ -386,11 +386,11 @@ def test_not_written_and_exceptions_are_one_line():
 @pytest.mark.parametrize("answer, words", [
     (lambda d, c: None, "expected a dict"),
     (lambda d, c: tuple(block_backward(d, c).values()), "got a tuple of 48"),
-    (lambda d, c: {}, "no 'dr2' in your dict"),
+    (lambda d, c: {}, "no 'dres2' in your dict"),
     (lambda d, c: {k: v for k, v in block_backward(d, c).items() if k != "dW_2"}, "the next, 'dW_2', is missing"),
     (lambda d, c: {**block_backward(d, c), "dh": None}, "dh is None"),
     (lambda d, c: {**block_backward(d, c), "dz2": [[1.0, 2.0], [3.0]]}, "dz2 is not an array"),
-    (lambda d, c: {**block_backward(d, c), "dr2": "dr2"}, "dr2 is not an array of numbers"),
+    (lambda d, c: {**block_backward(d, c), "dres2": "dres2"}, "dres2 is not an array of numbers"),
     (lambda d, c: {**block_backward(d, c), "df": block_backward(d, c)["df"].astype(np.float32)}, "dtype float32"),
     (lambda d, c: {**block_backward(d, c), "dg": block_backward(d, c)["dg"].reshape(-1, block_backward(d, c)["dg"].shape[-1])},
      "flattened"),

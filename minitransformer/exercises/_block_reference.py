@@ -49,9 +49,9 @@ def reference_backward(dout, cache):
     """The whole block's backward, in the order of the notebook: every d<name>."""
     a, p, H, s = cache
     g = {}
-    # ---- add & norm 2: out = LN2(r2), r2 = h + a2
-    g["dr2"], g["dgamma2"], g["dbeta2"] = _layernorm_backward(dout, a["xhat2"], a["rstd2"], p["gamma2"])
-    g["da2"] = g["dr2"]
+    # ---- add & norm 2: out = LN2(res2), res2 = h + a2
+    g["dres2"], g["dgamma2"], g["dbeta2"] = _layernorm_backward(dout, a["xhat2"], a["rstd2"], p["gamma2"])
+    g["da2"] = g["dres2"]
     # ---- adapter 2: a2 = f + g2 W_up2 + b_up2, g2 = GELU(z2), z2 = f W_down2 + b_down2
     g["dW_up2"], g["db_up2"] = _weight(a["g2"], g["da2"]), g["da2"].sum(axis=(0, 1))
     g["dg2"] = g["da2"] @ p["W_up2"].T
@@ -63,10 +63,10 @@ def reference_backward(dout, cache):
     g["dg"] = g["df"] @ p["W_2"].T
     g["de"] = g["dg"] * _gelu_grad(a["e"])
     g["dW_1"], g["db_1"] = _weight(a["h"], g["de"]), g["de"].sum(axis=(0, 1))
-    g["dh"] = g["de"] @ p["W_1"].T + g["dr2"]
-    # ---- add & norm 1: h = LN1(r1), r1 = x + a1
-    g["dr1"], g["dgamma1"], g["dbeta1"] = _layernorm_backward(g["dh"], a["xhat1"], a["rstd1"], p["gamma1"])
-    g["da1"] = g["dr1"]
+    g["dh"] = g["de"] @ p["W_1"].T + g["dres2"]
+    # ---- add & norm 1: h = LN1(res1), res1 = x + a1
+    g["dres1"], g["dgamma1"], g["dbeta1"] = _layernorm_backward(g["dh"], a["xhat1"], a["rstd1"], p["gamma1"])
+    g["da1"] = g["dres1"]
     # ---- adapter 1: a1 = att + g1 W_up1 + b_up1, g1 = GELU(z1), z1 = att W_down1 + b_down1
     g["dW_up1"], g["db_up1"] = _weight(a["g1"], g["da1"]), g["da1"].sum(axis=(0, 1))
     g["dg1"] = g["da1"] @ p["W_up1"].T
@@ -85,7 +85,7 @@ def reference_backward(dout, cache):
     g["dK"] = g["dS"].swapaxes(-1, -2) @ a["Q"] * scale
     g["dq"], g["dk"], g["dv"] = _merge(g["dQ"]), _merge(g["dK"]), _merge(g["dV"])
     # ---- the projections: q = x W_q + b_q (+ s uq B_q, uq = x A_q), k, v alike
-    dx = g["dr1"].copy()  # the residual r1 = x + a1
+    dx = g["dres1"].copy()  # the residual res1 = x + a1
     for t in ("q", "k", "v"):
         if s is not None and t in "qv":
             g[f"dB_{t}"] = s * _weight(a[f"u{t}"], g[f"d{t}"])
@@ -143,14 +143,14 @@ def _merge_slip(t):
 
 
 CONSUMERS = {  # what each gradient's forward step is, named in the fallback message
-    "dr2": "out = LN2(r2)", "dgamma2": "out = xhat2 gamma2 + beta2", "dbeta2": "out = xhat2 gamma2 + beta2",
-    "da2": "r2 = h + a2", "dW_up2": "a2 = f + g2 W_up2 + b_up2", "db_up2": "a2 = f + g2 W_up2 + b_up2",
+    "dres2": "out = LN2(res2)", "dgamma2": "out = xhat2 gamma2 + beta2", "dbeta2": "out = xhat2 gamma2 + beta2",
+    "da2": "res2 = h + a2", "dW_up2": "a2 = f + g2 W_up2 + b_up2", "db_up2": "a2 = f + g2 W_up2 + b_up2",
     "dg2": "a2 = f + g2 W_up2 + b_up2", "dz2": "g2 = GELU(z2)", "dW_down2": "z2 = f W_down2 + b_down2",
     "db_down2": "z2 = f W_down2 + b_down2", "df": "z2 = f W_down2 + b_down2 and a2 = f + ...",
     "dW_2": "f = g W_2 + b_2", "db_2": "f = g W_2 + b_2", "dg": "f = g W_2 + b_2", "de": "g = GELU(e)",
-    "dW_1": "e = h W_1 + b_1", "db_1": "e = h W_1 + b_1", "dh": "e = h W_1 + b_1 and r2 = h + a2",
-    "dr1": "h = LN1(r1)", "dgamma1": "h = xhat1 gamma1 + beta1", "dbeta1": "h = xhat1 gamma1 + beta1",
-    "da1": "r1 = x + a1", "dW_up1": "a1 = att + g1 W_up1 + b_up1", "db_up1": "a1 = att + g1 W_up1 + b_up1",
+    "dW_1": "e = h W_1 + b_1", "db_1": "e = h W_1 + b_1", "dh": "e = h W_1 + b_1 and res2 = h + a2",
+    "dres1": "h = LN1(res1)", "dgamma1": "h = xhat1 gamma1 + beta1", "dbeta1": "h = xhat1 gamma1 + beta1",
+    "da1": "res1 = x + a1", "dW_up1": "a1 = att + g1 W_up1 + b_up1", "db_up1": "a1 = att + g1 W_up1 + b_up1",
     "dg1": "a1 = att + g1 W_up1 + b_up1", "dz1": "g1 = GELU(z1)", "dW_down1": "z1 = att W_down1 + b_down1",
     "db_down1": "z1 = att W_down1 + b_down1", "datt": "z1 = att W_down1 + b_down1 and a1 = att + ...",
     "dW_o": "att = merged W_o + b_o", "db_o": "att = merged W_o + b_o", "dmerged": "att = merged W_o + b_o",
@@ -161,7 +161,7 @@ CONSUMERS = {  # what each gradient's forward step is, named in the fallback mes
     "dB_v": "v = x W_v + b_v + s uv B_v", "duv": "v = x W_v + b_v + s uv B_v", "dA_v": "uv = x A_v",
     "dW_q": "q = x W_q + b_q", "db_q": "q = x W_q + b_q", "dW_k": "k = x W_k + b_k",
     "db_k": "k = x W_k + b_k", "dW_v": "v = x W_v + b_v", "db_v": "v = x W_v + b_v",
-    "dx": "q, k, v = x W + b (and the LoRA branches) and r1 = x + a1",
+    "dx": "q, k, v = x W + b (and the LoRA branches) and res1 = x + a1",
 }
 
 
@@ -185,17 +185,17 @@ def likely_causes(key, ref, cache, dout):
     hs = a["Q"].shape[-1]
     C = a["x"].shape[-1]
     out = []
-    if key == "dr2":
-        out += _ln_slips(dout, a["xhat2"], a["rstd2"], p["gamma2"], a["r2"])
-    if key == "dr1":
-        out += _ln_slips(g["dh"], a["xhat1"], a["rstd1"], p["gamma1"], a["r1"])
-    if key == "dr1":  # the LayerNorm fed with the FFN's share of dh only
+    if key == "dres2":
+        out += _ln_slips(dout, a["xhat2"], a["rstd2"], p["gamma2"], a["res2"])
+    if key == "dres1":
+        out += _ln_slips(g["dh"], a["xhat1"], a["rstd1"], p["gamma1"], a["res1"])
+    if key == "dres1":  # the LayerNorm fed with the FFN's share of dh only
         from_ffn = g["de"] @ p["W_1"].T
         dxhat = from_ffn * p["gamma1"]
         xh, rs = a["xhat1"], a["rstd1"]
         out.append((rs * (dxhat - dxhat.mean(-1, keepdims=True) - xh * (dxhat * xh).mean(-1, keepdims=True)),
-                    "dh (the LayerNorm's upstream) misses the residual path: h also feeds r2 = h + a2"))
-    for n, dup, xhat, r in (("2", dout, "xhat2", "r2"), ("1", g["dh"], "xhat1", "r1")):
+                    "dh (the LayerNorm's upstream) misses the residual path: h also feeds res2 = h + a2"))
+    for n, dup, xhat, r in (("2", dout, "xhat2", "res2"), ("1", g["dh"], "xhat1", "res1")):
         if key == f"dgamma{n}":
             out.append(((dup * a[r]).sum(axis=(0, 1)), f"used the LayerNorm's input {r} instead of the "
                                                          f"normalised {xhat}: dgamma = sum(dy * xhat)"))
@@ -211,10 +211,10 @@ def likely_causes(key, ref, cache, dout):
                                           "datt also receives da1"))
         out.append((g["da1"], "the adapter's branch is missing: datt = dz1 W_down1^T + da1"))
     if key == "dh":
-        out.append((g["dh"] - g["dr2"], "the residual path is missing: r2 = h + a2, so dh also receives dr2"))
-        out.append((g["dr2"], "the feed-forward path is missing: dh = de W_1^T + dr2"))
+        out.append((g["dh"] - g["dres2"], "the residual path is missing: res2 = h + a2, so dh also receives dres2"))
+        out.append((g["dres2"], "the feed-forward path is missing: dh = de W_1^T + dres2"))
     if key == "dx":
-        out.append((g["dx"] - g["dr1"], "the residual path is missing: r1 = x + a1, so dx also receives dr1"))
+        out.append((g["dx"] - g["dres1"], "the residual path is missing: res1 = x + a1, so dx also receives dres1"))
         lora = [(t, g[f"du{t}"] @ p[f"A_{t}"].T) for t in "qv" if s is not None]
         if lora:
             both = sum(d for _, d in lora)
@@ -227,7 +227,7 @@ def likely_causes(key, ref, cache, dout):
                         f"the path through {t} is missing: x feeds q, k and v, and their gradients add"))
             out.append((g["dx"] - g[f"d{t}"] @ p[f"W_{t}"].T + g[f"d{t}"] @ p[f"W_{t}"],
                         f"W_{t} is used untransposed: {t} = x W_{t} + b_{t}, so x gets d{t} W_{t}^T"))
-        out.append((g["dr1"], "only the residual path: x also feeds q, k and v"))
+        out.append((g["dres1"], "only the residual path: x also feeds q, k and v"))
     if key == "dmerged":
         out.append((g["datt"] @ p["W_o"], "W_o is used untransposed: att = merged W_o + b_o, so dmerged = datt W_o^T"))
     if key == "dctx":

@@ -126,8 +126,8 @@ def block_forward(x, p, n_heads, s=None, nudge=None):
     g1 = keep("g1", gelu_forward(z1)[0])  # (B, T, m)
     a1 = keep("a1", att + g1 @ p["W_up1"] + p["b_up1"])  # (B, T, m) @ (m, C) -> (B, T, C), with skip
     # ---- add & norm 1
-    r1 = keep("r1", x + a1)  # (B, T, C)
-    h = keep("h", layernorm(r1, p["gamma1"], p["beta1"], 1))  # (B, T, C)
+    res1 = keep("res1", x + a1)  # (B, T, C)
+    h = keep("h", layernorm(res1, p["gamma1"], p["beta1"], 1))  # (B, T, C)
     # ---- feed-forward sub-layer
     e = keep("e", h @ p["W_1"] + p["b_1"])  # (B, T, C) @ (C, F) -> (B, T, F)
     g = keep("g", gelu_forward(e)[0])  # (B, T, F)
@@ -137,8 +137,8 @@ def block_forward(x, p, n_heads, s=None, nudge=None):
     g2 = keep("g2", gelu_forward(z2)[0])  # (B, T, m)
     a2 = keep("a2", f + g2 @ p["W_up2"] + p["b_up2"])  # (B, T, C)
     # ---- add & norm 2
-    r2 = keep("r2", h + a2)  # (B, T, C)
-    out = layernorm(r2, p["gamma2"], p["beta2"], 2)  # (B, T, C)
+    res2 = keep("res2", h + a2)  # (B, T, C)
+    out = layernorm(res2, p["gamma2"], p["beta2"], 2)  # (B, T, C)
     return out, (acts, p, H, s)
 
 
@@ -146,9 +146,9 @@ def gradient_names(lora=False, upto=None):
     """The keys the backward returns, in the order it computes them: d<name> for every
     intermediate and every parameter (LoRA: also duq, duv and the four matrices' gradients).
     upto: the last key wanted ("dh": the feed-forward half, from the output down to h)."""
-    names = ["dr2", "dgamma2", "dbeta2", "da2", "dW_up2", "db_up2", "dg2", "dz2", "dW_down2", "db_down2",
+    names = ["dres2", "dgamma2", "dbeta2", "da2", "dW_up2", "db_up2", "dg2", "dz2", "dW_down2", "db_down2",
              "df", "dW_2", "db_2", "dg", "de", "dW_1", "db_1", "dh",
-             "dr1", "dgamma1", "dbeta1", "da1", "dW_up1", "db_up1", "dg1", "dz1", "dW_down1", "db_down1",
+             "dres1", "dgamma1", "dbeta1", "da1", "dW_up1", "db_up1", "dg1", "dz1", "dW_down1", "db_down1",
              "datt", "dW_o", "db_o", "dmerged", "dctx", "dP", "dV", "dS", "dQ", "dK", "dq", "dk", "dv"]
     if lora:
         names += ["dB_q", "duq", "dA_q", "dB_v", "duv", "dA_v"]
