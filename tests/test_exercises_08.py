@@ -492,3 +492,18 @@ def test_the_feed_forward_half():
     assert result.passed is False and "17 of 18 gradients match" in result.message and "'dh', is missing" in result.message
     assert "ex.gradient_names(upto='dh')" in ex.check_ffn_half_backward(lambda d, c: [], seed=0).message
     assert ex.check_ffn_half_backward(not_written).passed is None
+
+
+def test_the_single_operations_of_unit_01_are_allowed():
+    """An answer may compose the package's single-operation passes: here the softmax's."""
+    def with_softmax(dout, cache):
+        g = block_backward(dout, cache)
+        g["dS"] = layers.softmax_backward(g["dP"], cache[0]["P"])
+        return g
+    try:  # the softmax backward's signature is the package's to change; skip if it did
+        returned = layers.softmax_backward(np.ones((1, 2)), np.full((1, 2), 0.5))
+    except TypeError:
+        returned = None
+    if not isinstance(returned, np.ndarray):
+        pytest.skip("layers.softmax_backward takes or returns something else now")
+    assert ex.check_block_backward(with_softmax, seed=0).passed is True
