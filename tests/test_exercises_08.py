@@ -293,6 +293,18 @@ def _set(key, fn):
     return change
 
 
+def ln_without_eps(dy, r, gamma):
+    xc = r - r.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt((xc ** 2).mean(-1, keepdims=True))
+    xhat, dxhat = xc * rstd, dy * gamma
+    return rstd * (dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True))
+
+
+def erf_gelu_grad(z):
+    cdf = 0.5 * (1 + np.array([math.erf(v / math.sqrt(2)) for v in z.ravel()]).reshape(z.shape))
+    return cdf + z * np.exp(-z ** 2 / 2) / math.sqrt(2 * math.pi)
+
+
 SLIPS = [  # (name, change, lora, the gradient named first, words of the cause)
     ("transposed dW_q", _set("dW_q", lambda g, a, p, s, d: g["dW_q"].T), False, "dW_q", "transposed"),
     ("transposed dW_1", _set("dW_1", lambda g, a, p, s, d: g["dW_1"].T), False, "dW_1", "transposed"),
@@ -328,6 +340,11 @@ SLIPS = [  # (name, change, lora, the gradient named first, words of the cause)
     ("GELU's derivative missing", _set("dz2", lambda g, a, p, s, d: g["dg2"]), False, "dz2", "GELU's derivative"),
     ("half of GELU's product rule", _set("de", lambda g, a, p, s, d: g["dg"] * 0.5 * (
         1 + np.tanh(math.sqrt(2 / math.pi) * (a["e"] + 0.044715 * a["e"] ** 3)))), False, "de", "half of GELU"),
+    ("LayerNorm without eps", _set("dres2", lambda g, a, p, s, d: ln_without_eps(d, a["res2"], p["gamma2"])),
+     False, "dres2", "rstd without eps"),
+    ("row sum as a row", _set("dS", lambda g, a, p, s, d: a["P"] * (g["dP"] - (g["dP"] * a["P"]).sum(-1)[..., None, :])),
+     False, "dS", "lost its axis"),
+    ("erf GELU", _set("dz1", lambda g, a, p, s, d: g["dg1"] * erf_gelu_grad(a["z1"])), False, "dz1", "exact (erf) GELU"),
     ("sign flipped", _set("dg1", lambda g, a, p, s, d: -g["dg1"]), False, "dg1", "sign is flipped"),
     ("LoRA scale missing in dB_q", _set("dB_q", lambda g, a, p, s, d: g["dB_q"] / s), True, "dB_q", "LoRA scale"),
     ("LoRA scale missing in duv", _set("duv", lambda g, a, p, s, d: g["duv"] / s), True, "duv", "LoRA scale"),
@@ -371,6 +388,15 @@ def not_written(dout, cache):
 
 def raises(dout, cache):
     return {"dx": 1 / 0}
+
+
+def test_a_row_sum_without_keepdims_fails_in_one_line():
+    """(B, H, T, T) minus (B, H, T): NumPy raises unless H = T (then the values are wrong, and
+    named as "the row sum lost its axis", test above)."""
+    slip = with_change(_set("dS", lambda g, a, p, s, d: a["P"] * (g["dP"] - (g["dP"] * a["P"]).sum(-1))))
+    result = ex.check_block_backward(slip, seed=0)
+    assert result.passed is False and result.message.startswith("your code raised ValueError: operands could not")
+    assert not result.message.endswith(" ") and "\n" not in result.message
 
 
 def test_not_written_and_exceptions_are_one_line():
@@ -507,3 +533,21 @@ def test_the_single_operations_of_unit_01_are_allowed():
     if not isinstance(returned, np.ndarray):
         pytest.skip("layers.softmax_backward takes or returns something else now")
     assert ex.check_block_backward(with_softmax, seed=0).passed is True
+
+
+def test_the_notebooks_own_solutions_pass():
+    """The solution cells of the committed notebook, run as they are, pass every checker."""
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "08_capstone_block_backward.ipynb"
+    cells = json.loads(path.read_text())["cells"]
+    sources = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    solutions = [src for src in sources if "### BEGIN SOLUTION" in src]
+    assert len(solutions) == 3
+    namespace = {"np": np, "math": math, "layers": layers, "ex": ex}
+    for src in solutions:
+        exec(compile(src, str(path), "exec"), namespace)
+    for seed in SEEDS:
+        assert ex.check_ffn_half_backward(namespace["ffn_half_backward"], seed=seed).passed is True
+        assert ex.check_block_backward(namespace["block_backward"], seed=seed).passed is True
+        assert ex.check_lora_backward(namespace["block_backward_lora"], seed=seed).passed is True

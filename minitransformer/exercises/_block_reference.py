@@ -106,7 +106,12 @@ def _ln_slips(dout, xhat, rstd, gamma, x):
     dxhat = dout * gamma
     mean = dxhat.mean(-1, keepdims=True)
     var_term = xhat * (dxhat * xhat).mean(-1, keepdims=True)
+    xc = x - x.mean(-1, keepdims=True)
+    rstd0 = 1 / np.sqrt((xc * xc).mean(-1, keepdims=True))  # without eps
+    xhat0 = xc * rstd0
     return [
+        (rstd0 * (dxhat - mean - xhat0 * (dxhat * xhat0).mean(-1, keepdims=True)),
+         "rstd without eps: use the cache's rstd (1/sqrt(var + eps), eps = 1e-5) and xhat"),
         (rstd * (dxhat - var_term), "the LayerNorm's mean term is missing: mu depends on every entry "
                                     "of the row, so dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))"),
         (rstd * (dxhat - mean), "the LayerNorm's variance term -xhat mean(dxhat xhat) is missing: "
@@ -123,7 +128,11 @@ def _ln_slips(dout, xhat, rstd, gamma, x):
 def _gelu_slips(dgrad, z):
     k, c = math.sqrt(2 / math.pi), 0.044715
     th = np.tanh(k * (z + c * z * z * z))
+    Phi = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
     return [
+        (dgrad * (Phi + z * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)),
+         "that is the derivative of the exact (erf) GELU; the block uses the tanh form, "
+         "0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))"),
         (dgrad, "GELU's derivative is missing: g = GELU(z), so dz = dg * GELU'(z)"),
         (dgrad * 0.5 * z * (1 + th), "multiplied by GELU(z) instead of its derivative GELU'(z)"),
         (dgrad * 0.5 * (1 + th), "only half of GELU's product rule: GELU(z) = 0.5 z (1 + tanh(u)) "
@@ -235,12 +244,16 @@ def likely_causes(key, ref, cache, dout):
                                              "(B, T, H, hs), then move H forward to (B, H, T, hs)"))
     if key == "dV":
         out.append((a["P"] @ g["dctx"], "P must be transposed: ctx = P V, so dV = P^T dctx"))
+    if key == "dP":
+        out.append((T(g["dP"]), "transposed: ctx = P V, so dP = dctx V^T, (B, H, T, T) with queries as rows"))
     if key == "dS":
         P, dP = a["P"], g["dP"]
         out += [(P * dP, "the softmax's -sum(dP * P) term is missing: each P depends on every S of its row, "
                          "so dS = P (dP - sum_j dP_j P_j)"),
                 (P * (dP - (dP * P).sum(-2, keepdims=True)), "the sum runs over the wrong axis: the softmax "
                                                              "normalises over the keys, the last axis"),
+                (P * (dP - (dP * P).sum(-1)[..., None, :]), "the row sum lost its axis: keep it as a column "
+                                                             "(keepdims=True), one sum per query (row), not per key"),
                 (dP * P * (1 - P), "only the diagonal of the softmax's Jacobian: P_i depends on every S_j "
                                    "of its row, so dS = P (dP - sum_j dP_j P_j)"),
                 (dP, "the softmax's backward is missing: P = softmax(S)")]

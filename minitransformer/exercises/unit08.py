@@ -234,7 +234,7 @@ def _run(fn, args, limit=None):
     except NotImplementedError:
         value, message = None, NotImplemented
     except Exception as e:  # the student's code failed: say how, in one line
-        text = str(e).splitlines()[0] if str(e) else ""
+        text = str(e).strip().splitlines()[0].strip() if str(e).strip() else ""
         value, message = None, f"your code raised {type(e).__name__}" + (f": {text}" if text else "")
     finally:
         running[0] = False
