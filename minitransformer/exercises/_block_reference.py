@@ -135,8 +135,8 @@ def _gelu_slips(dgrad, z):
          "0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))"),
         (dgrad, "GELU's derivative is missing: g = GELU(z), so dz = dg * GELU'(z)"),
         (dgrad * 0.5 * z * (1 + th), "multiplied by GELU(z) instead of its derivative GELU'(z)"),
-        (dgrad * 0.5 * (1 + th), "only half of GELU's product rule: GELU(z) = 0.5 z (1 + tanh(u)) "
-                                 "also has the term 0.5 z (1 - tanh(u)^2) du/dz"),
+        (dgrad * 0.5 * (1 + th), "only half of GELU's product rule: GELU(z) = 0.5 z (1 + tanh(theta)) "
+                                 "also has the term 0.5 z (1 - tanh(theta)^2) dtheta/dz"),
         (dgrad * (z > 0), "that is ReLU's derivative; the block uses GELU (tanh form)"),
     ]
 
