@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..gradcheck import rel_error
-from ..layers import gelu_forward, softmax_forward
+from ..gradcheck import rel_error as _rel_error
+from ..layers import gelu_forward, softmax_forward  # the forward steps block_forward shows
 from . import Result
 
 EPS = 1e-5  # the LayerNorms' epsilon
@@ -247,7 +247,7 @@ def _run(fn, args, limit=None):
     return value, message, sorted(set(calls))
 
 
-def _shape_hint(key, got, want, B, T):
+def _shape_hint(key, got, want):
     """Why an answer has the wrong shape, in one clause."""
     if got == want[::-1] and len(want) == 2:
         return "transposed: a weight's gradient has the weight's shape (d_in, d_out)"
@@ -272,8 +272,6 @@ def _describe(value):
 def _first_divergence(got, ref, cache, dout, names, wanted):
     """-> None when every gradient matches, else (one-line message)."""
     from ._block_reference import CONSUMERS
-    acts = cache[0]
-    B, T = acts["x"].shape[:2]
     for i, key in enumerate(names):
         matched = (f"the {i} before it match" if i > 1 else "the one before it matches" if i == 1
                    else "it is the first in backward order")
@@ -294,12 +292,12 @@ def _first_divergence(got, ref, cache, dout, names, wanted):
         want = ref[key]
         if arr.shape != want.shape:
             return (f"{key} has shape {arr.shape}, expected {want.shape} ({matched}): "
-                    f"{_shape_hint(key, arr.shape, want.shape, B, T)}")
+                    f"{_shape_hint(key, arr.shape, want.shape)}")
         if arr.dtype != np.float64:
             return f"{key} has dtype {arr.dtype}: the block runs in float64, and so must its gradients ({matched})"
         if not np.all(np.isfinite(arr)):
             return f"{key} holds NaN or inf ({matched})"
-        err = rel_error(arr, want, tiny=_floor(key, ref))
+        err = _rel_error(arr, want, tiny=_floor(key, ref))
         if err <= TOLERANCE:
             continue
         head = f"{key} is the first gradient that diverges: relative error {err:.1e} > {TOLERANCE:.0e} ({matched})"
@@ -325,12 +323,12 @@ def _cause(key, arr, want, ref, cache, dout):
     from ._block_reference import CONSUMERS, likely_causes
     with np.errstate(all="ignore"):
         for candidate, cause in likely_causes(key, ref, cache, dout):
-            if np.shape(candidate) == arr.shape and rel_error(arr, candidate) <= CAUSE_TOLERANCE:
+            if np.shape(candidate) == arr.shape and _rel_error(arr, candidate) <= CAUSE_TOLERANCE:
                 return cause
         norm = float(np.sum(want * want))
         if norm > 0:
             c = float(np.sum(arr * want)) / norm
-            if np.isfinite(c) and rel_error(arr, c * want) <= CAUSE_TOLERANCE:
+            if np.isfinite(c) and _rel_error(arr, c * want) <= CAUSE_TOLERANCE:
                 what = "the sign is flipped" if abs(c + 1) < 1e-6 else f"{c:.4g} times the right value"
                 return f"{what} (forward was {CONSUMERS[key]})"
     return None
