@@ -442,8 +442,23 @@ def test_writing_into_what_it_was_handed_fails():
         g = block_backward(dout, cache)
         cache[0]["P"][...] = 0
         return g
+    def drops_a_parameter(dout, cache):
+        g = block_backward(dout, cache)
+        del cache[1]["W_q"]
+        return g
     assert "wrote into dout" in ex.check_block_backward(into_dout, seed=0).message
     assert "wrote into the cache" in ex.check_block_backward(into_cache, seed=0).message
+    assert "wrote into the cache" in ex.check_block_backward(drops_a_parameter, seed=0).message
+
+
+def test_a_dict_that_misbehaves_is_read_as_a_plain_dict():
+    class Odd(dict):
+        def __getitem__(self, key):
+            raise KeyError(key)
+
+        def __contains__(self, key):
+            raise RuntimeError("no")
+    assert ex.check_block_backward(lambda d, c: Odd(block_backward(d, c)), seed=0).passed is True
 
 
 def test_calling_the_package_backward_or_finite_differences_is_named():
