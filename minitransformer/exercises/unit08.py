@@ -20,8 +20,9 @@ The tolerance, derived from float64 round-off: one operation rounds to within u 
 of the exact result; a gradient here is the end of at most ~40 dependent steps, each a sum of at
 most K ~ 100 products, so two correct orders of computation may differ by about 40 K u ~ 5e-13 of
 the gradients' scale (measured: below 1e-14, tests/test_exercises_08.py). TOLERANCE = 1e-10
-leaves a margin of 200 over that bound; the smallest structural slip moves a gradient by 1e-3 of
-its scale or more.
+leaves a margin of 200 over that bound, and stays far below what a slip does: measured on the
+tests' catalogue, a LayerNorm without its eps moves its gradient by 7e-7 of its scale at the least,
+the exact (erf) GELU by 7e-5, every structural slip (a path, a transpose, a scale) by 7e-3 or more.
 """
 import math
 import signal
