@@ -602,3 +602,23 @@ def test_outside_the_main_thread_the_limit_still_holds(monkeypatch):
     assert results["right"].passed is True
     assert "the checker's own reference" in results["forbidden"].message
     assert results["raises"].message == "your code raised ZeroDivisionError: division by zero"
+
+
+def test_the_student_copy_runs_and_says_not_implemented_yet(tmp_path):
+    """The student copy of notebook 08 runs top to bottom: each check cell says "not implemented
+    yet", the demonstration of a FAIL too (it wraps the student's function), and nothing raises."""
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
+    from pathlib import Path
+    from minitransformer.tools import course
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "08_capstone_block_backward.ipynb"
+    copy = tmp_path / path.name
+    nbformat.write(course.student_copy(nbformat.read(path, as_version=4), path.name), copy)
+    nb = course.execute(copy)
+    shown = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            assert output.output_type != "error", (cell.source, output.get("evalue"))
+            shown.append(output.get("data", {}).get("text/plain", "") + output.get("text", ""))
+    checks = [text for text in shown if "block backward" in text or "half backward" in text]
+    assert len(checks) == 4 and all(text.startswith("not implemented yet: ") for text in checks), checks

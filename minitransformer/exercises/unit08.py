@@ -13,8 +13,9 @@ Each check draws fresh random blocks at every call (several shapes, T never equa
 size, float64), runs the student's backward on each under a time limit, and compares its
 gradients with a private reference one by one, in backward order. A FAIL names the first
 gradient that diverges, by how much, and the likely cause; the gradients before it are right,
-so the slip is in the step that computes it. An exception, a malformed return or an answer that
-calls one of the package's own backward passes (or finite differences) is a one-line FAIL.
+so the slip is in the step that computes it. An exception, a malformed return, a time-out, or an answer
+that calls one of the package's composite backward passes (the attention's, the adapter's,
+LoRA's, a module's) or finite differences is a one-line FAIL.
 
 The tolerance, derived from float64 round-off: one operation rounds to within u = 2^-53 ~ 1.1e-16
 of the exact result; a gradient here is the end of at most ~40 dependent steps, each a sum of at
