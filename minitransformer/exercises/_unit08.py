@@ -2,7 +2,6 @@
 cases, running the student's backward, and comparing it gradient by gradient. unit08.py exposes
 the public part; the reference answer is in _block_reference.py.
 
-
 The tolerance, derived from float64 round-off: one operation rounds to within u = 2^-53 ~ 1.1e-16
 of the exact result; a gradient here is the end of at most ~40 dependent steps, each a sum of at
 most K ~ 100 products, so two correct orders of computation may differ by about 40 K u ~ 5e-13 of
