@@ -420,6 +420,7 @@ def test_not_written_and_exceptions_are_one_line():
     (lambda d, c: None, "expected a dict"),
     (lambda d, c: tuple(block_backward(d, c).values()), "got a tuple of 48"),
     (lambda d, c: {}, "no 'dres2' in your dict"),
+    (lambda d, c: {k[1:]: v for k, v in block_backward(d, c).items()}, "the keys are 'd' + the name"),
     (lambda d, c: {k: v for k, v in block_backward(d, c).items() if k != "dW_2"}, "the next, 'dW_2', is missing"),
     (lambda d, c: {**block_backward(d, c), "dh": None}, "dh is None"),
     (lambda d, c: {**block_backward(d, c), "dz2": [[1.0, 2.0], [3.0]]}, "dz2 is not an array"),

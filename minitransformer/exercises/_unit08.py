@@ -295,6 +295,9 @@ def _first_divergence(got, ref, cache, dout, names, wanted):
         matched = (f"the {i} before it match" if i > 1 else "the one before it matches" if i == 1
                    else "it is the first in backward order")
         if key not in got:
+            if key[1:] in got:
+                return (f"no {key!r} in your dict, but a {key[1:]!r}: the keys are 'd' + the name of the "
+                        f"variable ('{key}' for {key[1:]}), as in {wanted}")
             if i == 0:
                 return (f"no {key!r} in your dict: it must hold a gradient for every name in "
                         f"{wanted}, in any order")
