@@ -41,17 +41,27 @@ def run_case(name, fn, args, labels, expected, where, forbid=(), hint=None, pass
                 other = [k for k in keys if k != key and shapes[k] == value.shape]
                 if other and len(keys) > 1:
                     problem += f": the shape of {other[0]}; return them in the order ({', '.join(keys)})"
-            why = hint(key, value) if hint is not None and isinstance(value, np.ndarray) else ""
+            why = _safe(hint, key, value) if isinstance(value, np.ndarray) else ""
             return None, fail(name, f"{problem} on {where}{why}")
         err = rel_error(arr, expected[key])
         if not err <= tol:
             if passed:
                 why = f" (right on {passed[0]}: is a size written into your code?)"
             else:
-                why = hint(key, arr) if hint is not None else ""
+                why = _safe(hint, key, arr)
             return None, fail(name, f"{key}: max relative error {err:.1e} > {tol:.0e} on {where}{why}")
         worst = max(worst, err)
     return worst, None
+
+
+def _safe(hint, key, value):
+    """hint(key, value), or "" when there is none or it cannot tell (an odd shape, say)."""
+    if hint is None:
+        return ""
+    try:
+        return hint(key, value)
+    except Exception:
+        return ""
 
 
 def matches(got, candidate, tol=1e-6):
