@@ -45,7 +45,10 @@ def run_case(name, fn, args, labels, expected, where, forbid=(), hint=None, pass
             return None, fail(name, f"{problem} on {where}{why}")
         err = rel_error(arr, expected[key])
         if not err <= tol:
-            if passed:
+            swapped = [k for k in keys if k != key and expected[k].shape == arr.shape and matches(arr, expected[k])]
+            if swapped:
+                why = f"; that is {swapped[0]}: return them in the order ({', '.join(keys)})"
+            elif passed:
                 why = f" (right on {passed[0]}: is a size written into your code?)"
             else:
                 why = _safe(hint, key, arr)
