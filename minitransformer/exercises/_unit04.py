@@ -19,7 +19,7 @@ def _count_hints(C, m, L, K, ln):
     n_norms = 2 * L + 1
     hints = [(2 * L * (m + C), "the adapters' biases b_down (m) and b_up (C) are missing"),
              (L * per_adapter, "there are two adapters per block (attention and feed-forward), not one"),
-             (-L * per_adapter, "there are two adapters per block, not four"),
+             (-2 * L * per_adapter, "there are two adapters per block, not four"),
              (C * K + K, "the task head (C x K weights and K biases) is missing")]
     if ln:
         hints += [(n_norms * 2 * C, "the task's LayerNorm copies are missing: a post-LN model has 2 per block "
@@ -153,7 +153,9 @@ def check_adapter_backward(forward, backward):
                 return ": b was added to every row, so sum dout over all the leading axes"
             if key == "dh" and matches(got + f64(dout), expected["dh"]):
                 return "; dh misses the skip connection's dout (forward was out = h + branch)"
-            if key == "dW_down" and matches(got, f64(h).reshape(-1, C).T @ (f64(dout) @ f64(w[2]).T).reshape(-1, m)):
+            da = f64(dout) @ f64(w[2]).T  # the gradient at GELU's output
+            if key == "dW_down" and matches(got, f64(h).reshape(-1, C).T @ da.reshape(-1, m)) or \
+                    key == "dh" and matches(got, da @ f64(w[0]).T + f64(dout)):
                 return "; the GELU's derivative is missing: dz = da * f'(z)"
             rows = int(np.prod(lead[1:])) if len(lead) > 1 else 0
             if key.startswith("dW") and rows and matches(got, ref.adapter_backward(
