@@ -90,8 +90,10 @@ def check_switch(fn, model, splits):
                     return fail(name, f"expected an accuracy (a number), got {describe(got)} for {task!r}")
                 if abs(got - expected) > 1e-12:
                     if wrong is not None and abs(got - wrong) <= 1e-12:
-                        hint = (f": that is {other!r}'s accuracy, the adapter active when your function was "
+                        hint = (f": that is the accuracy of adapter {other!r}, the one active when your function was "
                                 f"called; call model.set_active_adapter({task!r}) first")
+                    elif abs(got - 100 * expected) <= 1e-9:
+                        hint = ": an accuracy is a fraction between 0 and 1, as train.accuracy returns it"
                     elif j and abs(got - accuracy_on(model, task, split)) <= 1e-12:
                         hint = ": that is the accuracy on the whole split; measure the split you are given"
                     else:
