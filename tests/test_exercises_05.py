@@ -107,9 +107,9 @@ def whole_split(model, name, split):
 
 
 SWITCH_WRONG = [
-    (lambda model, name, split: train.accuracy(model, split), ("the adapter active when your function was called",
+    (lambda model, name, split: train.accuracy(model, split), ("the one active when your function was called",
                                                                "raised")),
-    (measures_then_switches, ("the adapter active when your function was called", "raised")),
+    (measures_then_switches, ("the one active when your function was called", "raised")),
     (whole_split, "the accuracy on the whole split"),
     (lambda model, name, split: f"{task_accuracy(model, name, split):.2f}", "expected an accuracy (a number)"),
     (lambda model, name, split: 100 * task_accuracy(model, name, split), "a fraction between 0 and 1"),
