@@ -119,6 +119,16 @@ def exact(value):
     return repr(float(value)) if is_number(value) else describe(value)
 
 
+def apart(got, expected, digits=6):
+    """The two floats with `digits` significant digits, or more until they print differently:
+    a FAIL line never reads "got 13.9887, expected 13.9887"."""
+    for d in range(digits, 18):
+        a, b = f"{float(got):.{d}g}", f"{float(expected):.{d}g}"
+        if a != b:
+            return a, b
+    return repr(float(got)), repr(float(expected))
+
+
 def as_array(value, what, shape, dtypes=None):
     """The student's `value` as a float array of `shape` -> (array, None), or (None, message)
     saying what came back: a list is accepted when it is a proper numeric array; a ragged

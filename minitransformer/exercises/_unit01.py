@@ -4,7 +4,7 @@ others of random shapes, one of them float32."""
 import numpy as np
 
 from .. import layers, losses
-from . import TOL32, TOL64, Result, attempt, checker, describe, distinct, exact, fail, is_integer, is_number, rng
+from . import TOL32, TOL64, Result, apart, attempt, checker, describe, distinct, exact, fail, is_integer, is_number, rng
 from . import _reference as ref
 from ._grads import matches, run_case
 
@@ -62,7 +62,8 @@ def check_best_step(best_step):
                  ((3 * u) ** (1 / 3), "h depends on f and f3 too: (3 u f / f3)^(1/3)"),
                  (3 * u * f / f3 / 3, "(...) ** 1 / 3 divides by 3: write ** (1 / 3)")]
         hint = next((f" ({text})" for value, text in wrong if abs(got - value) <= 1e-9 * abs(value)), "")
-        return fail(name, f"best_step({where}) = {got:.6g}, expected {expected:.6g} "
+        shown, wanted = apart(got, expected)
+        return fail(name, f"best_step({where}) = {shown}, expected {wanted} "
                           f"(relative difference {abs(got - expected) / expected:.1e}){hint}")
     return Result(name, True, f"h = (3 u f / f3)^(1/3) on {len(cases)} cases, to 1e-12: "
                               f"{(3 * 2.0 ** -53) ** (1 / 3):.1e} in float64, {(3 * 2.0 ** -24) ** (1 / 3):.1e} "

@@ -58,7 +58,8 @@ def check_attention_backward(fn):
                 dS = P64 * (dP - (dP * P64).sum(-1, keepdims=True))
                 if key == "dK" and matches(got, dS @ Q64 / s):
                     return "; dK = dS^T Q / sqrt(hs): dS transposed (key u gets its gradient from column u of dS)"
-                return "; dV was right, so look at dS = P * (dP - rowsum(dP * P)), dQ = dS K / sqrt(hs), dK = dS^T Q / sqrt(hs)"
+                return ("; dV was right, so look at dS = P * (dP - rowsum(dP * P)), dQ = dS K / sqrt(hs), "
+                        "dK = dS^T Q / sqrt(hs)")
             if matches(got, P64 @ d64):
                 return "; you computed P dctx; forward was ctx = P V, so dV = P^T dctx"
             return ""
@@ -151,10 +152,11 @@ def check_attention_costs(fn):
                 return fail(name, f"{label}: expected an integer (a count), got {describe(value)} on {where}")
         exp_params, exp_flops = ref.attention_costs(B, T, C, H)
         if params != exp_params:
+            heads = ": the heads are a reshape of the width, so H does not change the parameters"
             hint = {4 * C * C: ": the four biases b_q, b_k, b_v, b_o (C each) are parameters too",
                     3 * C * C + 3 * C: ": the output projection W_o, b_o belongs to the layer too",
-                    4 * C * C // H + 4 * C // H: ": the heads are a reshape of the width, so H does not change the parameters",
-                    4 * C * C * H + 4 * C * H: ": the heads are a reshape of the width, so H does not change the parameters",
+                    4 * C * C // H + 4 * C // H: heads,
+                    4 * C * C * H + 4 * C * H: heads,
                     4 * C * C + C: ": each of the four projections has its own bias"}.get(int(params), "")
             return fail(name, f"parameters for {where}: expected {exact(exp_params)}, got {exact(params)}{hint}")
         if flops != exp_flops:

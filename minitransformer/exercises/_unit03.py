@@ -121,7 +121,8 @@ def check_pre_ln_backward(fn):
                 return (": your dx misses the residual path. Forward was y = x + Attn(LN(x)): x reaches y "
                         "twice, so dx = dy + (the branch's gradient)")
             if matches(got, d64):
-                return ": your dx is only the residual path dy; the branch Attn(LN(x)) depends on x too, and its gradient adds"
+                return (": your dx is only the residual path dy; the branch Attn(LN(x)) depends on x too, "
+                        "and its gradient adds")
             if matches(got, d64 + da_in):
                 return ": the branch's gradient must also go back through LN, the branch's first step"
             if matches(got, d64 + dln_only):

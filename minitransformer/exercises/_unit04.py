@@ -6,7 +6,7 @@ import numpy as np
 from .. import adapters, sizes
 from ..adapters import AdapterConfig
 from ..model import ModelConfig, Transformer
-from . import TOL32, TOL64, Result, attempt, checker, describe, exact, fail, is_integer, is_number, rng, unpack
+from . import TOL32, TOL64, Result, apart, attempt, checker, describe, exact, fail, is_integer, is_number, rng, unpack
 from . import _reference as ref
 from ._grads import matches, run_case
 
@@ -263,6 +263,8 @@ def check_init_law(fn):
         if hint is None:
             hint = ("off by orders of magnitude: the branch is a product of two small matrices, so it scales like std^2"
                     if off > 10 or off < 0.1 else "count the C terms of z and the m terms of u")
-        return fail(name, f"{where}: you predicted {got:.5g}, expected {expected:.5g} (ratio {off:.4f}; "
+        shown, wanted = apart(got, expected, 5)
+        return fail(name, f"{where}: you predicted {shown}, expected {wanted} (ratio {off:.4f}; "
                           f"tolerance {INIT_TOLERANCE:.1%}): {hint}")
-    return Result(name, True, f"within {INIT_TOLERANCE:.1%} of sqrt(C m) 0.774 std^2 / 2 on {len(cases)} fresh settings")
+    return Result(name, True, f"within {INIT_TOLERANCE:.1%} of sqrt(C m) 0.774 std^2 / 2 on {len(cases)} "
+                              f"fresh settings")

@@ -3,7 +3,7 @@ import numpy as np
 
 from .. import sizes
 from ..model import Transformer
-from . import Result, attempt, checker, describe, exact, fail, is_integer, is_number, rng
+from . import Result, apart, attempt, checker, describe, exact, fail, is_integer, is_number, rng
 from . import _reference as ref
 
 # ----------------------------------------------------------------------------- storage
@@ -13,7 +13,8 @@ def _storage_cases(g):
     cases = [(20, 208_448, 34_818, 130), (1, 1000, 50, 10), (0, 7, 2, 1)]
     while len(cases) < 6:
         T = int(g.integers(2, 60))
-        n_base, n_task, n_head = int(g.integers(10_000, 10_000_000)), int(g.integers(100, 9_000)), int(g.integers(2, 90))
+        n_base, n_task = int(g.integers(10_000, 10_000_000)), int(g.integers(100, 9_000))
+        n_head = int(g.integers(2, 90))
         if len({T, n_base, n_task, n_head}) == 4:
             cases.append((T, n_base, n_task, n_head))
     return cases
@@ -98,7 +99,8 @@ def check_switch(fn, model, splits):
                         hint = ": that is the accuracy on the whole split; measure the split you are given"
                     else:
                         hint = ""
-                    return fail(name, f"{task!r} on {what}: got {got:.6f}, expected {expected:.6f}{hint}")
+                    shown, wanted = apart(got, expected)
+                    return fail(name, f"{task!r} on {what}: got {shown}, expected {wanted}{hint}")
             results.append(f"{task} {accuracy_on(model, task, split):.2f}")
     finally:
         model.set_active_adapter(before)
@@ -150,6 +152,7 @@ def check_trained_percent(fn):
                  (100 * (trained - K * 64 - K) / (ref.SHIPPED_BASE + trained - K * 64 - K),
                   "the task's head (C K + K) trains too, and counts among all parameters")]
         hint = next((f" ({t})" for v, t in wrong if abs(got - v) <= tol * abs(v)), "")
-        return fail(name, f"{where}: got {got:.6g}, expected {expected:.6g}{hint}")
+        shown, wanted = apart(got, expected)
+        return fail(name, f"{where}: got {shown}, expected {wanted}{hint}")
     return Result(name, True, f"right in {len(cases)} cases, 2 of them fresh; e.g. m=8, 2 classes: "
                               f"{ref.trained_percent(8, 2, True):.2f} %")

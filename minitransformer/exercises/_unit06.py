@@ -7,7 +7,7 @@ from .. import peft, sizes
 from ..adapters import AdapterConfig
 from ..model import ModelConfig
 from ..tools import benchmodel
-from . import TOL32, Result, as_array, attempt, checker, describe, exact, fail, is_integer, rel_error, rng
+from . import Result, as_array, attempt, checker, describe, exact, fail, is_integer, rel_error, rng
 from . import _reference as ref
 
 BYTES_PER_PARAMETER = 4  # float32
@@ -212,7 +212,8 @@ def check_skipped_flops(fn):
             expected = skipped_flops(b, train_layernorm)
             if got != expected:
                 hint = _flops_hint(int(got) - expected, b, train_layernorm)
-                return fail(name, f"expected {exact(expected)}, got {exact(got)} ({where})" + (f": {hint}" if hint else ""))
+                return fail(name, f"expected {exact(expected)}, got {exact(got)} ({where})"
+                                  + (f": {hint}" if hint else ""))
     return Result(name, True, f"matches tools/bench.step_flops on {len(shapes)} shapes, {len(shapes) - 1} of them "
                               f"fresh, with the LayerNorms trained and frozen")
 
@@ -294,7 +295,8 @@ def check_break_even(fn):
         got, failed = attempt(name, fn, shared, per_task, per_copy, where=where)
         if failed is not None:
             if "took longer" in failed.message:
-                failed.message += ": solve the inequality shared + T per_task < T per_copy for T instead of trying every T"
+                failed.message += (": solve the inequality shared + T per_task < T per_copy for T instead of "
+                                   "trying every T")
             return failed
         expected = ref.break_even(shared, per_task, per_copy)
         if expected is None:

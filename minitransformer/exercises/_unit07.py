@@ -18,7 +18,8 @@ def check_lora_backward(fn):
     while len(cases) < 4:
         B, T, d_in, r, d_out = (int(v) for v in g.integers(2, 10, 5))
         if len({B, T, d_in, r, d_out}) == 5:
-            cases.append((B, T, d_in, r, d_out, float(g.uniform(0.2, 4)), np.float32 if len(cases) == 3 else np.float64))
+            dt = np.float32 if len(cases) == 3 else np.float64
+            cases.append((B, T, d_in, r, d_out, float(g.uniform(0.2, 4)), dt))
     passed = []
     for Bn, T, d_in, r, d_out, s, dt in cases:
         dout, x = g.standard_normal((Bn, T, d_out)).astype(dt), g.standard_normal((Bn, T, d_in)).astype(dt)
@@ -67,7 +68,8 @@ def check_prefix_backward(fn):
 
         def hint(key, got):
             wrong = [(dk[0, :n], "the same P went in front of every sequence: sum over the batch"),
-                     (dk[:, :n].mean(axis=0), "a sum over the batch, not a mean: every sequence's use of P adds its gradient"),
+                     (dk[:, :n].mean(axis=0), "a sum over the batch, not a mean: every sequence's use of P adds "
+                                              "its gradient"),
                      (dk[:, -n:].sum(axis=0), "the prefix rows come first: dk[:, :n]"),
                      (dk[:, :T], "the prefix rows come first: the sequence's own are dk[:, n:]"),
                      (dk[:, :n].sum(axis=1), "sum over the batch axis (0), not over the prefix rows")]
@@ -112,7 +114,8 @@ def check_prefix_count(fn):
                                                    "trained: they are not parameters then",
                          n * C: "that is the prompt's count: a prefix has keys and values in every layer"}
                 hint = hints.get(int(got), "")
-                return fail(name, f"expected {exact(expected)} ({where}), got {exact(got)}" + (f": {hint}" if hint else ""))
+                return fail(name, f"expected {exact(expected)} ({where}), got {exact(got)}"
+                                  + (f": {hint}" if hint else ""))
     return Result(name, True, f"matches add_adapter on {len(cases) - 1} configurations, with and without the "
                               f"MLP, and at BERT-base's size")
 
@@ -129,21 +132,25 @@ def check_bitfit_count(fn):
             cases.append((C, F, L))
     for C, F, L in cases:
         where = f"C={C}, F={F}, L={L}"
-        got, failed = attempt(name, fn, C, F, L, where=where, forbid=(Transformer.add_adapter, Transformer.num_parameters))
+        got, failed = attempt(name, fn, C, F, L, where=where,
+                              forbid=(Transformer.add_adapter, Transformer.num_parameters))
         if failed is not None:
             return failed
         if not is_integer(got):
             return fail(name, f"expected an integer, got {describe(got)} on {where}")
         expected = ref.bitfit_count(C, F, L)
         if got != expected:
-            hints = {expected - (2 * L + 1) * C: "every LayerNorm's beta is a bias too (the paper counts them): (2L + 1) C",
-                     expected - C: "2L + 1 LayerNorms: ln1 and ln2 in each block, and ln_emb (post-LN) or ln_f (pre-LN)",
+            hints = {expected - (2 * L + 1) * C: "every LayerNorm's beta is a bias too (the paper counts them): "
+                                                 "(2L + 1) C",
+                     expected - C: "2L + 1 LayerNorms: ln1 and ln2 in each block, and ln_emb (post-LN) or ln_f "
+                                   "(pre-LN)",
                      expected + (2 * L + 1) * C: "gamma is a scale, not a bias: only beta trains",
                      expected - L * (F - C): "the FFN's first bias b_1 has F entries, not C",
                      expected - L * (F + C): "the FFN's biases b_1 (F) and b_2 (C) train too",
                      expected - L * C: "four attention biases per block: b_q, b_k, b_v and b_o",
                      expected + L * C: "four attention biases per block, not five"}
             hint = hints.get(int(got), "")
-            return fail(name, f"expected {exact(expected)} ({where}), got {exact(got)}" + (f": {hint}" if hint else ""))
+            return fail(name, f"expected {exact(expected)} ({where}), got {exact(got)}"
+                              + (f": {hint}" if hint else ""))
     return Result(name, True, f"matches add_adapter(BitFitConfig()) on {len(cases)} configurations, 4 of them fresh "
                               f"(F never a multiple 2-5 of C)")
