@@ -114,3 +114,40 @@ def test_the_alarm_does_not_swallow_an_outer_timer():
         assert 25 < left <= 30
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def test_a_loop_that_swallows_every_exception_is_still_stopped_and_the_next_check_runs(monkeypatch):
+    monkeypatch.setattr(exercises, "TIME_LIMIT", 0.2)
+
+    def student(m, n):
+        while True:
+            try:
+                time.sleep(0.001)
+            except BaseException:  # what a careless `except:` does
+                pass
+    start = time.monotonic()
+    result = unit01.check_evaluation_count(student)
+    assert result.passed is False and "took longer" in result.message
+    assert time.monotonic() - start < 5
+    assert unit01.check_evaluation_count(lambda m, n: 2 * m * n).passed is True
+
+
+def test_describe_names_what_came_back():
+    d = exercises.describe
+    assert d(None) == "None (a missing return?)"
+    assert d(np.zeros((2, 3), np.float32)) == "a float32 array of shape (2, 3)"
+    assert d([[1, 2], [3]]).startswith("a ragged list")
+    assert d((np.zeros(2), 1)) == "a tuple of 2: (a float64 array of shape (2,), the int 1)"
+    assert d(True) == "the bool True"
+
+
+def test_an_answer_calling_a_watched_function_is_named_even_when_it_swallows_the_exception():
+    from minitransformer import layers
+
+    def student():
+        try:
+            return layers.gelu_forward(np.zeros(3))
+        except BaseException:
+            return None
+    value, failed = exercises.attempt("x", student, forbid=(layers.gelu_forward,))
+    assert value is None and "layers.gelu_forward" in failed.message

@@ -191,21 +191,39 @@ class _Forbidden(BaseException):
 
 def _run(fn, args, limit, watched):
     """fn(*args) under a time limit, with watched code objects -> value; raises _TimeUp or
-    _Forbidden. In the main thread (a notebook's cells run there): SIGALRM every 0.1 s from
-    `limit` on, until the call ends (so a student's bare `except:` cannot swallow it for good);
-    the previous handler and timer are restored. Elsewhere: a daemon thread joined for `limit`."""
+    _Forbidden. In the main thread (a notebook's cells run there) a SIGALRM at `limit` raises
+    _TimeUp inside the student's code. Should the code swallow it (a bare `except:` in a loop),
+    the alarm repeats every 5 ms and makes the student's frames raise _TimeUp at their next line,
+    which an except clause's own body cannot catch. The previous handler, timer and trace
+    function are restored. Elsewhere than the main thread: a daemon thread joined for `limit`."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         return _run_in_thread(fn, args, limit, watched)
-    state = {"armed": True}
+    state = {"armed": True, "alarms": 0}
+    here = sys._getframe()
+    traced = []
 
-    def on_alarm(signum, frame):
+    def stop_at_next_line(frame, event, arg):
         if state["armed"]:
             raise _TimeUp
+        return None
+
+    def on_alarm(signum, frame):
+        if not state["armed"]:
+            return
+        state["alarms"] += 1
+        if state["alarms"] == 1:
+            raise _TimeUp
+        f = frame  # swallowed: trace the student's frames, down from here to this call
+        while f is not None and f is not here:
+            f.f_trace, f.f_trace_lines = stop_at_next_line, True
+            traced.append(f)
+            f = f.f_back
+        sys.settrace(stop_at_next_line)
 
     seen = []
-    old_profile = sys.getprofile()
+    old_profile, old_trace = sys.getprofile(), sys.gettrace()
     old_handler = signal.signal(signal.SIGALRM, on_alarm)
-    old_timer = signal.setitimer(signal.ITIMER_REAL, limit, 0.1)
+    old_timer = signal.setitimer(signal.ITIMER_REAL, limit, 0.005)
     start = time.monotonic()
     try:
         if watched:
@@ -219,8 +237,13 @@ def _run(fn, args, limit, watched):
             raise _Forbidden(seen[0])
         return value
     finally:
+        state["armed"] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old_handler)
+        if traced:
+            sys.settrace(old_trace)
+            for f in traced:
+                f.f_trace = None
         if old_timer[0] > 0:  # someone else's alarm was pending: give it back what is left of it
             signal.setitimer(signal.ITIMER_REAL, max(old_timer[0] - (time.monotonic() - start), 1e-3),
                              old_timer[1])
