@@ -151,3 +151,14 @@ def test_an_answer_calling_a_watched_function_is_named_even_when_it_swallows_the
             return None
     value, failed = exercises.attempt("x", student, forbid=(layers.gelu_forward,))
     assert value is None and "layers.gelu_forward" in failed.message
+
+
+def test_calling_the_fast_kernel_is_named_too():
+    from minitransformer import backend
+    fast = backend.fast_table()["linear_backward"]
+    assert fast is not backend.REFERENCE["linear_backward"]
+
+    def student(dout, x, W):
+        return fast(dout, (x, W), True, True, True)
+    result = unit01.check_linear_backward(student)
+    assert result.passed is False and "linear_backward" in result.message and "own" in result.message

@@ -361,3 +361,12 @@ def rng():
 def distinct(*sizes):
     """True when no two of the sizes are equal (so a swapped pair of axes changes a shape)."""
     return len(set(sizes)) == len(sizes)
+
+
+def package_ops(*names):
+    """The package's own functions for the operations `names` (backend.REFERENCE's keys), on
+    both paths: the reference in layers.py, ... and the fast kernel where there is one. A
+    check passes them as `forbid` to attempt."""
+    from .. import backend
+    fast = backend.fast_table()
+    return tuple({backend.REFERENCE[n] for n in names} | {fast[n] for n in names})

@@ -1,9 +1,8 @@
 """The checks of notebook 07 (unit07.py is what the notebook sees)."""
 import numpy as np
 
-from .. import peft
 from ..model import Transformer
-from . import TOL32, TOL64, Result, attempt, checker, describe, exact, fail, is_integer, rng
+from . import TOL32, TOL64, Result, attempt, checker, describe, exact, fail, is_integer, package_ops, rng
 from . import _reference as ref
 from ._grads import matches, run_case
 
@@ -40,7 +39,7 @@ def check_lora_backward(fn):
                 return ": dB = u^T dv with u = x A, the rank-r rows, not x"
             return ""
         _, failed = run_case(name, fn, (dout, x, A, B, s), ("dout", "x", "A", "B", "s"), expected, where,
-                             forbid=(peft.lora_backward,), hint=hint, passed=passed)
+                             forbid=package_ops("lora_backward"), hint=hint, passed=passed)
         if failed is not None:
             return failed
         passed.append(where)
@@ -74,7 +73,7 @@ def check_prefix_backward(fn):
                      (dk[:, :T], "the prefix rows come first: the sequence's own are dk[:, n:]"),
                      (dk[:, :n].sum(axis=1), "sum over the batch axis (0), not over the prefix rows")]
             return next((f"; {t}" for v, t in wrong if matches(got, v)), "")
-        _, failed = run_case(name, fn, (dk, n), ("dk", "n"), expected, where, forbid=(peft.prompt_backward,),
+        _, failed = run_case(name, fn, (dk, n), ("dk", "n"), expected, where, forbid=package_ops("prompt_backward"),
                              hint=hint, passed=passed)
         if failed is not None:
             return failed
