@@ -7,7 +7,7 @@ from .. import sizes
 from ..adapters import AdapterConfig
 from ..model import ModelConfig, Transformer
 from . import (TOL32, TOL64, Result, apart, attempt, checker, describe, exact, fail, is_integer, is_number, package_ops,
-               rng, unpack)
+               rng, unchanged, unpack)
 from . import _reference as ref
 from ._grads import matches, run_case
 
@@ -107,24 +107,24 @@ def check_adapter_forward(fn):
                         (ref.adapter_forward(h64, W_down, 0 * b_down, W_up, b_up)[0], "b_down is missing")]
             return next((f"; {t}" for value, t in suspects if matches(got, value)), "")
 
-        def forward_out(*args):  # the pair (out, cache): compare out
-            got = fn(*args)
-            pair, failed = unpack(name, got, ("out", "cache"), where)
-            if failed is not None:
-                raise _Malformed(failed.message)
-            return pair[0]
-        _, failed = run_case(name, forward_out, (h, *w), ("h", "W_down", "b_down", "W_up", "b_up"),
-                             {"out": expected}, where, forbid=package_ops("adapter_forward"), hint=hint, passed=passed)
+        args, labels = (h, *w), ("h", "W_down", "b_down", "W_up", "b_up")
+        copies = [a.copy() for a in args]
+        got, failed = attempt(name, fn, *copies, where=where, forbid=package_ops("adapter_forward"))
         if failed is not None:
-            failed.message = failed.message.replace("your code raised _Malformed" + f" on {where}: ", "")
+            return failed
+        failed = unchanged(name, args, copies, labels)
+        if failed is not None:
+            return failed
+        pair, failed = unpack(name, got, ("out", "cache"), where)
+        if failed is not None:
+            return failed
+        _, failed = run_case(name, lambda *_: pair[0], args, labels, {"out": expected}, where, hint=hint,
+                             passed=passed)  # the pair's out against the reference
+        if failed is not None:
             return failed
         passed.append(where)
     return Result(name, True, f"out matches on {len(cases)} fresh cases (2-D and 3-D h, float32 too); "
                               f"threshold {TOL64:.0e} in float64, {TOL32:.0e} in float32")
-
-
-class _Malformed(Exception):
-    """The student's function returned something other than the pair asked for."""
 
 
 GRAD_NAMES = ("dh", "dW_down", "db_down", "dW_up", "db_up")
