@@ -283,10 +283,11 @@ def _watcher(watched, seen):
     return profile
 
 
-def attempt(name, fn, *args, where="", forbid=(), limit=None):
-    """Call the student's fn(*args) -> (value, None), or (None, Result): not written yet
-    (passed None), raised, took longer than the limit, or called one of `forbid` (package
-    functions the exercise asks the student to write). `where` names the case in the line."""
+def attempt(name, fn, *args, where="", forbid=(), limit=None, **kwargs):
+    """Call the student's fn(*args, **kwargs) -> (value, None), or (None, Result): not written
+    yet (passed None), raised, took longer than the limit (TIME_LIMIT seconds unless `limit`),
+    or called one of `forbid` (package functions the exercise asks the student to write).
+    `where` names the case in the line."""
     limit = TIME_LIMIT if limit is None else limit
     watched = {f.__code__: f"{f.__module__.replace('minitransformer.', '')}.{f.__qualname__}"
                for f in forbid}
@@ -296,7 +297,8 @@ def attempt(name, fn, *args, where="", forbid=(), limit=None):
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):  # its NaN shows in the line, not as a warning
             warnings.simplefilter("ignore")
-            return _run(fn, args, limit, watched), None
+            call = functools.partial(fn, **kwargs) if kwargs else fn
+            return _run(call, args, limit, watched), None
     except NotImplementedError:
         return None, Result(name, None, "write your solution in the cell above, run it, then run this cell again")
     except _TimeUp:
@@ -325,6 +327,17 @@ def checker(name):
             return result
         return run
     return wrap
+
+
+def compare(name, got, expected, tolerance, what="max relative error"):
+    """PASS when rel_error(got, expected) <= tolerance (arrays of the same shape); FAIL names
+    the error, or what came back instead."""
+    got_a, problem = as_array(got, "your result", np.shape(expected))
+    if problem is not None:
+        return fail(name, problem)
+    err = rel_error(got_a, expected)
+    verdict = "<=" if err <= tolerance else ">"
+    return Result(name, err <= tolerance, f"{what} {err:.1e} {verdict} {tolerance:.0e}")
 
 
 def check_number(name, got, expected, tolerance=0.0):
