@@ -32,11 +32,13 @@ TIME_LIMIT = 10.0  # seconds for one call of the student's code; every reference
 # Tolerances, derived from floating-point error. The reference is computed in float64 from the
 # same inputs; a correct answer differs from it only by rounding: a few dozen operations on
 # O(1) numbers, each off by at most 2^-53 ~ 1.1e-16 relative, so ~1e-14 of the largest entry.
-# The thresholds leave a factor 10^4-10^5 for a different order of operations and stay 10^4
-# below the smallest error a structural slip makes here (a missing term or factor: >= 1e-3).
+# 1e-9 leaves a factor 10^4-10^5 for a different order of operations, and sits far below the
+# error of a slip: measured over the tests' catalogues of wrong answers, 1e-2 and more for a
+# missing term or factor or a transpose, 3e-5 for the exact (erf) GELU in place of the tanh form.
 TOL64 = 1e-9
 # float32 inputs: 2^-24 ~ 6e-8 per operation, the same few dozen operations -> ~1e-6; 1e-4
-# leaves a factor 100 and still catches every slip above.
+# leaves a factor 100 and sits 100 below the structural slips (every check also runs float64
+# cases, which catch the erf GELU).
 TOL32 = 1e-4
 
 
@@ -195,7 +197,8 @@ def _run(fn, args, limit, watched):
     _TimeUp inside the student's code. Should the code swallow it (a bare `except:` in a loop),
     the alarm repeats every 5 ms and makes the student's frames raise _TimeUp at their next line,
     which an except clause's own body cannot catch. The previous handler, timer and trace
-    function are restored. Elsewhere than the main thread: a daemon thread joined for `limit`."""
+    function are restored. Elsewhere than the main thread: a daemon thread joined for `limit`
+    (a call that never ends then keeps its thread: Python cannot stop another thread)."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         return _run_in_thread(fn, args, limit, watched)
     state = {"armed": True, "alarms": 0}
