@@ -1,144 +1,109 @@
-"""The checkers of notebooks/02_attention.ipynb: the reference answers pass, known wrong answers
-FAIL and say why, a solution not written yet gives passed None."""
+"""Catalogue of notebook 02's exercises: wrong answers rejected for their reason, correct
+alternatives accepted (fresh random cases at every call)."""
 import numpy as np
 import pytest
+from _catalogue import fails, passes
 
+from minitransformer import attention
 from minitransformer.exercises import unit02 as ex
 
 
-# ----------------------------------------------------------------------------- attention backward
-
-
-def backward(dctx, Q, K, V, P, scale=True, transpose_P=True, rowsum=True):
-    """One head's backward, with switches for the mistakes the checker must catch."""
+def head(dctx, Q, K, V, P, scale=None, transpose_dS=False, second=True, dV_T=True):
     hs = Q.shape[-1]
-    s = 1 / np.sqrt(hs) if scale else 1.0
-    dV = (P.T if transpose_P else P) @ dctx
+    s = 1 / np.sqrt(hs) if scale is None else scale(hs, Q.shape[0])
+    dV = P.T @ dctx if dV_T else P @ dctx
     dP = dctx @ V.T
-    dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True)) if rowsum else P * dP
-    return dS @ K * s, dS.T @ Q * s, dV
+    dS = P * (dP - (dP * P).sum(-1, keepdims=True)) if second else P * dP
+    return dS @ K * s, (dS if transpose_dS else dS.T) @ Q * s, dV
 
 
-def test_attention_backward_reference_passes():
-    r = ex.check_attention_backward(backward)
-    assert r.passed is True, r
-    assert repr(r).startswith("PASS") and "below 1e-09" in repr(r)
+HEAD_WRONG = [
+    (lambda *a: head(*a, scale=lambda hs, T: 1.0), "times too large"),
+    (lambda *a: head(*a, scale=lambda hs, T: 1 / hs), "applied twice"),  # 1/hs = (1/sqrt(hs))^2
+    (lambda *a: head(*a, scale=lambda hs, T: 1 / np.sqrt(T)), "not 1/sqrt(T)"),
+    (lambda *a: head(*a, transpose_dS=True), "dS transposed"),
+    (lambda *a: head(*a, second=False), "misses its second term"),
+    (lambda *a: head(*a, dV_T=False), "you computed P dctx"),
+    (lambda *a: head(*a)[::-1], "return them in the order (dQ, dK, dV)"),
+    (lambda *a: head(*a)[:2], "expected 3 values (dQ, dK, dV), got a tuple of 2"),
+    (lambda *a: (head(*a)[0], head(*a)[0], head(*a)[2]), "that is dQ"),
+    (lambda *a: (head(*a)[0], head(*a)[1], np.zeros_like(a[3])), "dV: max relative error"),
+    (lambda *a: tuple(g * 0.5 if a[1].shape == (5, 4) else g for g in head(*a)) if False else
+     tuple(g / np.sqrt(a[1].shape[1]) * 2 for g in head(*a)[:2]) + (head(*a)[2],), "max relative error"),
+]
 
 
-def test_attention_backward_without_scale_fails_and_says_so():
-    r = ex.check_attention_backward(lambda *a: backward(*a, scale=False))
-    assert r.passed is False
-    assert "1/sqrt(hs)" in r.message and "too large" in r.message and repr(r).startswith("FAIL")
+@pytest.mark.parametrize("answer, reason", HEAD_WRONG)
+def test_head_backward_wrong(answer, reason):
+    fails(lambda: ex.check_attention_backward(answer), reason)
 
 
-def test_attention_backward_scaled_twice_fails():
-    def twice(dctx, Q, K, V, P):
-        dQ, dK, dV = backward(dctx, Q, K, V, P)
-        s = 1 / np.sqrt(Q.shape[-1])
-        return dQ * s, dK * s, dV
-    r = ex.check_attention_backward(twice)
-    assert r.passed is False and "twice" in r.message
+def test_head_backward_package_call_is_named():
+    def answer(dctx, Q, K, V, P):
+        attention.attention_backward(dctx[None], {})
+    fails(lambda: ex.check_attention_backward(answer), "attention.attention_backward")
 
 
-def test_attention_backward_untransposed_P_fails():
-    r = ex.check_attention_backward(lambda *a: backward(*a, transpose_P=False))
-    assert r.passed is False and "dV = P^T dctx" in r.message
+def head_einsum(dctx, Q, K, V, P):
+    dP = np.einsum("td,ud->tu", dctx, V)
+    dS = P * (dP - np.einsum("tu,tu->t", dP, P)[:, None])
+    return dS @ K / np.sqrt(Q.shape[1]), dS.T @ Q / np.sqrt(Q.shape[1]), np.einsum("tu,td->ud", P, dctx)
 
 
-def test_attention_backward_softmax_without_row_sum_fails():
-    r = ex.check_attention_backward(lambda *a: backward(*a, rowsum=False))
-    assert r.passed is False and "softmax step" in r.message
+@pytest.mark.parametrize("answer", [head, head_einsum, lambda *a: [g.tolist() for g in head(*a)]])
+def test_head_backward_correct(answer):
+    passes(lambda: ex.check_attention_backward(answer))
 
 
-def test_attention_backward_wrong_shape_and_wrong_type():
-    r = ex.check_attention_backward(lambda *a: (backward(*a)[0], a[2].T, backward(*a)[2]))
-    assert r.passed is False and "dK: expected shape" in r.message
-    r = ex.check_attention_backward(lambda *a: backward(*a)[:2])
-    assert r.passed is False and "three arrays" in r.message
+MASK_WRONG = [
+    (lambda T: np.where(np.triu(np.ones((T, T), bool)), 0.0, -np.inf), "can see key"),
+    (lambda T: np.triu(np.full((T, T), -np.inf), 0), "its own present"),
+    (lambda T: np.triu(np.full((T, T), -1e9), 1), "use -inf"),
+    (lambda T: np.tril(np.ones((T, T), bool)), "bool array"),
+    (lambda T: np.tril(np.ones((T, T), int)), "integer array cannot hold -inf"),
+    (lambda T: np.triu(np.full((T, T), -np.inf), 1)[None, None], "no batch or head axes"),
+    (lambda T: np.triu(np.full((6, 6), -np.inf), 1), "expected shape"),
+    (lambda T: np.where(np.tril(np.ones((T, T), bool)), 1.0, -np.inf), "expected 0"),
+    (lambda T: np.triu(np.full((T, T), -np.inf), 2), "can see key"),
+    (lambda T: attention.attention_bias(T, causal=True, dtype=np.float64)[0, 0], "attention.attention_bias"),
+]
 
 
-def test_attention_backward_does_not_trust_the_caller_arrays():
-    # a solution that writes into its inputs must not corrupt the finite differences
-    def in_place(dctx, Q, K, V, P):
-        out = backward(dctx, Q, K, V, P)
-        Q += 1.0
-        P *= 0.0
-        return out
-    assert ex.check_attention_backward(in_place).passed is True
+@pytest.mark.parametrize("answer, reason", MASK_WRONG)
+def test_causal_mask_wrong(answer, reason):
+    fails(lambda: ex.check_causal_mask(answer), reason)
 
 
-def test_attention_backward_not_written_and_raising():
-    def todo(*a):
-        raise NotImplementedError
-    r = ex.check_attention_backward(todo)
-    assert r.passed is None and repr(r).startswith("not implemented yet")
-    r = ex.check_attention_backward(lambda *a: 1 / 0)
-    assert r.passed is False and "ZeroDivisionError" in r.message
-
-
-# ----------------------------------------------------------------------------- causal mask
-
-
-def causal(T):
-    return np.where(np.tril(np.ones((T, T), bool)), 0.0, -np.inf)
-
-
-def test_causal_mask_reference_passes():
-    r = ex.check_causal_mask(causal)
-    assert r.passed is True, r
-
-
-def test_causal_mask_seeing_the_future_fails():
-    # triu instead of tril: every query sees the future and not its past
-    r = ex.check_causal_mask(lambda T: np.where(np.triu(np.ones((T, T), bool)), 0.0, -np.inf))
-    assert r.passed is False and "in its future" in r.message
-    # off by one: each query also sees the next key
-    r = ex.check_causal_mask(lambda T: np.where(np.tril(np.ones((T, T), bool), k=1), 0.0, -np.inf))
-    assert r.passed is False and "query 0 can see key 1, which is in its future" in r.message
-
-
-def test_causal_mask_hiding_the_present_fails():
-    r = ex.check_causal_mask(lambda T: np.where(np.tril(np.ones((T, T), bool), k=-1), 0.0, -np.inf))
-    assert r.passed is False and "cannot see key 0" in r.message
-
-
-def test_causal_mask_other_mistakes():
-    r = ex.check_causal_mask(lambda T: np.tril(np.ones((T, T), bool)))
-    assert r.passed is False and "bool" in r.message
-    r = ex.check_causal_mask(lambda T: np.where(np.tril(np.ones((T, T), bool)), 0.0, -1e9))
-    assert r.passed is False and "use -inf" in r.message
-    r = ex.check_causal_mask(lambda T: causal(T)[None, None])
-    assert r.passed is False and "expected shape" in r.message
-
-
-def test_causal_mask_not_written():
-    def todo(T):
-        raise NotImplementedError
-    assert ex.check_causal_mask(todo).passed is None
-
-
-# ----------------------------------------------------------------------------- costs
+@pytest.mark.parametrize("answer", [lambda T: np.triu(np.full((T, T), -np.inf), 1),
+                                    lambda T: np.where(np.arange(T)[None] > np.arange(T)[:, None], -np.inf, 0).astype(np.float32),
+                                    lambda T: [[0.0 if u <= t else -np.inf for u in range(T)] for t in range(T)]])
+def test_causal_mask_correct(answer):
+    passes(lambda: ex.check_causal_mask(answer))
 
 
 def costs(B, T, C, H):
     return 4 * C * C + 4 * C, 8 * B * T * C * C + 4 * B * T * T * C
 
 
-@pytest.mark.parametrize("wrong, reason", [
-    (lambda B, T, C, H: (4 * C * C, costs(B, T, C, H)[1]), "biases"),
+COST_WRONG = [
+    (lambda B, T, C, H: (4 * C * C, costs(B, T, C, H)[1]), "four biases"),
     (lambda B, T, C, H: (3 * C * C + 3 * C, costs(B, T, C, H)[1]), "output projection"),
-    (lambda B, T, C, H: (costs(B, T, C, H)[0], costs(B, T, C, H)[1] // 2), "2 flops"),
+    (lambda B, T, C, H: (4 * C * C * H + 4 * C * H, costs(B, T, C, H)[1]), "H does not change the parameters"),
+    (lambda B, T, C, H: (costs(B, T, C, H)[0], costs(B, T, C, H)[1] // 2), "multiply-add as 2 flops"),
     (lambda B, T, C, H: (costs(B, T, C, H)[0], 8 * B * T * C * C), "Q K^T and P V"),
-    (lambda B, T, C, H: (costs(B, T, C, H)[0], 8 * B * T * C * C + 4 * B * T * T * C * H), "H heads"),
-])
-def test_attention_costs_wrong_answers_fail(wrong, reason):
-    r = ex.check_attention_costs(wrong)
-    assert r.passed is False and reason in r.message, r
+    (lambda B, T, C, H: (costs(B, T, C, H)[0], 4 * B * T * T * C), "the four projections"),
+    (lambda B, T, C, H: (costs(B, T, C, H)[0], 8 * B * T * C * C + 4 * B * T * T * C * H), "one head of size C"),
+    (lambda B, T, C, H: (costs(B, T, C, H)[0], 6 * B * T * C * C + 4 * B * T * T * C), "W_q, W_k, W_v and W_o"),
+    (lambda B, T, C, H: tuple(float(v) for v in costs(B, T, C, H)), "expected an integer"),
+    (lambda B, T, C, H: costs(B, T, C, H)[0], "expected two integers"),
+]
 
 
-def test_attention_costs_reference_passes_and_todo():
-    assert ex.check_attention_costs(costs).passed is True
-    def todo(B, T, C, H):
-        raise NotImplementedError
-    assert ex.check_attention_costs(todo).passed is None
-    assert ex.check_attention_costs(lambda *a: 5).passed is False
+@pytest.mark.parametrize("answer, reason", COST_WRONG)
+def test_attention_costs_wrong(answer, reason):
+    fails(lambda: ex.check_attention_costs(answer), reason)
+
+
+@pytest.mark.parametrize("answer", [costs, lambda B, T, C, H: [np.int64(4 * C * (C + 1)), B * (8 * T * C * C + 4 * T * T * C)]])
+def test_attention_costs_correct(answer):
+    passes(lambda: ex.check_attention_costs(answer))

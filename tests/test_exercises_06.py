@@ -1,13 +1,19 @@
-"""The checkers of notebooks/06_costs_and_choices.ipynb: the reference answers pass, known wrong
-answers FAIL and say why, a solution not written yet gives passed None; and the flops formula
-the checker trusts (tools/bench.step_flops) agrees with a counted training step."""
+"""Catalogue of notebook 06's exercises: wrong answers rejected for their reason, correct
+alternatives accepted (fresh cases at every call); and the flops formula the checker trusts
+(tools/bench.step_flops) agrees with a counted training step."""
 import contextlib
+import math
 
 import numpy as np
 import pytest
 
-from minitransformer import AdapterConfig, ModelConfig, Transformer, adapters, attention, backend, layers
+from _catalogue import fails, passes
+
+from minitransformer import AdapterConfig, ModelConfig, Transformer, adapters, attention, backend, layers, peft, sizes
+from minitransformer.exercises import _reference as ref
+from minitransformer.exercises import _unit06 as impl
 from minitransformer.exercises import unit06 as ex
+from minitransformer.tools.benchmodel import step_flops
 
 
 def todo(*args):
@@ -33,31 +39,45 @@ def storage(cfg, adapter, K, T, mistake=None):
     return nbytes * (base_times * shared + T * per_task), nbytes * T * per_copy
 
 
-def test_storage_reference_passes():
-    assert ex.check_storage_bytes(lambda *a: storage(*a)).passed is True
-    assert ex.check_storage_bytes(ex.storage_bytes).passed is True
+def storage_by_hand(cfg, adapter, K, T):
+    C, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    m = adapter.size(C)
+    shared = sizes.parameter_count(cfg) - (C * V + V)
+    per_task = L * len(adapter.sites()) * (2 * C * m + m + C) + (C * K + K) + \
+        ((2 * L + 1) * 2 * C if adapter.train_layernorm else 0)
+    return [4 * (shared + T * per_task), 4 * T * (shared + C * K + K)]
 
 
-@pytest.mark.parametrize("mistake, reason", [
+@pytest.mark.parametrize("answer", [lambda *a: storage(*a), storage_by_hand, lambda *a: np.array(storage(*a))])
+def test_storage_correct(answer):
+    passes(lambda: ex.check_storage_bytes(answer))
+
+
+STORAGE_WRONG = [
     ("parameters", "4 bytes each"),
     ("base T times", "stored once"),
     ("no head", "classification head"),
     ("no biases", "biases b_down (m) and b_up (C)"),
     ("norms always", "no LayerNorm copies when train_layernorm=False"),
-    ("two sites", "adapter(s) in each block, not 2"),
+    ("two sites", ("adapter(s) in each block, not 2", "adapters in each block")),
     ("lm head", "masked-token head"),
+]
+
+
+@pytest.mark.parametrize("mistake, reason", STORAGE_WRONG)
+def test_storage_wrong(mistake, reason):
+    fails(lambda: ex.check_storage_bytes(lambda *a: storage(*a, mistake=mistake)), reason)
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (lambda *a: tuple(float(v) for v in storage(*a)), "two integers"),
+    (lambda *a: tuple(2 * v for v in storage(*a)), "that is float64"),
+    (lambda *a: storage(*a)[0], "two integers"),
+    (lambda cfg, ad, K, T: (storage(cfg, ad, K, T)[0], storage(cfg, ad, K, 1)[1]), "copies: expected"),
+    (lambda cfg, ad, K, T: (4 * sizes.adapter_parameter_count(cfg, ad, K), 0), "sizes.adapter_parameter_count"),
 ])
-def test_storage_wrong_answers_fail_and_say_why(mistake, reason):
-    r = ex.check_storage_bytes(lambda *a: storage(*a, mistake=mistake))
-    assert r.passed is False and reason in r.message, r
-
-
-def test_storage_other_answers():
-    assert ex.check_storage_bytes(todo).passed is None
-    r = ex.check_storage_bytes(lambda *a: storage(*a)[0])
-    assert r.passed is False and "two integers" in r.message
-    r = ex.check_storage_bytes(lambda *a: tuple(float(v) for v in storage(*a)))
-    assert r.passed is False and "two integers" in r.message
+def test_storage_other_wrong(answer, reason):
+    fails(lambda: ex.check_storage_bytes(answer), reason)
 
 
 def test_the_shipped_base_storage_matches_figures_results():
@@ -66,7 +86,7 @@ def test_the_shipped_base_storage_matches_figures_results():
     from pathlib import Path
     res = json.loads((Path(__file__).parents[1] / "figures" / "results.json").read_text())["storage"]
     cfg = ModelConfig(vocab_size=99, max_len=32, d_model=64, n_heads=4, n_layers=4, d_ff=256)
-    a, c = ex.storage_bytes(cfg, AdapterConfig(bottleneck=32), 4, 1)
+    a, c = impl.storage_bytes(cfg, AdapterConfig(bottleneck=32), 4, 1)
     assert a // 4 == res["base_params"] + res["per_task"]["topic"]["adapter_params"]
     assert c // 4 == res["per_task"]["topic"]["full_params"]
 
@@ -90,8 +110,13 @@ def skipped(b, train_layernorm, mistake=None):
     return out
 
 
-def test_skipped_flops_reference_passes():
-    assert ex.check_skipped_flops(skipped).passed is True
+def skipped_by_difference(b, train_layernorm):
+    return step_flops(b, "all") - step_flops(b, "adapters", train_layernorm=train_layernorm)
+
+
+@pytest.mark.parametrize("answer", [skipped, lambda b, tl: np.int64(skipped(b, tl))])
+def test_skipped_flops_correct(answer):
+    passes(lambda: ex.check_skipped_flops(answer))
 
 
 @pytest.mark.parametrize("mistake, reason", [
@@ -102,20 +127,18 @@ def test_skipped_flops_reference_passes():
     ("no block 0", "nothing under block 0's attention trains"),
     ("half", "a multiply-add is 2 flops"),
 ])
-def test_skipped_flops_wrong_answers_fail_and_say_why(mistake, reason):
-    r = ex.check_skipped_flops(lambda b, tl: skipped(b, tl, mistake))
-    assert r.passed is False and reason in r.message, r
+def test_skipped_flops_wrong(mistake, reason):
+    fails(lambda: ex.check_skipped_flops(lambda b, tl: skipped(b, tl, mistake)), reason)
 
 
-def test_skipped_flops_block0_when_layernorms_train():
-    r = ex.check_skipped_flops(lambda b, tl: skipped(b, False))  # ignores the setting
-    assert r.passed is False and "embedding LayerNorm trains" in r.message, r
-
-
-def test_skipped_flops_other_answers():
-    assert ex.check_skipped_flops(todo).passed is None
-    r = ex.check_skipped_flops(lambda b, tl: float(skipped(b, tl)))
-    assert r.passed is False and "integer" in r.message
+@pytest.mark.parametrize("answer, reason", [
+    (lambda b, tl: skipped(b, False), "embedding LayerNorm trains"),  # ignores the setting
+    (lambda b, tl: float(skipped(b, tl)), "integer"),
+    (skipped_by_difference, "benchmodel.step_flops"),
+    (lambda b, tl: skipped(b, tl) + 1, "expected"),
+])
+def test_skipped_flops_other_wrong(answer, reason):
+    fails(lambda: ex.check_skipped_flops(answer), reason)
 
 
 @contextlib.contextmanager
@@ -129,11 +152,13 @@ def counted_products():
         tally["forward"] += 2 * (x.size // x.shape[-1]) * W.size
         return fwd(x, W, b, keep_x)
 
-    def backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
+    def backward(dout, cache, *args, **kwargs):  # reads only need_dx, need_dW: whatever the return
+        need_dx = kwargs.get("need_dx", args[0] if args else True)
+        need_dW = kwargs.get("need_dW", args[1] if len(args) > 1 else True)
         flops = 2 * (dout.size // dout.shape[-1]) * cache[1].size
         tally["dx"] += flops * bool(need_dx)
         tally["dW"] += flops * bool(need_dW)
-        return bwd(dout, cache, need_dx, need_dW, need_db)
+        return bwd(dout, cache, *args, **kwargs)
     modules = (backend.ops, attention, adapters)
     for mod in modules:
         mod.linear_forward, mod.linear_backward = forward, backward
@@ -148,7 +173,7 @@ def counted_products():
 def test_step_flops_matches_a_counted_step(train_layernorm):
     """Counted linear products + the attention's batched products (by formula) - the head's
     products = step_flops, for the full step and the adapter step alike."""
-    b = ex.StepShape(batch=3, seq_len=7, d_model=12, d_ff=40, n_layers=3, bottleneck=5)
+    b = impl.StepShape(batch=3, seq_len=7, d_model=12, d_ff=40, n_layers=3, bottleneck=5)
     cfg = ModelConfig(vocab_size=20, max_len=7, d_model=12, n_heads=3, n_layers=3, d_ff=40)
     ids = np.random.default_rng(0).integers(0, 20, (3, 7))
     labels = np.array([0, 1, 1])
@@ -162,7 +187,7 @@ def test_step_flops_matches_a_counted_step(train_layernorm):
     full.set_active_adapter("task")  # everything trains
     with counted_products() as t_full:
         full.loss(ids, labels, head="cls", backward=True)
-    assert sum(t_full.values()) + L * 6 * batched - 3 * head == ex.step_flops(b, "all", adapters=True)
+    assert sum(t_full.values()) + L * 6 * batched - 3 * head == step_flops(b, "all", adapters=True)
 
     adapted = Transformer(cfg, seed=0)
     adapted.add_adapter("task", AdapterConfig(bottleneck=5, train_layernorm=train_layernorm), K)
@@ -171,43 +196,43 @@ def test_step_flops_matches_a_counted_step(train_layernorm):
         adapted.loss(ids, labels, head="cls", backward=True)
     backward_blocks = L if train_layernorm else L - 1  # block 0's attention backward is skipped
     counted = sum(t_ad.values()) + L * 2 * batched + backward_blocks * 4 * batched - 3 * head
-    assert counted == ex.step_flops(b, "adapters", train_layernorm=train_layernorm)
+    assert counted == step_flops(b, "adapters", train_layernorm=train_layernorm)
     assert sum(t_full.values()) - sum(t_ad.values()) + (L - backward_blocks) * 4 * batched \
-        == ex.skipped_flops(b, train_layernorm)
+        == impl.skipped_flops(b, train_layernorm)
 
 
 # ----------------------------------------------------------------------------- merging LoRA
 
 
-def test_merge_reference_passes():
-    r = ex.check_merge(ex.merge)
-    assert r.passed is True and "below 1e-14" in r.message, r
+def in_place(W0, A, B, alpha, r):
+    W0 += (alpha / r) * (A @ B)
+    return W0
 
 
-@pytest.mark.parametrize("wrong, reason", [
+MERGE_WRONG = [
     (lambda W0, A, B, alpha, r: W0 + A @ B, "scaled by alpha / r"),
     (lambda W0, A, B, alpha, r: W0 + (r / alpha) * (A @ B), "not r / alpha"),
     (lambda W0, A, B, alpha, r: W0 + alpha * (A @ B), "not alpha"),
     (lambda W0, A, B, alpha, r: (alpha / r) * (A @ B), "add it to W0"),
-    (lambda W0, A, B, alpha, r: (W0 + (alpha / r) * (A @ B)).T, "transposed"),
+    (lambda W0, A, B, alpha, r: W0 + (alpha // r) * (A @ B), "alpha // r rounds down"),
+    (lambda W0, A, B, alpha, r: (W0 + (alpha / r) * (A @ B)).T, "this package stores W as (d_in, d_out)"),
     (lambda W0, A, B, alpha, r: W0 + np.float64(alpha / r) * (A @ B), "float64 scalar"),
-])
-def test_merge_wrong_answers_fail_and_say_why(wrong, reason):
-    r = ex.check_merge(wrong)
-    assert r.passed is False and reason in r.message, r
+    (in_place, "in place"),
+    (lambda W0, A, B, alpha, r: peft.lora_merge(W0, A, B, alpha / r), "peft.lora_merge"),
+    (lambda W0, A, B, alpha, r: [[0.0]], "expected shape"),
+    (lambda W0, A, B, alpha, r: (W0 + (alpha / r) * (A @ B), None), "expected an array of shape"),
+]
 
 
-def test_merge_in_place_fails():
-    def in_place(W0, A, B, alpha, r):
-        W0 += (alpha / r) * (A @ B)
-        return W0
-    r = ex.check_merge(in_place)
-    assert r.passed is False and "in place" in r.message
+@pytest.mark.parametrize("answer, reason", MERGE_WRONG)
+def test_merge_wrong(answer, reason):
+    fails(lambda: ex.check_merge(answer), reason)
 
 
-def test_merge_other_answers():
-    assert ex.check_merge(todo).passed is None
-    assert ex.check_merge(lambda *a: [[0.0]]).passed is False
+@pytest.mark.parametrize("answer", [ref.merge, lambda W0, A, B, alpha, r: W0 + (A * alpha) @ B / r,
+                                    lambda W0, A, B, alpha, r: np.add(W0, (alpha / r) * np.einsum("ir,ro->io", A, B))])
+def test_merge_correct(answer):
+    passes(lambda: ex.check_merge(answer))
 
 
 def test_a_merged_layer_of_the_model_gives_the_lora_outputs():
@@ -218,45 +243,66 @@ def test_a_merged_layer_of_the_model_gives_the_lora_outputs():
     A = rng.standard_normal((16, 4)).astype(np.float32)
     B = (0.01 * rng.standard_normal((4, 32))).astype(np.float32)
     x = rng.standard_normal((5, 16)).astype(np.float32)
-    W = ex.merge(W0, A, B, 8, 4)
+    W = ref.merge(W0, A, B, 8, 4)
     assert W.dtype == np.float32
-    assert ex.rel_error(x @ W, x @ W0 + 2.0 * (x @ A) @ B) < 1e-6
+    assert np.max(np.abs(x @ W - (x @ W0 + 2.0 * (x @ A) @ B))) < 1e-5
 
 
 # ----------------------------------------------------------------------------- break-even
 
 
-def test_break_even_reference_passes():
-    assert ex.check_break_even(ex.break_even).passed is True
-    assert ex.break_even(208_448, 34_948, 208_708) == 2
-    assert ex.break_even(100, 10, 60) == 3  # T = 2 is a tie
+def test_break_even_reference_values():
+    assert ref.break_even(208_448, 34_948, 208_708) == 2
+    assert ref.break_even(100, 10, 60) == 3  # T = 2 is a tie
+    assert ref.break_even(5, 7, 7) is None
 
 
-def test_break_even_wrong_answers_fail_and_say_why():
-    import math
-
-    def ceil_version(shared, per_task, per_copy):  # misses the tie
-        return None if per_task >= per_copy else max(1, math.ceil(shared / (per_copy - per_task)))
-    r = ex.check_break_even(ceil_version)
-    assert r.passed is False and "strictly fewer" in r.message, r
-
-    def never_none(shared, per_task, per_copy):
-        return shared // max(per_copy - per_task, 1) + 1
-    r = ex.check_break_even(never_none)
-    assert r.passed is False and "expected None" in r.message, r
-
-    def one_more(shared, per_task, per_copy):
-        return None if per_task >= per_copy else shared // (per_copy - per_task) + 2
-    r = ex.check_break_even(one_more)
-    assert r.passed is False and "already at T=" in r.message, r
-
-    def one_less(shared, per_task, per_copy):
-        return None if per_task >= per_copy else shared // (per_copy - per_task)
-    r = ex.check_break_even(one_less)
-    assert r.passed is False and "still store" in r.message, r
+def brute_force(shared, per_task, per_copy):
+    if per_task >= per_copy:
+        return None
+    T = 1
+    while shared + T * per_task >= T * per_copy:
+        T += 1
+    return T
 
 
-def test_break_even_other_answers():
-    assert ex.check_break_even(todo).passed is None
-    r = ex.check_break_even(lambda s, t, c: float(ex.break_even(s, t, c) or 0))
-    assert r.passed is False and "integer" in r.message
+def ceil_version(shared, per_task, per_copy):  # misses the tie
+    return None if per_task >= per_copy else max(1, math.ceil(shared / (per_copy - per_task)))
+
+
+BREAK_EVEN_WRONG = [
+    (ceil_version, "strictly fewer"),
+    (lambda s, t, c: s // max(c - t, 1) + 1, "expected None"),
+    (lambda s, t, c: None if t >= c else s // (c - t) + 2, "already at T="),
+    (lambda s, t, c: None if t >= c else s // (c - t), "still store"),
+    (lambda s, t, c: None if t >= c else float(s // (c - t) + 1), "expected an integer T"),
+    (lambda s, t, c: None if t >= c else int(s / (c - t)) + 1, "use integer arithmetic"),
+    (lambda s, t, c: 0 if t >= c else s // (c - t) + 1, "expected None, got the int 0"),
+    (lambda s, t, c: float("inf") if t >= c else s // (c - t) + 1, "expected None"),
+    (lambda s, t, c: None if t > c else s // (c - t) + 1 if c != t else 10 ** 9, "expected None"),
+    (lambda s, t, c: None if t >= c else s // (c - t) + 1 if s < 10 ** 6 else 2, ("still store", "expected T=")),
+]
+
+
+@pytest.mark.parametrize("answer, reason", BREAK_EVEN_WRONG)
+def test_break_even_wrong(answer, reason):
+    fails(lambda: ex.check_break_even(answer), reason)
+
+
+def test_break_even_brute_force_runs_out_of_time(monkeypatch):
+    import minitransformer.exercises as exercises
+    monkeypatch.setattr(exercises, "TIME_LIMIT", 0.5)
+    fails(lambda: ex.check_break_even(brute_force), "solve the inequality", times=1)
+
+
+def solved_with_ceil(shared, per_task, per_copy):
+    if per_task >= per_copy:
+        return None
+    d = per_copy - per_task
+    return -(-(shared + 1) // d)  # the smallest T with T d >= shared + 1
+
+
+@pytest.mark.parametrize("answer", [ref.break_even, solved_with_ceil,
+                                    lambda s, t, c: None if t >= c else np.int64(s // (c - t) + 1)])
+def test_break_even_correct(answer):
+    passes(lambda: ex.check_break_even(answer))

@@ -1,132 +1,173 @@
-"""The checkers of notebooks/07_peft_family.ipynb: the reference solutions pass, wrong ones fail
-and say why, and a solution not written yet says "not implemented yet"."""
-import re
-
+"""Catalogue of notebook 07's exercises: wrong answers rejected for their reason, correct
+alternatives accepted (fresh cases at every call); the count formulas are what add_adapter creates."""
+import numpy as np
 import pytest
+from _catalogue import fails, passes
 
-from minitransformer import peft
+from minitransformer import ModelConfig, Transformer, peft
+from minitransformer.exercises import _reference as ref
 from minitransformer.exercises import unit07 as ex
-
-
-def not_written(*args):
-    raise NotImplementedError
-
 
 # ----------------------------------------------------------------------------- LoRA's backward
 
 
-def lora_backward(dout, x, A, B, s):
+def lora(dout, x, A, B, s, scale=1.0, first=False, swap=False):
+    if first:
+        dout, x = dout[:1], x[:1]
     u = x @ A
-    dv = s * dout
-    dB = u.reshape(-1, u.shape[-1]).T @ dv.reshape(-1, dv.shape[-1])
+    dv = s * scale * dout
     du = dv @ B.T
     dA = x.reshape(-1, x.shape[-1]).T @ du.reshape(-1, du.shape[-1])
-    return du @ A.T, dA, dB
+    dB = u.reshape(-1, u.shape[-1]).T @ dv.reshape(-1, dv.shape[-1])
+    return (du @ A.T, dB, dA) if swap else (du @ A.T, dA, dB)
 
 
-def test_lora_backward_reference_passes():
-    r = ex.check_lora_backward(lora_backward)
-    assert r.passed is True and "max relative error" in r.message and "<= 1e-07" in r.message
+def writes_into_dout(dout, x, A, B, s):
+    dout *= s
+    return lora(dout, x, A, B, 1.0)
 
 
-@pytest.mark.parametrize("wrong, reason", [
-    (lambda d, x, A, B, s: tuple(g / s for g in lora_backward(d, x, A, B, s)), "missing the scale s"),
-    (lambda d, x, A, B, s: tuple(g * s for g in lora_backward(d, x, A, B, s)), "the scale s twice"),
-    (lambda d, x, A, B, s: (lora_backward(d, x, A, B, s)[0], x[0].T @ (s * d[0] @ B.T), lora_backward(d, x, A, B, s)[2]),
-     "the first sequence's rows only"),
-    (lambda d, x, A, B, s: (lora_backward(d, x, A, B, s)[0], lora_backward(d, x, A, B, s)[1].T,
-                            lora_backward(d, x, A, B, s)[2]), r"dA: expected shape \(5, 2\), got \(2, 5\): transposed"),
-    (lambda d, x, A, B, s: (*lora_backward(d, x, A, B, s)[:2], x.reshape(-1, 5).T @ (s * d).reshape(-1, 4)),
-     r"dB: expected shape \(2, 4\), got \(5, 4\): dB = u\^T dv with u = x A"),
-    (lambda d, x, A, B, s: (d @ B.T @ A.T, *lora_backward(d, x, A, B, s)[1:]), "dx: .*missing the scale s"),
-])
-def test_lora_backward_wrong_answers_fail_with_the_reason(wrong, reason):
-    r = ex.check_lora_backward(wrong)
-    assert r.passed is False and re.search(reason, r.message), r.message
+LORA_WRONG = [
+    (lambda *a: lora(*a, scale=1 / a[4]), "missing the scale s"),
+    (lambda *a: lora(*a, scale=a[4]), "the scale s twice"),
+    (lambda d, x, A, B, s: (lora(d, x, A, B, s)[0],) + lora(d, x, A, B, s, first=True)[1:], "first sequence's rows only"),
+    (lambda *a: lora(*a, swap=True), ("return them in the order", "expected shape")),
+    (lambda d, x, A, B, s: (lora(d, x, A, B, s)[0], lora(d, x, A, B, s)[1],
+                            x.reshape(-1, x.shape[-1]).T @ d.reshape(-1, d.shape[-1])), "the rank-r rows, not x"),
+    (lambda d, x, A, B, s: tuple(g.T for g in lora(d, x, A, B, s)), "expected shape"),
+    (writes_into_dout, "wrote into its argument dout"),
+    (lambda d, x, A, B, s: lora(d, x, A, B, s)[1:], "expected 3 values"),
+    (lambda d, x, A, B, s: peft.lora_backward(d, peft.lora_forward(x, A, B, s)[1]), "peft.lora_backward"),
+    (lambda d, x, A, B, s: (d @ B.T @ A.T,) + lora(d, x, A, B, s)[1:], "missing the scale s"),
+]
 
 
-def test_lora_backward_that_writes_into_dout_fails():
-    def in_place(dout, x, A, B, s):
-        dout *= s  # reuses the caller's array
-        return lora_backward(dout / s, x, A, B, s)
-    r = ex.check_lora_backward(in_place)
-    assert r.passed is False and "wrote into dout" in r.message
+@pytest.mark.parametrize("answer, reason", LORA_WRONG)
+def test_lora_backward_wrong(answer, reason):
+    fails(lambda: ex.check_lora_backward(answer), reason)
 
 
-def test_lora_backward_not_written_and_raising():
-    assert ex.check_lora_backward(not_written).passed is None
-    r = ex.check_lora_backward(lambda d, x, A, B, s: x.T @ d)  # (5, 3, 2) @ (2, 3, 4): cannot multiply
-    assert r.passed is False and "your code raised ValueError" in r.message
+def lora_einsum(dout, x, A, B, s):
+    dv = s * dout
+    du = dv @ B.T
+    return du @ A.T, np.einsum("bti,btr->ir", x, du), np.einsum("btr,bto->ro", x @ A, dv)
+
+
+@pytest.mark.parametrize("answer", [lora, lora_einsum, lambda *a: list(lora(*a))])
+def test_lora_backward_correct(answer):
+    passes(lambda: ex.check_lora_backward(answer))
 
 
 # ----------------------------------------------------------------------------- the prefix's gradient
 
 
-def prefix_backward(dk, n):
+def writes_into_dk(dk, n):
+    dk[:, :n] *= 1.0
+    dk[0, 0, 0] += 1
     return dk[:, :n].sum(axis=0), dk[:, n:].copy()
 
 
-def test_prefix_backward_reference_passes_and_is_the_prompts():
-    assert ex.check_prefix_backward(prefix_backward).passed is True
-    # the same concatenation as the prompt's: peft.prompt_backward gives (dk_own, dP)
-    assert ex.check_prefix_backward(lambda dk, n: peft.prompt_backward(dk, n)[::-1]).passed is True
-
-
-@pytest.mark.parametrize("wrong, reason", [
+PREFIX_WRONG = [
     (lambda dk, n: (dk[0, :n], dk[:, n:]), "sum over the batch"),
-    (lambda dk, n: (dk[:, :n].mean(axis=0), dk[:, n:]), "not a mean"),
-    (lambda dk, n: (dk[:, -n:].sum(axis=0), dk[:, n:]), r"the prefix rows come first: dk\[:, :n\]"),
-    (lambda dk, n: (dk[:, :n].sum(axis=0), dk[:, :-n]), r"dk_own: .*the sequence's own are dk\[:, n:\]"),
-    (lambda dk, n: (dk[:, :n].sum(axis=0),), "expected two arrays"),
-])
-def test_prefix_backward_wrong_answers_fail_with_the_reason(wrong, reason):
-    r = ex.check_prefix_backward(wrong)
-    assert r.passed is False and re.search(reason, r.message), r.message
+    (lambda dk, n: (dk[:, :n].mean(axis=0), dk[:, n:]), "a sum over the batch, not a mean"),
+    (lambda dk, n: (dk[:, -n:].sum(axis=0), dk[:, n:]), "the prefix rows come first: dk[:, :n]"),
+    (lambda dk, n: (dk[:, :n].sum(axis=0), dk[:, :-n]), ("the sequence's own are dk[:, n:]", "max relative error")),
+    (lambda dk, n: (dk[:, :n].sum(axis=1), dk[:, n:]), ("not over the prefix rows", "expected shape")),
+    (lambda dk, n: (dk[:, n:], dk[:, :n].sum(axis=0)), ("return them in the order", "expected shape")),
+    (lambda dk, n: dk[:, :n].sum(axis=0), "expected 2 values (dP, dk_own)"),
+    (writes_into_dk, "wrote into its argument dk"),
+    (lambda dk, n: peft.prompt_backward(dk, n)[::-1], "peft.prompt_backward"),
+    (lambda dk, n: (dk[:, :2].sum(axis=0), dk[:, 2:]), ("is a size written into your code", "expected shape")),
+]
 
 
-def test_prefix_backward_not_written():
-    assert ex.check_prefix_backward(not_written).passed is None
+@pytest.mark.parametrize("answer, reason", PREFIX_WRONG)
+def test_prefix_backward_wrong(answer, reason):
+    fails(lambda: ex.check_prefix_backward(answer), reason)
+
+
+@pytest.mark.parametrize("answer", [ref.prefix_backward, lambda dk, n: (np.add.reduce(dk[:, :n], axis=0), dk[:, n:]),
+                                    lambda dk, n: (sum(dk[b, :n] for b in range(len(dk))), dk[:, n:].tolist())])
+def test_prefix_backward_correct(answer):
+    passes(lambda: ex.check_prefix_backward(answer))
 
 
 # ----------------------------------------------------------------------------- counts
 
 
-def test_prefix_count_reference_passes_and_matches_the_model():
-    assert ex.check_prefix_count(ex.prefix_count).passed is True
-    assert ex.prefix_count(3, 12, 2, 5, True) == ex._task_size(12, 2, peft.PrefixConfig(n_prefix=3, hidden=5))
+def prefix(n, C, L, h, reparam):
+    return ref.prefix_count(n, C, L, h, reparam)
 
 
-@pytest.mark.parametrize("wrong, reason", [
-    (lambda n, C, L, h, re: L * n * C if not re else ex.prefix_count(n, C, L, h, re), "keys only"),
-    (lambda n, C, L, h, re: 2 * n * C if not re else ex.prefix_count(n, C, L, h, re), "every one of the L layers"),
-    (lambda n, C, L, h, re: ex.prefix_count(n, C, L, h, re) - (h + 2 * L * C if re else 0), "the MLP's biases"),
-    (lambda n, C, L, h, re: ex.prefix_count(n, C, L, h, re) - (n * C if re else 0), "P' itself"),
-    (lambda n, C, L, h, re: ex.prefix_count(n, C, L, h, re) + (L * 2 * n * C if re else 0), "computed by it, not trained"),
-    (lambda n, C, L, h, re: float(ex.prefix_count(n, C, L, h, re)), "expected an integer"),
-])
-def test_prefix_count_wrong_answers_fail_with_the_reason(wrong, reason):
-    r = ex.check_prefix_count(wrong)
-    assert r.passed is False and reason in r.message, r.message
+PREFIX_COUNT_WRONG = [
+    (lambda n, C, L, h, r: L * n * C if not r else prefix(n, C, L, h, r), "keys only"),
+    (lambda n, C, L, h, r: 2 * n * C if not r else prefix(n, C, L, h, r), "every one of the L layers"),
+    (lambda n, C, L, h, r: prefix(n, C, L, h, r) - (h + 2 * L * C) * r, "biases b_1 (hidden) and b_2 (2LC)"),
+    (lambda n, C, L, h, r: prefix(n, C, L, h, r) - n * C * r, "P' itself"),
+    (lambda n, C, L, h, r: prefix(n, C, L, h, r) + L * 2 * n * C * r, "not parameters then"),
+    (lambda n, C, L, h, r: n * C, ("the prompt's count", "expected")),
+    (lambda n, C, L, h, r: float(prefix(n, C, L, h, r)), "expected an integer"),
+    (lambda n, C, L, h, r: prefix(n, C, L, h, False), "expected"),  # ignores reparameterize
+    (lambda n, C, L, h, r: prefix(8, 64, 4, 64, r), "expected"),  # the first case written in
+    (lambda n, C, L, h, r: Transformer(ModelConfig(vocab_size=5, max_len=4, d_model=C, n_heads=1, n_layers=L,
+                                                   d_ff=C)).add_adapter("p", peft.PrefixConfig(n_prefix=n)),
+     "Transformer.add_adapter"),
+]
 
 
-def test_bitfit_count_reference_passes_and_matches_the_model():
-    assert ex.check_bitfit_count(ex.bitfit_count).passed is True
-    assert ex.check_prefix_count(not_written).passed is None and ex.check_bitfit_count(not_written).passed is None
+@pytest.mark.parametrize("answer, reason", PREFIX_COUNT_WRONG)
+def test_prefix_count_wrong(answer, reason):
+    fails(lambda: ex.check_prefix_count(answer), reason)
 
 
-@pytest.mark.parametrize("wrong, reason", [
-    (lambda C, F, L: L * (4 * C + F + C), "every LayerNorm's beta"),
-    (lambda C, F, L: L * (4 * C + F + C) + 2 * L * C, "2L + 1 LayerNorms"),
-    (lambda C, F, L: L * (4 * C + F + C) + 2 * (2 * L + 1) * C, "gamma is a scale"),
-    (lambda C, F, L: L * 6 * C + (2 * L + 1) * C, "b_1 has F entries"),
-    (lambda C, F, L: L * 4 * C + (2 * L + 1) * C, "b_1 (F) and b_2 (C)"),
-    (lambda C, F, L: L * (3 * C + F + C) + (2 * L + 1) * C, "b_q, b_k, b_v and b_o"),
-])
-def test_bitfit_count_wrong_answers_fail_with_the_reason(wrong, reason):
-    r = ex.check_bitfit_count(wrong)
-    assert r.passed is False and reason in r.message, r.message
+@pytest.mark.parametrize("answer", [prefix, lambda n, C, L, h, r: np.int64(n * C + h * (C + 1) + 2 * L * C * (h + 1))
+                                    if r else np.int64(2 * L * n * C)])
+def test_prefix_count_correct(answer):
+    passes(lambda: ex.check_prefix_count(answer))
 
 
-def test_results_print_as_one_line():
-    assert repr(ex.check_bitfit_count(ex.bitfit_count)).startswith("PASS BitFit's parameters: ")
-    assert repr(ex.check_bitfit_count(not_written)).startswith("not implemented yet: BitFit's parameters")
+def bitfit(C, F, L):
+    return ref.bitfit_count(C, F, L)
+
+
+BITFIT_WRONG = [
+    (lambda C, F, L: L * (5 * C + F), "every LayerNorm's beta is a bias too"),
+    (lambda C, F, L: bitfit(C, F, L) - C, "2L + 1 LayerNorms"),
+    (lambda C, F, L: bitfit(C, F, L) + (2 * L + 1) * C, "gamma is a scale, not a bias"),
+    (lambda C, F, L: bitfit(C, F, L) - L * (F - C), "b_1 has F entries, not C"),
+    (lambda C, F, L: bitfit(C, F, L) - L * (F + C), "b_1 (F) and b_2 (C) train too"),
+    (lambda C, F, L: bitfit(C, F, L) - L * C, "four attention biases per block"),
+    (lambda C, F, L: bitfit(C, F, L) + L * C, "not five"),
+    (lambda C, F, L: bitfit(C, 4 * C, L), "expected"),  # F = 4C assumed
+    (lambda C, F, L: float(bitfit(C, F, L)), "expected an integer"),
+    (lambda C, F, L: Transformer(ModelConfig(vocab_size=5, max_len=4, d_model=C, n_heads=1, n_layers=L,
+                                             d_ff=F)).add_adapter("b", peft.BitFitConfig()), "Transformer.add_adapter"),
+]
+
+
+@pytest.mark.parametrize("answer, reason", BITFIT_WRONG)
+def test_bitfit_count_wrong(answer, reason):
+    fails(lambda: ex.check_bitfit_count(answer), reason)
+
+
+@pytest.mark.parametrize("answer", [bitfit, lambda C, F, L: np.int64(L * (7 * C + F) + C)])
+def test_bitfit_count_correct(answer):
+    passes(lambda: ex.check_bitfit_count(answer))
+
+
+def task_size(model, config):
+    created = model.add_adapter("t", config, n_classes=2)
+    return sum(p.value.size for p in created.parameters()) - (model.config.d_model * 2 + 2)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_the_count_formulas_are_what_add_adapter_creates(norm):
+    for n, C, L, h in ((3, 12, 2, 5), (1, 6, 5, 7)):
+        for reparam in (False, True):
+            model = Transformer(ModelConfig(vocab_size=11, max_len=8, d_model=C, n_heads=1, n_layers=L, d_ff=2 * C,
+                                            norm=norm), seed=0)
+            assert task_size(model, peft.PrefixConfig(n_prefix=n, reparameterize=reparam, hidden=h)) == \
+                ref.prefix_count(n, C, L, h, reparam)
+    for C, F, L in ((8, 20, 2), (6, 13, 3)):
+        model = Transformer(ModelConfig(vocab_size=11, max_len=8, d_model=C, n_heads=1, n_layers=L, d_ff=F, norm=norm))
+        assert task_size(model, peft.BitFitConfig()) == ref.bitfit_count(C, F, L)
