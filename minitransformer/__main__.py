@@ -47,7 +47,15 @@ def main(argv=None):
                             "(python -m minitransformer --help lists them)", 2)
     if name in FAST:
         backend.use("fast")  # training at size: the fast kernels (backend.py, tools/kernels.py)
-    return cli.run(name, lambda args: command(name)(args), rest)
+    return cli.run(name, lambda args: checked_environment() or command(name)(args), rest)
+
+
+def checked_environment():
+    """Refuse a bad MINITRANSFORMER_THREADS before any work (exit 2), not at the first step."""
+    try:
+        runtime.threads()
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from e
 
 
 if __name__ == "__main__":
