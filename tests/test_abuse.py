@@ -120,7 +120,7 @@ REFUSED = [  # (command line, with {w} the work folder; exit code; the line must
     ("figures --out {w}/figs", 2, "results.json exists and is not a results.json of this command"),
     ("figures --from-json README.md", 2, "--from-json: README.md is not valid JSON"),
     ("figures --from-json {w}/other.json", 2, "other.json lacks settings, base, tasks, runs"),
-    ("figures --from-json {w}/missing.json", 2, "--from-json: cannot read"),
+    ("figures --from-json {w}/missing.json", 2, "missing.json does not exist; expected an existing file"),
     ("figures --base README.md --out {w}/new", 2, "--base: README.md: not a readable .npz checkpoint"),
     ("figures --quick --out {w}/new --readme README.md", 2, "--readme: README.md is shipped work"),
     ("figures --quick --out {w}/new --readme {w}/nomarkers.md", 2, "is not a README with the results markers"),
