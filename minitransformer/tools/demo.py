@@ -99,7 +99,7 @@ def run(args, model, out):
         print(f"{lab:<22}{n:>16,}{100 * n / total:>10.2f}%{h.best_val_acc:>10.3f}{acc:>10.3f}{h.seconds:>9.1f}")
 
     # --- save, reload into a fresh base, compare
-    save_adapter(model, task.name, out)
+    save_adapter(model, task.name, out, overwrite=args.overwrite)  # checked: shipped only with --overwrite
     print(f"\nsaved the adapter to {cli.shown(out)} ({out.stat().st_size / 1e3:.1f} kB)")
     fresh = load_pretrained(args.base)
     name = load_adapter(fresh, out)

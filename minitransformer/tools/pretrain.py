@@ -145,7 +145,7 @@ def main(argv=None):
                              args.overwrite)
     with one_thread():
         model, result = pretrain(args.steps, args.seed, progress=not args.quiet, n_texts=CORPUS)
-    save_base(model, out)
+    save_base(model, out, overwrite=args.overwrite)  # checked above: shipped only with --overwrite
     print(f"pretrained {model.num_parameters():,} parameters for {args.steps} steps in "
           f"{result['seconds']:.0f} s on the {backend.current()} path; held-out masked-token loss {result['loss']:.4f}, "
           f"accuracy {result['acc']:.4f}")
