@@ -126,7 +126,7 @@ REFUSED = [  # (command line, with {w} the work folder; exit code; the line must
     ("figures --quick --out {w}/new --readme {w}/nomarkers.md", 2, "is not a README with the results markers"),
     ("bench --cpu", 2, "--cpu: only used with --profile"),
     ("bench --profile --json {w}/b.json", 2, "--json: the profile writes no JSON"),
-    ("bench --threads 0", 2, "--threads: expected a positive integer, got 0"),
+    ("bench --threads 0", 2, "argument --threads: expected an integer from 1 to 256, got 0"),
     ("bench --json README.md", 2, "--json: README.md is shipped work (the repository's README.md); expected"),
     ("bench --json {w}", 2, "is a folder"),
     ("bench --json {w}/notes.txt", 2, "notes.txt exists and is not a JSON file written by bench"),

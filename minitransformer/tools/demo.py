@@ -178,11 +178,11 @@ def main(argv=None):
         p.error(f"--seed: expected a non-negative integer, got {args.seed}")
     base = checked_base(args.base)  # a bad file is a bad argument: refused before any work
     check_memory(base, args)
-    out = files.check_output(args.out or files.SCRATCH / f"{args.task}.npz", "--out",
+    out = files.check_output(files.SCRATCH / f"{args.task}.npz" if args.out is None else args.out, "--out",
                              lambda path: file_format(path) == ADAPTER_FORMAT, "an adapter checkpoint",
                              args.overwrite, inputs={"--base": args.base})
     readme = None
-    if args.readme:
+    if args.readme is not None:
         readme = files.check_output(args.readme, "--readme", files.has_section("demo"),
                                     "a README with the demo markers", args.overwrite)
     if readme is None:

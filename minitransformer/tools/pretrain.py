@@ -140,7 +140,7 @@ def main(argv=None):
     if args.seed < 0:
         p.error(f"--seed: expected a non-negative integer, got {args.seed}")
     from .checkpoint import BASE_FORMAT, file_format, save_base
-    out = files.check_output(args.out or files.SCRATCH / "base.npz", "--out",
+    out = files.check_output(files.SCRATCH / "base.npz" if args.out is None else args.out, "--out",
                              lambda path: file_format(path) == BASE_FORMAT, "a base checkpoint",
                              args.overwrite)
     with one_thread():
