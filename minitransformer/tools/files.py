@@ -82,8 +82,8 @@ def kind(path):
     except OSError as e:
         if e.errno == 40:  # ELOOP
             return "a symlink loop"
-        if e.errno == 20:  # ENOTDIR: a file in the middle of the path, reported by the callers
-            return None
+        if e.errno in (20, 36):  # ENOTDIR (a file in the middle of the path), ENAMETOOLONG: the
+            return None          # callers report those, naming the argument
         raise
     if stat.S_ISREG(mode):
         return "file"
@@ -150,19 +150,19 @@ def _writable_folder(folder, arg):
         raise UsageError(f"{arg}: cannot write in {shown(existing)} ({e.strerror or e})") from e
 
 
-def _name_fits(path, arg):
-    """Refuse a file name too long for its folder's file system (with the temporary's extra)."""
-    folder = Path(path).parent
-    while kind(folder) != "folder" and folder != folder.parent:
-        folder = folder.parent
+def _name_fits(path, arg, extra=TMP_EXTRA):
+    """Refuse a path with a name too long for the file system: any folder's name, or the file's
+    with the `extra` characters of its temporary name."""
     try:
-        limit = os.pathconf(folder, "PC_NAME_MAX")
+        limit = os.pathconf(tempfile.gettempdir(), "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # no pathconf (Windows): the usual limit
         limit = 255
-    name = Path(path).name
-    if len(os.fsencode(name)) + TMP_EXTRA > limit:
-        raise UsageError(f"{arg}: the file name {name[:20]}... is {len(os.fsencode(name))} bytes long; "
-                         f"expected at most {limit - TMP_EXTRA}")
+    parts = Path(path).parts
+    for i, name in enumerate(parts):
+        room = limit - (extra if i == len(parts) - 1 else 0)
+        if len(os.fsencode(name)) > room:
+            raise UsageError(f"{arg}: the name {name[:20]}... is {len(os.fsencode(name))} bytes long; "
+                             f"expected at most {room}")
 
 
 def _refuse_shipped(path, arg, overwrite):
@@ -185,6 +185,7 @@ def check_output(path, arg, same_kind, kind_text, overwrite=False, inputs=None):
         raise UsageError(f"{arg}: {path} names a folder (it ends with {path[-1]!r}), expected a file "
                          f"path such as {path}name")
     path = Path(path)
+    _name_fits(path, arg)
     resolved = _resolved(path, arg)
     for other_arg, other in (inputs or {}).items():
         if other is not None and resolved == _resolved(other, other_arg):
@@ -200,7 +201,6 @@ def check_output(path, arg, same_kind, kind_text, overwrite=False, inputs=None):
         raise UsageError(f"{arg}: {shown(path)} exists and is not {kind_text}; refusing to replace it "
                          "(expected a new path or a file of that kind)")
     _writable_folder(path.parent, arg)
-    _name_fits(path, arg)
     return path
 
 
@@ -209,6 +209,7 @@ def check_output_dir(folder, arg, outputs, overwrite=False):
     (`outputs`: {file name: (same_kind, kind)}) and refusing a folder that is a file, a dangling
     symlink (it could not be created) or a symlink loop."""
     _text(folder, arg)
+    _name_fits(folder, arg, extra=0)
     what = kind(folder)
     if what not in (None, "folder"):
         what = "a file" if what == "file" else what
