@@ -215,11 +215,13 @@ def _validated(params, archive, path):
         except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: key {k!r} cannot be read, truncated or corrupt ({e})") from e
         with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: caught below
-            a = a.astype(p.value.dtype, copy=False)
-        if not np.isfinite(a).all():  # NaN weights would turn every prediction into class 0
-            where = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
-            raise CheckpointError(f"{path}: key {k!r} holds {a[where]} at index {where} (as "
-                                  f"{p.value.dtype}); expected finite weights")
+            cast = a.astype(p.value.dtype, copy=False)
+        if not np.isfinite(cast).all():  # NaN weights would turn every prediction into class 0
+            where = tuple(int(i) for i in np.argwhere(~np.isfinite(cast))[0])
+            held = f"{a[where]}" if a[where] == cast[where] or not np.isfinite(a[where]) else \
+                f"{a[where]:g}, {cast[where]} as {p.value.dtype}"
+            raise CheckpointError(f"{path}: key {k!r} holds {held} at index {where}; expected finite weights")
+        a = cast
         out[k] = a
     return out
 
