@@ -8,6 +8,7 @@ the shipped base, figures/, README.md and the files the case aims at. Refusals c
 work, so the module stays fast; the two cases that run use one step or --quick sizes.
 """
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,16 @@ def work(tmp_path_factory):
     os.mkfifo(w / "pipes" / "tradeoff.png")
     os.symlink("loop", w / "loop")  # points at itself
     os.symlink(w / "nowhere", w / "dangling")
+    results = json.loads((files.FIGURES / "results.json").read_text())
+    task = next(iter(results["runs"]))
+    for name, change in {"high": lambda r: r["runs"][task]["head"].update(test_acc="high"),
+                         "nan": lambda r: r["runs"][task]["head"].update(test_acc=float("nan")),
+                         "no_runs": lambda r: r.update(runs={}),
+                         "runs_str": lambda r: r.update(runs="all of them"),
+                         "no_method": lambda r: r["runs"][task]["head"].pop("method")}.items():
+        r = json.loads(json.dumps(results))
+        change(r)
+        (w / f"{name}.json").write_text(json.dumps(r))  # json writes NaN for nan, as Python's json allows
     (w / "mywork").mkdir()  # a student's own notebook, edited
     (w / "mywork" / "01_gradients_by_hand.ipynb").write_text('{"cells": [], "note": "my answers"}\n')
     return w
@@ -145,6 +156,13 @@ REFUSED = [  # (command line, with {w} the work folder; exit code; the line must
     ("demo --readme {w}/fifo", 2, "--readme: {w}/fifo is a FIFO"),
     ("demo --base {w}/fifo", 2, "--base: expected an existing checkpoint file, got '{w}/fifo' (a FIFO"),
     ("figures --quick --out {w}/pipes", 2, "--out: {w}/pipes/tradeoff.png is a FIFO"),
+    ("figures --from-json {w}/high.json", 2, ".test_acc: expected a finite number from 0 to 1, got 'high'"),
+    ("figures --from-json {w}/nan.json", 2, "is not valid JSON (NaN is not a number a results.json holds"),
+    ("figures --from-json {w}/no_runs.json", 2, "no_runs.json.runs: expected at least one entry, got none"),
+    ("figures --from-json {w}/runs_str.json", 2, "runs_str.json.runs: expected a JSON object, got str 'all of them'"),
+    ("figures --from-json {w}/no_method.json", 2, ".head: expected the key 'method'"),
+    ("demo --out {w}/dangling/a.npz", 2, "--out: {w}/dangling is a dangling symlink, expected a folder to write into"),
+    ("course run --overwrite README.md", 2, "NOTEBOOK: README.md is not a valid notebook"),
     ("figures --from-json {w}/fifo", 2, "--from-json: {w}/fifo is a FIFO (named pipe); expected a regular file"),
     ("figures --from-json /dev/zero", 2, "--from-json: /dev/zero is a device"),
     ("demo --out {w}/loop", 2, "--out: {w}/loop is a symlink loop"),
