@@ -43,13 +43,20 @@ def _stop(signum, frame):
 
 
 def handle_signals():
-    """Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGHUP raise Stopped (main thread only)."""
+    """Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGHUP raise Stopped (main thread only)
+    -> the handlers they replace, {signal: handler}, for restore_signals."""
     if threading.current_thread() is not threading.main_thread():
-        return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+        return {}
+    before = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _stop)
+            before[getattr(signal, name)] = signal.signal(getattr(signal, name), _stop)
+    return before
+
+
+def restore_signals(before):
+    for signum, handler in before.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def check_int(text, arg, low, high):
@@ -122,14 +129,16 @@ def fail(command, text, code):
 def run(command, main, argv):
     """main(argv) -> its exit code; any error becomes one line (2: bad argument, 1: failure)."""
     debug = "--debug" in argv or os.environ.get("MINITRANSFORMER_DEBUG", "0") not in ("", "0")
+    before = {}
     try:
-        handle_signals()
+        before = handle_signals()  # put back on return: a caller in Python keeps its own handlers
         return main(argv)
     except SystemExit as e:  # --help (0), or a command that exits on its own
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
-        signal.signal(signum, signal.SIG_IGN)  # a second one while we print is not a traceback
+        if before:  # a second one while we print is ignored, not a traceback
+            signal.signal(signum, signal.SIG_IGN)
         how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         print(f"minitransformer {command}: {how} (files are replaced in one step: none is "
               "half-written, temporary files removed)", file=sys.stderr)
@@ -138,3 +147,5 @@ def run(command, main, argv):
         if debug:
             traceback.print_exc()
         return fail(command, message(e), 2 if isinstance(e, UsageError) else 1)
+    finally:
+        restore_signals(before)

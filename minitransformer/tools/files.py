@@ -21,6 +21,7 @@ the next save into the same folder removes those older than STALE_SECONDS (a you
 belong to a save that is still running).
 """
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -80,10 +81,10 @@ def kind(path):
     except FileNotFoundError:
         return "a dangling symlink" if os.path.islink(path) else None
     except OSError as e:
-        if e.errno == 40:  # ELOOP
+        if e.errno == errno.ELOOP:
             return "a symlink loop"
-        if e.errno in (20, 36):  # ENOTDIR (a file in the middle of the path), ENAMETOOLONG: the
-            return None          # callers report those, naming the argument
+        if e.errno in (errno.ENOTDIR, errno.ENAMETOOLONG):  # a file in the middle of the path, a
+            return None  # name too long: the callers report those, naming the argument
         raise
     if stat.S_ISREG(mode):
         return "file"
