@@ -42,7 +42,6 @@ import platform
 import statistics
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 
@@ -463,7 +462,8 @@ def main(argv=None):
                         help="also write the performance page (docs/performance.md) from this run, "
                              "with the profiles of both paths")
     parser.add_argument("--overwrite", action="store_true",
-                        help="allow --docs or --json to be shipped work (the repository's docs/performance.md)")
+                        help="allow --docs or --json to be shipped work (the repository's "
+                             "docs/performance.md)")
     args = parser.parse_args(argv)
     if args.cpu and not args.profile:
         parser.error("--cpu: only used with --profile (it chooses the profile's clock), got it without")

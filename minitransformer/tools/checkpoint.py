@@ -101,7 +101,8 @@ class _Archive:
                                    else np.lib.format.read_array_header_2_0)
                     shape, _, dtype = read_header(f)
                 except (ValueError, EOFError, OSError, SyntaxError, TypeError) as e:
-                    raise CheckpointError(f"{path}: member {info.filename!r} has no valid .npy header ({e})") from e
+                    raise CheckpointError(f"{path}: member {info.filename!r} has no valid .npy header "
+                                          f"({e})") from e
                 header = f.tell()
             if dtype.hasobject:
                 raise CheckpointError(f"{path}: holds a pickled object; refusing to unpickle it ({name!r}) "
@@ -138,7 +139,8 @@ def _read(path, expected_format):
     try:
         archive = _Archive(path)
         if "__meta__" not in archive.headers:
-            raise CheckpointError(f"{path}: expected a '__meta__' entry, got keys {sorted(archive.headers)[:5]}...")
+            raise CheckpointError(f"{path}: expected a '__meta__' entry, got keys "
+                                  f"{sorted(archive.headers)[:5]}...")
         shape, dtype = archive.headers["__meta__"]
         if shape != () or dtype.kind not in "US" or dtype.itemsize > META_LIMIT:
             raise CheckpointError(f"{path}: '__meta__' expected one string of at most {META_LIMIT:,} bytes, "
