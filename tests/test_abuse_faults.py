@@ -255,6 +255,16 @@ def test_course_student_writes_over_its_own_copies_but_not_edited_ones(tmp_path)
 # ----------------------------------------------------------------------------- figures as one set
 
 
+def test_figures_on_a_full_disk_name_the_file_and_leave_the_folder_as_it_was(tmp_path):
+    out = tmp_path / "figs"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    result = run("figures", "--from-json", str(files.FIGURES / "results.json"), "--out", str(out), tmp=tmp_path,
+                 shell_prefix="ulimit -f 32")  # results.json is ~600 KB
+    one_line(result, 1, f"{out / 'results.json'}: File too large")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # no half set, no staging left
+
+
 def test_figures_interrupted_while_drawing_leave_the_old_set(tmp_path, monkeypatch):
     from minitransformer.tools import experiments, plots
     out = tmp_path / "figs"

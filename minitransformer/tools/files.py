@@ -377,7 +377,12 @@ def written_together(folder):
     except OSError as e:
         raise _named(e, folder) from e
     try:
-        yield stage
+        try:
+            yield stage
+        except OSError as e:  # a full disk while drawing: name the file it was for, not the stage
+            if e.filename is not None and Path(e.filename).parent == stage:
+                raise type(e)(e.errno, e.strerror or str(e), str(folder / Path(e.filename).name)) from e
+            raise
         names = sorted(p.name for p in stage.iterdir())
         with _locked(folder), _signals_held():
             for name in names:
@@ -413,11 +418,20 @@ def section_bounds(text, name, path):
     return text.index("\n", start) + 1, end  # the start marker's own line stays as it is
 
 
+def read_text(path, arg="path"):
+    """The UTF-8 text of the regular file at `path`, read with a bound (read_bytes)."""
+    data = read_bytes(path, arg)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{arg}: {shown(path)} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
 def has_section(name):
     """-> a same_kind test for check_output: does the file hold section `name`'s markers?"""
     def test(path):
         try:
-            section_bounds(Path(path).read_text(), name, path)
+            section_bounds(read_text(path), name, path)
         except (OSError, ValueError):
             return False
         return True
@@ -427,6 +441,6 @@ def has_section(name):
 def write_section(path, name, body):
     """Replace the text between section `name`'s markers of the file at `path` by `body`,
     atomically; nothing else in the file changes."""
-    text = Path(path).read_text()
+    text = read_text(path)
     start, end = section_bounds(text, name, path)
     write_text(path, text[:start] + body.rstrip("\n") + "\n" + text[end:])
