@@ -392,7 +392,9 @@ def test_ctrl_c_during_course_run_is_one_line_and_leaves_the_notebook(tmp_path):
     assert nb.read_bytes() == before
 
 
-def test_a_bad_thread_count_in_the_environment_is_refused_before_work(tmp_path):
+def test_a_bad_environment_variable_is_refused_before_work(tmp_path):
     for value, shown in (("\u00b2", "'\u00b2'"), ("100000", "'100000'"), ("0", "'0'")):
         result = run("gradcheck", tmp=tmp_path, MINITRANSFORMER_THREADS=value)
         one_line(result, 2, f"MINITRANSFORMER_THREADS: expected an integer number of threads from 1 to 256, got {shown}")
+    one_line(run("gradcheck", tmp=tmp_path, MINITRANSFORMER_KEEP_MEMORY="yes"), 2,
+             "MINITRANSFORMER_KEEP_MEMORY: expected 0 or 1, got 'yes'")
