@@ -28,6 +28,7 @@ import shutil
 import signal
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -317,7 +318,6 @@ _FINAL_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP
 def _signals_held():
     """Hold back Ctrl-C, SIGTERM and SIGHUP for the few milliseconds of a commit: a signal that
     comes meanwhile is acted on (by its usual handler) once the block is done."""
-    import threading
     if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's
         yield
         return
@@ -367,9 +367,11 @@ def written_together(folder):
     Everything is written into a staging folder inside `folder`; only when the block ends
     without an error are the files moved in, each by one rename, under a lock (a concurrent run
     waits) and with Ctrl-C, SIGTERM and SIGHUP held back until the last rename. An error or an
-    interruption inside the block removes the staging folder and leaves `folder` as it was.
-    Files of `folder` that the block does not write are left alone."""
+    interruption inside the block removes the staging folder and leaves `folder` as it was (a
+    folder it had to create is removed again). Files of `folder` that the block does not write
+    are left alone."""
     folder = Path(folder)
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale(folder)
@@ -379,8 +381,13 @@ def written_together(folder):
     try:
         try:
             yield stage
-        except OSError as e:  # a full disk while drawing: name the file it was for, not the stage
-            if e.filename is not None and Path(e.filename).parent == stage:
+        except BaseException as e:
+            shutil.rmtree(stage, ignore_errors=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty: nothing of anyone's is removed
+            if isinstance(e, OSError) and e.filename is not None and Path(e.filename).parent == stage:
+                # a full disk while drawing: name the file it was for, not the staging folder
                 raise type(e)(e.errno, e.strerror or str(e), str(folder / Path(e.filename).name)) from e
             raise
         names = sorted(p.name for p in stage.iterdir())
