@@ -365,6 +365,16 @@ def test_a_signal_during_a_save_removes_the_temporary_file(tmp_path, sig):
     assert target.read_bytes() == b"the old file" and not no_temporaries(tmp_path)
 
 
+def test_sigterm_during_training_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    p = started([sys.executable, "-m", "minitransformer", "pretrain", "--steps", "100000", "--quiet",
+                 "--out", str(out / "base.npz")], tmp_path)
+    time.sleep(6)  # loaded and training (or, on a slow machine, still loading: 143 and one line too)
+    os.killpg(p.pid, signal.SIGTERM)
+    one_line(finished(p), 143, "SIGTERM")
+    assert not out.exists() or not list(out.iterdir())
+
+
 @pytest.mark.parametrize("delay", [0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2])
 def test_ctrl_c_at_any_moment_of_start_up_is_one_line(tmp_path, delay):
     p = started([sys.executable, "-m", "minitransformer", "gradcheck"], tmp_path)
