@@ -6,7 +6,7 @@ Two settings nbval does not have:
    counts. nbval treats a cell whose execution_count is null as never run: it would compare
    nothing there, and fail a null-count cell that has outputs ("Unrun reference cell has
    outputs"). Our notebooks are committed executed, then cleaned of their counts (`python -m
-   minitransformer course run`), so every code cell counts as run: a cell that newly prints,
+   minitransformer course run --overwrite`), so every code cell counts as run: a cell that newly prints,
    prints something else, or stops printing fails the test.
 2. The sanitize file named in addopts (notebooks/nbval_sanitize.cfg) is found from the
    repository root, whatever folder pytest was started from.

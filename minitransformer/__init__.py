@@ -11,6 +11,20 @@
 
 Where to start reading: README.md, "Reading the code".
 """
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"]:  # python -m minitransformer, still loading: a signal now ends it in one line
+    import signal as _signal
+
+    def _starting(signum, frame):
+        print(f"minitransformer: error: interrupted while starting ({_signal.Signals(signum).name})",
+              file=_sys.stderr)
+        raise SystemExit(128 + signum)  # exits without a traceback; the commands' own handlers follow
+
+    for _name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(_signal, _name):
+            _signal.signal(getattr(_signal, _name), _starting)
+
 from .tools import runtime as _runtime  # noqa: F401  first: it sets how NumPy's BLAS runs, before NumPy loads
 from .adapters import AdapterConfig  # noqa: E402
 from .model import ModelConfig, Transformer  # noqa: E402

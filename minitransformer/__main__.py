@@ -48,7 +48,22 @@ def main(argv=None):
                             "(python -m minitransformer --help lists them)", 2)
     if name in FAST:
         backend.use("fast")  # training at size: the fast kernels (backend.py, tools/kernels.py)
-    return cli.run(name, lambda args: command(name)(args), rest)
+    return cli.run(name, lambda args: checked_environment() or command(name)(args), rest)
+
+
+SWITCHES = ("MINITRANSFORMER_DEBUG", "MINITRANSFORMER_KEEP_MEMORY")  # each "0" or "1" when set
+
+
+def checked_environment():
+    """Refuse a bad MINITRANSFORMER_* variable before any work (exit 2), not at the first step:
+    THREADS an integer from 1 to runtime.MAX_THREADS, the switches 0 or 1."""
+    for name in SWITCHES:
+        if os.environ.get(name, "0") not in ("", "0", "1"):
+            raise cli.UsageError(f"{name}: expected 0 or 1, got {os.environ[name]!r}")
+    try:
+        runtime.threads()
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from e
 
 
 if __name__ == "__main__":

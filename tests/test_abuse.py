@@ -8,6 +8,7 @@ the shipped base, figures/, README.md and the files the case aims at. Refusals c
 work, so the module stays fast; the two cases that run use one step or --quick sizes.
 """
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,24 @@ def work(tmp_path_factory):
     save_base(model, w / "nan_base.npz")
     (w / "figs").mkdir()
     (w / "figs" / "results.json").write_text("not the results of a run\n")
+    os.mkfifo(w / "fifo")  # would block a reader or a writer forever
+    (w / "pipes").mkdir()
+    os.mkfifo(w / "pipes" / "results.json")
+    os.mkfifo(w / "pipes" / "tradeoff.png")
+    os.symlink("loop", w / "loop")  # points at itself
+    os.symlink(w / "nowhere", w / "dangling")
+    results = json.loads((files.FIGURES / "results.json").read_text())
+    task = next(iter(results["runs"]))
+    for name, change in {"high": lambda r: r["runs"][task]["head"].update(test_acc="high"),
+                         "nan": lambda r: r["runs"][task]["head"].update(test_acc=float("nan")),
+                         "no_runs": lambda r: r.update(runs={}),
+                         "runs_str": lambda r: r.update(runs="all of them"),
+                         "no_method": lambda r: r["runs"][task]["head"].pop("method")}.items():
+        r = json.loads(json.dumps(results))
+        change(r)
+        (w / f"{name}.json").write_text(json.dumps(r))  # json writes NaN for nan, as Python's json allows
+    (w / "mywork").mkdir()  # a student's own notebook, edited
+    (w / "mywork" / "01_gradients_by_hand.ipynb").write_text('{"cells": [], "note": "my answers"}\n')
     return w
 
 
@@ -57,7 +76,7 @@ def fingerprint(*folders_or_files):
 
 
 def watched(work):
-    return fingerprint(files.ASSETS, files.FIGURES, files.README, work)
+    return fingerprint(files.ASSETS, files.FIGURES, files.README, files.NOTEBOOKS, files.DOCS, work)
 
 
 @pytest.fixture(autouse=True)
@@ -120,18 +139,63 @@ REFUSED = [  # (command line, with {w} the work folder; exit code; the line must
     ("figures --out {w}/figs", 2, "results.json exists and is not a results.json of this command"),
     ("figures --from-json README.md", 2, "--from-json: README.md is not valid JSON"),
     ("figures --from-json {w}/other.json", 2, "other.json lacks settings, base, tasks, runs"),
-    ("figures --from-json {w}/missing.json", 2, "--from-json: cannot read"),
+    ("figures --from-json {w}/missing.json", 2, "missing.json does not exist; expected an existing file"),
     ("figures --base README.md --out {w}/new", 2, "--base: README.md: not a readable .npz checkpoint"),
     ("figures --quick --out {w}/new --readme README.md", 2, "--readme: README.md is shipped work"),
     ("figures --quick --out {w}/new --readme {w}/nomarkers.md", 2, "is not a README with the results markers"),
     ("bench --cpu", 2, "--cpu: only used with --profile"),
     ("bench --profile --json {w}/b.json", 2, "--json: the profile writes no JSON"),
-    ("bench --threads 0", 2, "--threads: expected a positive integer, got 0"),
-    ("bench --json README.md", 2, "--json: README.md is shipped work (the repository's README.md); expected"),
+    ("bench --threads 0", 2, "argument --threads: expected an integer from 1 to 256, got 0"),
+    ("bench --json README.md", 2, "--json: README.md is shipped work (the repository's README.md), written only with --overwrite"),
     ("bench --json {w}", 2, "is a folder"),
     ("bench --json {w}/notes.txt", 2, "notes.txt exists and is not a JSON file written by bench"),
     ("gradcheck --fast", 2, "unrecognized arguments: --fast"),
+    # FIFOs, devices, symlink loops, dangling links: one line before any work, never a hang
+    ("bench --quick --json {w}/fifo", 2, "--json: {w}/fifo is a FIFO (named pipe); expected a regular file"),
+    ("bench --quick --json /dev/full", 2, "--json: /dev/full is a device; expected a regular file"),
+    ("demo --readme {w}/fifo", 2, "--readme: {w}/fifo is a FIFO"),
+    ("demo --base {w}/fifo", 2, "--base: expected an existing checkpoint file, got '{w}/fifo' (a FIFO"),
+    ("figures --quick --out {w}/pipes", 2, "--out: {w}/pipes/tradeoff.png is a FIFO"),
+    ("figures --from-json {w}/high.json", 2, ".test_acc: expected a finite number from 0 to 1, got 'high'"),
+    ("figures --from-json {w}/nan.json", 2, "is not valid JSON (NaN is not a number a results.json holds"),
+    ("figures --from-json {w}/no_runs.json", 2, "no_runs.json.runs: expected at least one entry, got none"),
+    ("figures --from-json {w}/runs_str.json", 2, "runs_str.json.runs: expected a JSON object, got str 'all of them'"),
+    ("figures --from-json {w}/no_method.json", 2, ".head: expected the key 'method'"),
+    ("demo --out {w}/dangling/a.npz", 2, "--out: {w}/dangling is a dangling symlink, expected a folder to write into"),
+    ("course run --overwrite README.md", 2, "NOTEBOOK: README.md is not a valid notebook"),
+    ("figures --from-json {w}/fifo", 2, "--from-json: {w}/fifo is a FIFO (named pipe); expected a regular file"),
+    ("figures --from-json /dev/zero", 2, "--from-json: /dev/zero is a device"),
+    ("demo --out {w}/loop", 2, "--out: {w}/loop is a symlink loop"),
+    ("figures --quick --out {w}/loop", 2, "--out: {w}/loop is a symlink loop, expected a folder"),
+    ("figures --quick --out {w}/dangling", 2, "--out: {w}/dangling is a dangling symlink, expected a folder"),
+    ("course run --overwrite {w}/fifo", 2, "NOTEBOOK: {w}/fifo is a FIFO"),
+    # empty strings, folder paths, names too long
+    ("demo --out ", 2, "--out: expected a path, got an empty string"),
+    ("bench --quick --json ", 2, "--json: expected a path, got an empty string"),
+    ("figures --from-json ", 2, "--from-json: expected a path, got an empty string"),
+    ("figures --quick --out ", 2, "--out: expected a path, got an empty string"),
+    ("demo --out {w}/new/", 2, "names a folder (it ends with '/'), expected a file path"),
+    ("demo --out {w}/" + "a" * 300 + ".npz", 2, "is 304 bytes long; expected at most"),
+    ("figures --quick --out {w}/" + "a" * 300, 2, "is 300 bytes long; expected at most 255"),
+    # numbers out of range
+    ("course run --overwrite --timeout -1", 2, "argument --timeout: expected an integer from 1 to 86400, got -1"),
+    ("course run --overwrite --timeout 0", 2, "argument --timeout: expected an integer from 1 to 86400, got 0"),
+    ("course run --overwrite --timeout 1.5", 2, "argument --timeout: expected an integer from 1 to 86400, got '1.5'"),
+    ("bench --threads 100000", 2, "argument --threads: expected an integer from 1 to 256, got 100000"),
+    # the course's commands under the same rules as the others
+    ("course student README.md", 2, "OUT_DIR: README.md is a file, expected a folder"),
+    ("course student figures", 2, "OUT_DIR: figures is shipped work (the repository's figures/)"),
+    ("course student minitransformer/assets", 2, "is shipped work (the package folder)"),
+    ("course student {w}/mywork", 2, "holds 01_gradients_by_hand.ipynb, which is not the copy this command"),
+    ("course run --no-execute notebooks/01_gradients_by_hand.ipynb", 2, "expected --overwrite to allow it"),
+    ("bench --quick --docs docs/performance.md", 2, "--docs: docs/performance.md is shipped work (the repository's docs/)"),
 ]
+
+
+def argv(line, work):
+    """The words of a REFUSED line; a line ending in a space ends in an empty argument ('')."""
+    words = line.format(w=work).split()
+    return words + [""] if line.endswith(" ") else words
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +206,7 @@ def refusals(work, tmp_path_factory):
     before = watched(work)
     lines = [line for line, _, _ in REFUSED]
     with ThreadPoolExecutor(2) as pool:
-        results = dict(zip(lines, pool.map(lambda line: run(*line.format(w=work).split(), tmp=tmp), lines)))
+        results = dict(zip(lines, pool.map(lambda line: run(*argv(line, work), tmp=tmp), lines)))
     assert not (tmp / "minitransformer-out").exists()  # none wrote to the scratch folder either
     return results, before
 
@@ -151,7 +215,7 @@ def refusals(work, tmp_path_factory):
 def test_refused_in_one_line_before_any_work(line, code, fragment, work, refusals):
     results, before = refusals
     command = "" if line == "nope" else line.split()[0]
-    assert_one_line(results[line], command, code, fragment)
+    assert_one_line(results[line], command, code, fragment.format(w=work))
     assert watched(work) == before
 
 

@@ -183,4 +183,4 @@ def test_the_full_step_trains_the_same_model_as_the_adapter_step():
 
 def test_bad_repeats_is_refused(capsys):
     assert cli(["bench", "--quick", "--repeats", "0"]) == 2
-    assert capsys.readouterr().err == "minitransformer bench: error: --repeats: expected a positive integer, got 0\n"
+    assert capsys.readouterr().err == "minitransformer bench: error: argument --repeats: expected an integer from 1 to 1000, got 0\n"

@@ -234,7 +234,8 @@ def test_course_run_no_execute_only_cleans(tmp_path):
     nb.cells[0].outputs = [new_output("stream", name="stdout", text="kept\n")]
     nb.cells[0].metadata["execution"] = {"iopub.execute_input": "2024-01-01T00:00:00"}
     nbformat.write(nb, path)
-    assert cli(["course", "run", "--no-execute", str(path)]) == 0
+    assert cli(["course", "run", "--no-execute", str(path)]) == 2  # it writes over the notebook: asked
+    assert cli(["course", "run", "--no-execute", "--overwrite", str(path)]) == 0
     nb = read(path)
     assert nb.cells[0].execution_count is None and nb.cells[0].outputs[0].text == "kept\n"
     assert nb.cells[0].metadata == {"tags": ["nbval-ignore-output"]}

@@ -245,6 +245,7 @@ def test_from_json_redraws_without_training(quick, tmp_path):
     assert plots.README.read_text() == readme  # another --out leaves the repository's README alone
     for name in plots.NAMES:
         assert (redraw / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
-    assert not (redraw / "results.json").exists()
-    with pytest.raises(UsageError, match="--from-json: cannot read .*missing.json"):
+    # the folder holds one whole set: the PNGs beside the results they were drawn from
+    assert (redraw / "results.json").read_bytes() == (out / "results.json").read_bytes()
+    with pytest.raises(UsageError, match="--from-json: .*missing.json does not exist"):
         experiments.main(["--from-json", str(tmp_path / "missing.json"), "--out", str(redraw)])

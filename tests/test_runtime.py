@@ -1,6 +1,9 @@
 """runtime.py and the fast kernels that use it: splitting elementwise work among threads gives
 bit-for-bit the one-thread result, errors come back to the caller, and the settings are checked."""
+import re
+
 import numpy as np
+
 import pytest
 
 from minitransformer import AdapterConfig, ModelConfig, Transformer, backend, gradcheck
@@ -125,17 +128,17 @@ def test_for_each_does_every_item_once(split_everything):
     assert sorted(seen) == list(range(10))
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, runtime.MAX_THREADS + 1, 100000])
 def test_bad_thread_counts_are_refused(bad):
-    with pytest.raises(ValueError, match=r"n: expected a positive integer number of threads, got"):
+    with pytest.raises(ValueError, match=r"n: expected an integer number of threads from 1 to 256, got"):
         runtime.set_threads(bad)
 
 
-@pytest.mark.parametrize("bad", ["0", "two", "-1", "1.5"])
+@pytest.mark.parametrize("bad", ["0", "two", "-1", "1.5", "\u00b2", "100000", " 2"])
 def test_a_bad_thread_count_in_the_environment_is_refused(bad, monkeypatch):
     monkeypatch.setenv("MINITRANSFORMER_THREADS", bad)
     monkeypatch.setattr(runtime, "_threads", None)
-    with pytest.raises(ValueError, match=rf"MINITRANSFORMER_THREADS: expected a positive integer.*{bad!r}"):
+    with pytest.raises(ValueError, match=rf"MINITRANSFORMER_THREADS: expected an integer.*from 1 to 256.*{re.escape(repr(bad))}"):
         runtime.threads()
 
 

@@ -10,6 +10,7 @@
     runtime.py      how the process runs: threads, BLAS, memory
     cli.py          what every command shares: one-line errors, exit codes 2 and 1, --debug
     files.py        where commands write: shipped work protected, outputs checked, atomic writes
+    schema.py       what a JSON file the commands read must hold, checked field by field
 
 Nothing here is needed to follow the maths: that is the floor above (layers.py, attention.py,
 adapters.py, losses.py, optim.py, modules.py, model.py, sizes.py, validate.py, gradcheck.py).

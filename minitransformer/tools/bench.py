@@ -42,7 +42,6 @@ import platform
 import statistics
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 
@@ -447,7 +446,8 @@ def main(argv=None):
                         help="also write the results as JSON to PATH (an existing file there must be "
                              "a bench JSON)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves the benchmark runs")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median kept)")
+    parser.add_argument("--repeats", type=cli.int_in("--repeats", 1, 1000), default=None,
+                        help="timed repetitions, 1 to 1000 (median kept)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the benchmark: cProfile of a few full steps, by function "
                              "(elapsed time; add --cpu for CPU time)")
@@ -455,17 +455,16 @@ def main(argv=None):
     parser.add_argument("--path", choices=backend.PATHS, default="fast",
                         help="with --profile: which code to profile, the fast kernels (default) or the "
                              "reference passes")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=cli.int_in("--threads", 1, runtime.MAX_THREADS), default=None,
                         help="limit the BLAS threads (threadpoolctl) and the elementwise threads "
-                             "(runtime.set_threads); default: every core")
+                             f"(runtime.set_threads), 1 to {runtime.MAX_THREADS}; default: every core")
     parser.add_argument("--docs", metavar="PATH",
                         help="also write the performance page (docs/performance.md) from this run, "
                              "with the profiles of both paths")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow --docs or --json to be shipped work (the repository's "
+                             "docs/performance.md)")
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads: expected a positive integer, got {args.threads}")
-    if args.repeats is not None and args.repeats < 1:
-        parser.error(f"--repeats: expected a positive integer, got {args.repeats}")
     if args.cpu and not args.profile:
         parser.error("--cpu: only used with --profile (it chooses the profile's clock), got it without")
     if args.json and args.profile:
@@ -474,12 +473,12 @@ def main(argv=None):
         parser.error("--path: only used with --profile (the benchmark measures both paths), got it without")
     if args.docs and args.profile:
         parser.error("--docs: the page needs the benchmark's numbers; expected --docs without --profile")
-    if args.docs:
-        files.check_output(args.docs, "--docs", lambda path: Path(path).read_text().startswith("# Performance"),
-                           "a performance page written by bench", overwrite=None)
-    if args.json:  # checked now, not after minutes of measuring
+    if args.docs is not None:
+        files.check_output(args.docs, "--docs", lambda path: files.read_bytes(path, "--docs").startswith(
+                           b"# Performance"), "a performance page written by bench", overwrite=args.overwrite)
+    if args.json is not None:  # checked now, not after minutes of measuring
         files.check_output(args.json, "--json", files.json_with("config", "full_step_s"),
-                           "a JSON file written by bench", overwrite=None)
+                           "a JSON file written by bench", overwrite=args.overwrite)
     b = QUICK if args.quick else BenchConfig()
     if args.repeats is not None:
         b = BenchConfig(**{**vars(b), "repeats": args.repeats})

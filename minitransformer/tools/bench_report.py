@@ -104,7 +104,7 @@ INTRO = """\
 Everything on this page was written by one run of
 
 ```bash
-python -m minitransformer bench --docs docs/performance.md     # about a minute on a quiet 2-core machine
+python -m minitransformer bench --docs docs/performance.md --overwrite     # about a minute on a quiet 2-core machine
 ```
 
 Other ways to run the benchmark (none of them writes a file unless asked):

@@ -13,21 +13,29 @@ A solution sits between a line `### BEGIN SOLUTION` and a line `### END SOLUTION
 markers). The student copy keeps the two markers and replaces what lies between them by one line
 `raise NotImplementedError`, indented like the BEGIN line, so that a solution written as the body
 of a `def` leaves a function that raises, and the checker in the next cell says "not implemented
-yet". The notebooks in notebooks/ are only read; OUT_DIR may not be notebooks/ or lie inside it.
+yet". The notebooks in notebooks/ are only read; OUT_DIR may not be shipped work (notebooks/,
+figures/, the package...), and a notebook already in OUT_DIR that differs from its fresh copy
+(a student's own work) is replaced only with --overwrite. The copies are moved in as one set.
 
 `course run` executes each notebook top to bottom from its own folder (as nbval does), then
 cleans it for committing: every execution count null, notebook metadata reduced to the kernel,
 cell metadata to their tags (`--no-execute`: clean only). It refuses to write a notebook whose
 outputs hold an absolute path of this machine (a path would make the outputs differ on every
-other machine, and leak).
+other machine, and leak). It writes each notebook back over itself, so it needs --overwrite.
+
+Every notebook is read as a regular file of at most files.READ_LIMIT bytes, checked against the
+notebook schema (a bad one is refused naming the file), and written atomically (files.write_text).
 """
+import contextlib
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from . import cli
+from . import cli, files
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"  # the course, in a source checkout
@@ -102,24 +110,61 @@ def nbgrader_misreads(nb):
             and not (cell.cell_type == "code" and line.strip() in (BEGIN, END))]
 
 
-def write_student_copies(out_dir, notebooks=NOTEBOOKS):
-    """Write the student copy of every notebooks/*.ipynb into out_dir -> the paths written."""
+def read_notebook(path, arg="NOTEBOOK"):
+    """The notebook at `path` (nbformat 4), read as a bounded regular file and validated against
+    the notebook schema; ValueError naming the file and what is wrong otherwise."""
     import nbformat
+    data = files.read_bytes(path, arg)
+    try:
+        nb = nbformat.reads(data.decode("utf-8"), as_version=4)
+        nbformat.validate(nb)
+    except (ValueError, RecursionError, nbformat.ValidationError) as e:  # bad UTF-8, JSON, schema
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{arg}: {cli.shown(path)} is not a valid notebook ({first[:200]})") from e
+    except Exception as e:  # noqa: BLE001  nbformat's converters raise whatever a bad field makes them
+        raise ValueError(f"{arg}: {cli.shown(path)} is not a valid notebook ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from e
+    return nb
+
+
+def notebook_text(nb):
+    """The text nbformat.write would write (validated first)."""
+    import nbformat
+    nbformat.validate(nb)
+    text = nbformat.writes(nb)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def write_student_copies(out_dir, notebooks=NOTEBOOKS, overwrite=False):
+    """Write the student copy of every notebooks/*.ipynb into out_dir -> the paths written.
+    Refused (cli.UsageError, nothing written): OUT_DIR in shipped work or in `notebooks`, and,
+    unless `overwrite`, an OUT_DIR holding a notebook that differs from the copy about to be
+    written there (someone's own work)."""
     out_dir, notebooks = Path(out_dir), Path(notebooks)
+    files.check_output_dir(out_dir, "OUT_DIR", {}, overwrite=True)  # empty, a file, a FIFO, a loop
     if out_dir.resolve() == notebooks.resolve() or notebooks.resolve() in out_dir.resolve().parents:
-        raise ValueError(f"OUT_DIR must lie outside {notebooks.name}/ (it holds the solutions), "
-                         f"got {out_dir}")
+        raise cli.UsageError(f"OUT_DIR: expected a folder outside {notebooks.name}/ (it holds the "
+                             f"solutions), got {cli.shown(out_dir)}")
+    if files.shipped(out_dir):
+        raise cli.UsageError(f"OUT_DIR: {cli.shown(out_dir)} is shipped work ({files.shipped(out_dir)}), "
+                             "never written by this command; expected another folder")
     sources = sorted(notebooks.glob("*.ipynb"))
     if not sources:
-        raise ValueError(f"no notebook in {notebooks}")
-    copies = [(path.name, student_copy(nbformat.read(path, as_version=4), path.name)) for path in sources]
-    out_dir.mkdir(parents=True, exist_ok=True)  # only once every copy is made: no half-written OUT_DIR
-    written = []
-    for name, nb in copies:
-        nbformat.validate(nb)
-        nbformat.write(nb, out_dir / name)
-        written.append(out_dir / name)
-    return written
+        raise ValueError(f"no notebook in {cli.shown(notebooks)}")
+    texts = {path.name: notebook_text(student_copy(read_notebook(path), path.name)) for path in sources}
+    for name, text in texts.items():
+        files.check_output(out_dir / name, "OUT_DIR", lambda p: True, "a notebook", overwrite=None)
+    if not overwrite and out_dir.is_dir():
+        for path in sorted(out_dir.glob("*.ipynb")):
+            mine = texts.get(path.name)
+            if files.kind(path) != "file" or mine is None or files.read_bytes(path, "OUT_DIR") != mine.encode():
+                raise cli.UsageError(f"OUT_DIR: {cli.shown(out_dir)} holds {path.name}, which is not "
+                                     "the copy this command writes (someone's own work?); refusing to "
+                                     "replace it: expected a new or empty folder, or --overwrite")
+    with files.written_together(out_dir) as stage:  # every copy, or none
+        for name, text in texts.items():
+            files.write_text(stage / name, text)
+    return [out_dir / name for name in texts]
 
 
 # ----------------------------------------------------------------------------- clean outputs
@@ -199,26 +244,55 @@ def absolute_paths(nb):
 
 def execute(path, timeout=600):
     """Run the notebook at path top to bottom in a fresh python3 kernel started in its folder
-    -> the executed notebook (not written). Raises nbclient's CellExecutionError on a failing cell."""
-    import nbformat
+    -> the executed notebook (not written). Raises nbclient's CellExecutionError on a failing cell;
+    KeyboardInterrupt (cli.Stopped for SIGTERM, SIGHUP), and nothing else, when a signal came."""
+    import asyncio
+    import subprocess
     from nbclient import NotebookClient
-    nb = nbformat.read(path, as_version=4)
+    nb = read_notebook(path)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
                             resources={"metadata": {"path": str(Path(path).resolve().parent)}})
-    client.execute()
+    came = []  # nbclient catches SIGINT and SIGTERM on its event loop and shuts the kernel down,
+    #            so the cell then fails as "kernel died": note the signal, to report it instead
+    loop = asyncio.new_event_loop()
+    add_handler = loop.add_signal_handler
+    loop.add_signal_handler = lambda sig, callback, *a: add_handler(
+        sig, lambda: (came.append(sig), callback(*a)))
+
+    def stop(signum, frame):  # the others (SIGHUP) and a signal outside nbclient's handlers
+        came.append(signum)
+        raise KeyboardInterrupt
+    main = threading.current_thread() is threading.main_thread()  # handlers: the main thread's only
+    names = [n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)] if main else []
+    before = {n: signal.signal(getattr(signal, n), stop) for n in names}
+    try:  # the kernel's own log (its warnings, a traceback when interrupted) is not ours to print
+        loop.run_until_complete(client.async_execute(stderr=subprocess.DEVNULL))
+    except BaseException:
+        if came:
+            raise (KeyboardInterrupt() if came[0] == signal.SIGINT else cli.Stopped(came[0])) from None
+        raise
+    finally:
+        for n, handler in before.items():
+            signal.signal(getattr(signal, n), handler)
+        with contextlib.suppress(BaseException):  # nbclient's pollers, left pending by an interruption
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
     return nb
 
 
 def run_notebooks(paths, timeout=600, log=print, run=True):
     """Execute (unless run=False) and clean each notebook in place -> the number that failed
     (not written)."""
-    import nbformat
     from nbclient.exceptions import CellExecutionError
     failed = 0
     for path in map(Path, paths):
         start = time.perf_counter()
         try:
-            nb = clean(execute(path, timeout) if run else nbformat.read(path, as_version=4))
+            nb = clean(execute(path, timeout) if run else read_notebook(path))
         except CellExecutionError as e:
             log(f"FAIL {path.name}: a cell raised, notebook not written\n{e}")
             failed += 1
@@ -230,8 +304,7 @@ def run_notebooks(paths, timeout=600, log=print, run=True):
                 log(f"  cell {i}: {text!r}")
             failed += 1
             continue
-        nbformat.validate(nb)
-        nbformat.write(nb, path)
+        files.write_text(path, notebook_text(nb))  # atomic: the old notebook or the new, never half
         log(f"ran {path.name} in {time.perf_counter() - start:.1f} s, cleaned and written" if run
             else f"cleaned {path.name} (not executed) and written")
     return failed
@@ -251,6 +324,9 @@ def main(argv=None):
                     f"kept, the cells marked for nbgrader) and all outputs cleared. notebooks/ "
                     f"itself is only read.")
     student.add_argument("out_dir", metavar="OUT_DIR", help="where to write the copies (not notebooks/)")
+    student.add_argument("--overwrite", action="store_true",
+                         help="replace notebooks in OUT_DIR that differ from the fresh copies (a student's "
+                              "own work is lost)")
     run = sub.add_parser(
         "run", help="execute notebooks in place, then clean them for committing",
         description="Execute each notebook top to bottom in a fresh kernel started in its folder, "
@@ -258,7 +334,10 @@ def main(argv=None):
                     "cell fails, or whose outputs hold an absolute path, is not written; exit 1.")
     run.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
                      help="notebooks to run (default: every notebooks/*.ipynb)")
-    run.add_argument("--timeout", type=float, default=600, help="seconds per cell (default 600)")
+    run.add_argument("--timeout", type=cli.int_in("--timeout", 1, 86400), default=600,
+                     help="seconds per cell, an integer from 1 to 86400 (default 600)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="required: each notebook is written back over itself")
     run.add_argument("--no-execute", action="store_true",
                      help="only clean (counts, metadata, streams) and check for paths: outputs kept as they are")
     from . import coursesite
@@ -269,8 +348,8 @@ def main(argv=None):
         return coursesite.run(args)
     if args.action == "student":
         try:
-            written = write_student_copies(args.out_dir)
-        except ValueError as e:
+            written = write_student_copies(args.out_dir, overwrite=args.overwrite)
+        except ValueError as e:  # a bad notebook in notebooks/ or a refused OUT_DIR: before any write
             raise cli.UsageError(str(e)) from e
         import nbformat
         for path in written:
@@ -280,8 +359,17 @@ def main(argv=None):
                       f"fails): {line[:50]!r}...")
         return 0
     paths = args.notebooks or sorted(NOTEBOOKS.glob("*.ipynb"))
-    missing = [p for p in map(Path, paths) if not p.is_file()]
-    if missing or not paths:
-        raise cli.UsageError(f"NOTEBOOK: expected existing notebooks, got no such file: "
-                             f"{', '.join(map(str, missing)) or NOTEBOOKS}")
+    if not paths:
+        raise cli.UsageError(f"NOTEBOOK: expected existing notebooks, got none in {cli.shown(NOTEBOOKS)}")
+    for path in paths:  # regular files, each a valid notebook, each writable back in place
+        files.check_input(path, "NOTEBOOK")
+        try:
+            read_notebook(path)
+        except ValueError as e:
+            raise cli.UsageError(str(e)) from e
+    if not args.overwrite:
+        raise cli.UsageError(f"--overwrite: course run writes each notebook back over itself "
+                             f"({cli.shown(paths[0])}...); expected --overwrite to allow it")
+    for path in paths:
+        files.check_output(path, "NOTEBOOK", lambda p: True, "a notebook", overwrite=True)
     return 1 if run_notebooks(paths, args.timeout, run=not args.no_execute) else 0

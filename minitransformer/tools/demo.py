@@ -99,7 +99,7 @@ def run(args, model, out):
         print(f"{lab:<22}{n:>16,}{100 * n / total:>10.2f}%{h.best_val_acc:>10.3f}{acc:>10.3f}{h.seconds:>9.1f}")
 
     # --- save, reload into a fresh base, compare
-    save_adapter(model, task.name, out)
+    save_adapter(model, task.name, out, overwrite=args.overwrite)  # checked: shipped only with --overwrite
     print(f"\nsaved the adapter to {cli.shown(out)} ({out.stat().st_size / 1e3:.1f} kB)")
     fresh = load_pretrained(args.base)
     name = load_adapter(fresh, out)
@@ -178,11 +178,11 @@ def main(argv=None):
         p.error(f"--seed: expected a non-negative integer, got {args.seed}")
     base = checked_base(args.base)  # a bad file is a bad argument: refused before any work
     check_memory(base, args)
-    out = files.check_output(args.out or files.SCRATCH / f"{args.task}.npz", "--out",
+    out = files.check_output(files.SCRATCH / f"{args.task}.npz" if args.out is None else args.out, "--out",
                              lambda path: file_format(path) == ADAPTER_FORMAT, "an adapter checkpoint",
                              args.overwrite, inputs={"--base": args.base})
     readme = None
-    if args.readme:
+    if args.readme is not None:
         readme = files.check_output(args.readme, "--readme", files.has_section("demo"),
                                     "a README with the demo markers", args.overwrite)
     if readme is None:

@@ -360,18 +360,27 @@ def dumps(results):
 
 
 def read_results(path):
-    """The results dict stored at --from-json `path`; cli.UsageError if it is not one."""
+    """The results dict stored at --from-json `path`; cli.UsageError if it is not one: not a
+    regular file, not JSON (NaN and Infinity included), or any field the figures read missing or
+    of the wrong type or range (tools/schema.py names it)."""
+    from . import schema
+    data = files.read_bytes(path, "--from-json")  # a regular file, bounded: no FIFO, no /dev/zero
     try:
-        results = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise cli.UsageError(f"--from-json: cannot read {cli.shown(path)} ({e.strerror or e})") from e
-    except ValueError as e:  # bad JSON, or not text at all
+        results = json.loads(data, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as e:  # bad JSON, not text at all, nested too deep
         raise cli.UsageError(f"--from-json: {cli.shown(path)} is not valid JSON ({e})") from e
     missing = [k for k in RESULT_KEYS if not isinstance(results, dict) or k not in results]
     if missing:
         raise cli.UsageError(f"--from-json: expected a results.json written by this command, with the "
                              f"keys {', '.join(RESULT_KEYS)}; {cli.shown(path)} lacks {', '.join(missing)}")
-    return results
+    try:
+        return schema.check(results, schema.RESULTS, cli.shown(path))
+    except schema.SchemaError as e:
+        raise cli.UsageError(f"--from-json: {e}") from e
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a number a results.json holds")
 
 
 def checked_outputs(args, writes_json):
@@ -379,10 +388,11 @@ def checked_outputs(args, writes_json):
     outputs = {f"{name}.png": (files.is_png, "a PNG image") for name in plots.NAMES}
     if writes_json:
         outputs["results.json"] = (files.json_with("settings", "runs"), "a results.json of this command")
-    out = files.check_output_dir(args.out or files.SCRATCH / "figures", "--out", outputs, args.overwrite)
+    out = files.check_output_dir(files.SCRATCH / "figures" if args.out is None else args.out, "--out",
+                                 outputs, args.overwrite)
     # the repository's README shows the repository's figures only: other --out folders leave it alone
-    readme = args.readme or (files.README if out.resolve() == files.FIGURES.resolve() and not args.quick
-                             else None)
+    readme = args.readme if args.readme is not None else (
+        files.README if out.resolve() == files.FIGURES.resolve() and not args.quick else None)
     if readme:
         readme = files.check_output(readme, "--readme", plots.has_markers, "a README with the results "
                                     f"markers {plots.MARK_START!r} ... {plots.MARK_END!r}", args.overwrite)
@@ -406,21 +416,27 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.seed < 0:
         p.error(f"--seed: expected a non-negative integer, got {args.seed}")
-    results = read_results(args.from_json) if args.from_json else None
+    results = read_results(args.from_json) if args.from_json is not None else None
     if args.base not in (None, "shipped", "random"):
         checked_base(args.base)  # loads: a bad file is refused before any training
-    out, readme = checked_outputs(args, writes_json=results is None)
+    # the set in --out is whole: results.json goes with the PNGs, unless it is the very file read
+    target = Path(files.SCRATCH / "figures" if args.out is None else args.out) / "results.json"
+    writes_json = results is None or not (files.kind(target) == "file"
+                                          and target.resolve() == Path(args.from_json).resolve())
+    out, readme = checked_outputs(args, writes_json=writes_json)
     if results is None:
         settings = quick_settings(args.seed) if args.quick else Settings(seed=args.seed)
         if args.base:
             settings = replace(settings, base=args.base)
         with one_thread():  # reproducible sums, and fair to a shared machine
             results = run_all(settings)
-        files.write_text(out / "results.json", dumps(results))
-    plots.draw_all(results, out)
+    with files.written_together(out) as stage:  # all of them move in at once, or none
+        if writes_json:
+            files.write_text(stage / "results.json", dumps(results))
+        plots.draw_all(results, stage)
     if readme:
         write_readme_section(results, readme, out)
-    print(f"wrote {', '.join(plots.NAMES)} (.png){'' if args.from_json else ' and results.json'} to "
+    print(f"wrote {', '.join(plots.NAMES)} (.png){' and results.json' if writes_json else ''} to "
           f"{cli.shown(out)}" + (f"; updated {cli.shown(readme)}" if readme else ""))
     if out.resolve() != files.FIGURES.resolve():
         print(f"the repository's figures are unchanged; to replace them: --out {cli.shown(files.FIGURES)} "

@@ -140,12 +140,12 @@ def main(argv=None):
     if args.seed < 0:
         p.error(f"--seed: expected a non-negative integer, got {args.seed}")
     from .checkpoint import BASE_FORMAT, file_format, save_base
-    out = files.check_output(args.out or files.SCRATCH / "base.npz", "--out",
+    out = files.check_output(files.SCRATCH / "base.npz" if args.out is None else args.out, "--out",
                              lambda path: file_format(path) == BASE_FORMAT, "a base checkpoint",
                              args.overwrite)
     with one_thread():
         model, result = pretrain(args.steps, args.seed, progress=not args.quiet, n_texts=CORPUS)
-    save_base(model, out)
+    save_base(model, out, overwrite=args.overwrite)  # checked above: shipped only with --overwrite
     print(f"pretrained {model.num_parameters():,} parameters for {args.steps} steps in "
           f"{result['seconds']:.0f} s on the {backend.current()} path; held-out masked-token loss {result['loss']:.4f}, "
           f"accuracy {result['acc']:.4f}")

@@ -10,7 +10,7 @@ then bit-for-bit the result of one thread, and tests/test_runtime.py checks that
     set_threads(1)   # everything on the calling thread, e.g. to step through in a debugger
 
 The environment variable MINITRANSFORMER_THREADS sets the starting value (default: every
-core). A cross-row reduction, such as a bias gradient summed over every row, stays on one
+core), an integer from 1 to MAX_THREADS. A cross-row reduction, such as a bias gradient summed over every row, stays on one
 thread, because splitting it would change the order of its additions.
 
     by_rows(kernel, *arrays)   row-by-row work: LayerNorm, GELU, softmax (layers.py)
@@ -39,6 +39,7 @@ MIN_SIZE = 1 << 18  # elements (1 MiB of float32): below this, handing work to a
 # more than it saves. Waking a sleeping thread took about 0.1 ms on the benchmark's
 # virtual machine. Gradient checks work on small arrays, so they stay on one thread.
 
+MAX_THREADS = 256  # more threads than this only cost memory and hand-offs, on any machine
 _threads = None  # how many threads by_rows uses (None: not decided yet, see threads())
 _pool = None  # the worker threads, made on first use
 _pool_pid = None  # the process that made them: a forked child must make its own
@@ -51,12 +52,12 @@ def threads():
     if _threads is None:
         env = os.environ.get("MINITRANSFORMER_THREADS", "")
         if not env:
-            _threads = os.cpu_count() or 1
-        elif env.isdigit() and int(env) >= 1:
+            _threads = min(os.cpu_count() or 1, MAX_THREADS)
+        elif env.isascii() and env.isdigit() and 1 <= int(env) <= MAX_THREADS:  # not '²', a digit to isdigit
             _threads = int(env)
         else:
-            raise ValueError(f"MINITRANSFORMER_THREADS: expected a positive integer number of threads, "
-                             f"got {env!r}")
+            raise ValueError(f"MINITRANSFORMER_THREADS: expected an integer number of threads from 1 to "
+                             f"{MAX_THREADS}, got {env!r}")
     return _threads
 
 
@@ -70,8 +71,8 @@ def set_threads(n):
 
 
 def _check_threads(n, name):
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name}: expected a positive integer number of threads, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"{name}: expected an integer number of threads from 1 to {MAX_THREADS}, got {n!r}")
     return n
 
 

@@ -171,11 +171,21 @@ def accuracy(model, split, batch_size=256):
 # ----------------------------------------------------------------------------- the loop
 
 
+def _refuse_merged(model):
+    """A merged LoRA task computes no branch: training would move only its head (train_adapter
+    refuses it the same way). Read through the model's public attributes only."""
+    name = model.active_adapter
+    if name is not None and model.get_adapter(name).merged:
+        raise ValueError(f"model: task {name!r} is merged into the base weights (its branches are not "
+                         f"computed, only its head would train); model.unmerge({name!r}) before fit")
+
+
 def fit(model, task, config=None):
     """Train the model's trainable parameters on task.train (head "cls"), evaluate on
     task.val every config.eval_every steps, and keep the best weights -> History.
     A loss or weight that becomes NaN or inf stops it with a DivergedError (best weights kept)."""
     config = TrainConfig() if config is None else config
+    _refuse_merged(model)
     params = model.parameters(trainable_only=True)
     if not params:
         raise ValueError("model: expected some trainable parameters (see train.prepare), got none")
