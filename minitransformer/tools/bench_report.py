@@ -65,6 +65,11 @@ def table(res):
     rows += [("gemm_efficiency against weight_matmul_gflops", f"{res['gemm_efficiency_weight_shapes']:9.3f}")]
     rows += [(f"adapter_latency_overhead (m={m})", f"{v:9.3f}")
              for m, v in res["adapter_latency_overhead_by_m"].items()]
+    cpu = res["adapter_latency_overhead_cpu"]
+    rows += [(f"adapter_latency_overhead_cpu (m={b['bottleneck']}, B=1, one thread's CPU time)",
+              f"{cpu['overhead']:9.3f}   median of {cpu['repeats']} paired repetitions, quartiles "
+              f"{cpu['q1']:.3f} to {cpu['q3']:.3f} ({cpu['base_ms']:.1f} ms bare, {cpu['adapters_ms']:.1f} ms "
+              f"with adapters)")]
     what = {"adapter": f"adapters m={b['bottleneck']}", "lora": f"LoRA r={b['lora_rank']} (q, v), unmerged",
             "lora_merged": f"LoRA r={b['lora_rank']} merged into W", "prefix": f"prefix n={b['n_prefix']}",
             "prompt": f"prompt n={b['n_prompt']}"}
@@ -223,8 +228,29 @@ def paths_table(res):
     return "\n".join(lines)
 
 
-def page(res, profiles, when=None):
-    """The whole page: prose, then the run's tables and profiles."""
+AGAINST_TORCH = """\
+## Against PyTorch
+
+`python -m minitransformer bench --against torch` (with the optional extra: `pip install .[compare]`,
+PyTorch's CPU build) builds the same model in PyTorch from the same weights
+(`minitransformer/tools/torch_twin.py`: every parameter under the same name; F.linear, F.layer_norm,
+F.gelu, the attention as its products and softmax, F.cross_entropy, torch.optim.AdamW with the decay
+on matrices only), checks in float64 that both give the same loss and gradients, then times both in
+float32, each case's two runs back to back in every repetition. The ratio is taken repetition by
+repetition; the table gives its median and quartiles.
+"""
+
+
+def against_torch_section(torch_res):
+    """The comparison with PyTorch, or how to get it when it was not installed for the run."""
+    from .torch_twin import INSTALL, table as torch_table
+    if torch_res is None:
+        return AGAINST_TORCH + f"\nThis run had no PyTorch to compare with ({INSTALL}).\n"
+    return AGAINST_TORCH + "\n" + torch_table(torch_res) + "\n"
+
+
+def page(res, profiles, torch_res=None, when=None):
+    """The whole page: prose, then the run's tables and profiles (and the comparison with PyTorch)."""
     when = when or time.strftime("%d %b %Y, %H:%M UTC", time.gmtime())
     env = res["environment"]
     parts = [INTRO,
@@ -233,7 +259,7 @@ def page(res, profiles, when=None):
              "The reference path beside the fast one:\n", paths_table(res), "",
              "Each operation that has a fast kernel, on the benchmark's shapes:\n", operations_table(res), "",
              "The whole table, as `python -m minitransformer bench` prints it:\n",
-             "```\n" + table(res) + "\n```\n", MEASURED, TARGETS_TEXT, PROCESS,
+             "```\n" + table(res) + "\n```\n", against_torch_section(torch_res), MEASURED, TARGETS_TEXT, PROCESS,
              "## Where the time goes\n\nElapsed time of the full step, by function (`bench --profile`; "
              "`--profile --path reference` for the textbook code):\n"]
     for text in profiles:
