@@ -408,9 +408,10 @@ def table(res):
         lines.append(f"| {case} | {c['numpy_ms']:.1f} ms | {c['torch_ms']:.1f} ms | "
                      f"{c['ratio']:.2f} ({c['ratio_q1']:.2f}-{c['ratio_q3']:.2f}) |")
     load = res["load_average_before_after"]
-    lines.append(f"\nPyTorch {res['torch']} ({res['torch_threads']} threads), float32, eager; {res['repeats']} "
-                 f"repetitions, each case's two runs back to back (which goes first alternates); ratios are "
-                 f"per repetition. Load average {load[0]:.1f} before, {load[1]:.1f} after.")
+    n = res["torch_threads"]
+    lines.append(f"\nPyTorch {res['torch']} ({n} thread{'s' if n > 1 else ''}), float32, eager; {res['repeats']} "
+                 f"repetitions, each case's two runs back to back (which goes first alternates); ratios are per "
+                 f"repetition. Load average {load[0]:.1f} before, {load[1]:.1f} after.")
     worst = max(max(c.values()) for c in res["checks"].values())
     lines.append(f"Same model, same weights: in float64 the loss and every gradient agree to {worst:.1e} "
                  f"(relative, worst of the four cases).")
