@@ -1,0 +1,226 @@
+"""The fast kernels: the same functions as the reference passes, computed with fewer passes over
+memory and on every core. Same arguments, same results (tests/test_kernels.py), chosen with
+`backend.use("fast")`; the commands that train at size use them.
+
+Each kernel says in one line which trick it uses and what it saves. The tricks:
+- `out=` and in-place steps: every step writes into one array made up front, so a chain of
+  elementwise steps makes no temporaries (each temporary is a fresh allocation and a pass over
+  memory the size of the activations).
+- threads: a row-by-row operation runs as one block of rows per core (`runtime.by_rows`): NumPy
+  runs a ufunc such as np.tanh on one core, and lets go of the GIL inside it.
+- einsum row sums: np.einsum("...k->...") is 2-3x faster than x.sum(-1) on rows of a few hundred.
+- folded constants: k and a of GELU multiplied once into one scalar, AdamW's bias corrections
+  folded into two scalars, so each costs one pass instead of two or three.
+
+Attention and the adapter are in kernels_attention.py. Shape legend as in layers.py.
+"""
+import math
+
+import numpy as np
+
+from .. import layers
+from .runtime import by_rows, for_each
+
+
+def row_sum(x):
+    """x.sum(axis=-1, keepdims=True) by einsum: 2-3x faster on short rows (K of a few hundred)."""
+    return np.einsum("...k->...", x)[..., None]
+
+
+# ----------------------------------------------------------------------------- linear
+
+
+def linear_forward(x, W, b, keep_x=True):
+    """One 2-D BLAS product over every row, and the bias added in place: saves one (N, d_out) array."""
+    out = x.reshape(-1, x.shape[-1]) @ W  # (N, d_in) @ (d_in, d_out) -> (N, d_out)
+    out += b
+    cache = (x if keep_x else None, W)
+    return out.reshape(*x.shape[:-1], W.shape[1]), cache
+
+
+def linear_backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
+    """Rows flattened once to (N, d_out); the products are the reference's."""
+    x, W = cache
+    d2 = dout.reshape(-1, dout.shape[-1])  # (N, d_out)
+    dx = (d2 @ W.T).reshape(*dout.shape[:-1], W.shape[0]) if need_dx else None
+    dW = db = None
+    if need_dW:
+        if x is None:
+            raise ValueError("need_dW: the forward ran with keep_x=False (a frozen weight), so x "
+                             "was not kept; unfreeze before the forward, not between it and the backward")
+        dW = x.reshape(-1, x.shape[-1]).T @ d2  # (d_in, N) @ (N, d_out)
+    if need_db:
+        db = d2.sum(axis=0)
+    return dx, dW, db
+
+
+# ----------------------------------------------------------------------------- layernorm
+
+
+def layernorm_forward(x, gamma, beta, eps=1e-5):
+    """Rows on every core, in place into three arrays made up front: no (..., C) temporaries."""
+    out, xhat = np.empty_like(x), np.empty_like(x)  # (..., C)
+    rstd = np.empty((*x.shape[:-1], 1), dtype=x.dtype)  # (..., 1)
+    by_rows(_layernorm_forward_rows, x, out, xhat, rstd, gamma=gamma, beta=beta, eps=x.dtype.type(eps))
+    cache = (xhat, rstd, gamma)
+    return out, cache
+
+
+def _layernorm_forward_rows(x, out, xhat, rstd, gamma, beta, eps):
+    C = x.shape[-1]
+    mu = row_sum(x) / C  # (..., 1)
+    np.subtract(x, mu, out=xhat)  # centred; normalised in place below
+    var = np.einsum("...c,...c->...", xhat, xhat)[..., None] / C  # (..., 1), no (..., C) square
+    np.divide(1, np.sqrt(var + eps), out=rstd)
+    xhat *= rstd
+    np.multiply(xhat, gamma, out=out)
+    out += beta
+
+
+def layernorm_backward(dout, cache, need_dx=True, need_dgamma=True, need_dbeta=True):
+    """Parameter sums by einsum (no dout * xhat temporary), dx rows on every core, in place."""
+    xhat, rstd, gamma = cache
+    C = dout.shape[-1]
+    d2 = dout.reshape(-1, C)
+    dgamma = np.einsum("nc,nc->c", d2, xhat.reshape(-1, C)) if need_dgamma else None
+    dbeta = d2.sum(axis=0) if need_dbeta else None
+    dx = None
+    if need_dx:
+        dx = np.empty_like(dout)
+        by_rows(_layernorm_backward_rows, dout, xhat, rstd, dx, gamma=gamma)
+    return dx, dgamma, dbeta
+
+
+def _layernorm_backward_rows(dout, xhat, rstd, dx, gamma):
+    C = dout.shape[-1]
+    dxhat = dout * gamma  # (..., C)
+    m1 = row_sum(dxhat) / C  # (..., 1), mean(dxhat)
+    m2 = np.einsum("...c,...c->...", dxhat, xhat)[..., None] / C  # (..., 1), mean(dxhat * xhat)
+    np.multiply(xhat, m2, out=dx)
+    np.subtract(dxhat, dx, out=dx)
+    dx -= m1
+    dx *= rstd
+
+
+# ----------------------------------------------------------------------------- GELU
+
+
+def gelu_forward(x):
+    """Rows on every core; the gate built in place in one array, with a * k folded: 2 arrays, not 6."""
+    out, g = np.empty_like(x), np.empty_like(x)
+    by_rows(_gelu_forward_rows, x, out, g)
+    cache = (x, g)  # g = 0.5 (1 + tanh(u)), the gate
+    return out, cache
+
+
+def _gelu_forward_rows(x, out, g):
+    t = x.dtype.type
+    k, a = t(np.sqrt(2.0 / np.pi)), t(0.044715)
+    np.multiply(x, x, out=g)  # x^2
+    g *= a * k
+    g += k
+    g *= x  # u = k (x + a x^3)
+    np.tanh(g, out=g)
+    g *= t(0.5)
+    g += t(0.5)  # g = 0.5 (1 + tanh(u))
+    np.multiply(x, g, out=out)  # y = x g
+
+
+def gelu_backward(dout, cache):
+    """Rows on every core; with tanh' = 4 g (1 - g) and 2k, 6ak folded, in place in dx."""
+    x, g = cache
+    dx = np.empty_like(dout)
+    by_rows(_gelu_backward_rows, dout, x, g, dx)
+    return dx
+
+
+def _gelu_backward_rows(dout, x, g, dx):
+    t = x.dtype.type
+    k, a = t(np.sqrt(2.0 / np.pi)), t(0.044715)
+    np.multiply(x, x, out=dx)
+    dx *= t(6) * a * k
+    dx += t(2) * k
+    dx *= x  # x * 2 k (1 + 3 a x^2)
+    gg = g * g
+    np.subtract(g, gg, out=gg)  # g (1 - g) = (1 - tanh^2(u)) / 4
+    dx *= gg
+    dx += g  # dy/dx = g + x * 0.5 (1 - tanh^2(u)) * k (1 + 3 a x^2)
+    dx *= dout
+
+
+ACTIVATIONS = dict(layers.ACTIVATIONS, gelu=(gelu_forward, gelu_backward))
+
+
+# ----------------------------------------------------------------------------- softmax
+
+
+def softmax_forward(x):
+    """Rows on every core, exp and the division in place in the output: one (..., K) array."""
+    p = np.empty_like(x)
+    by_rows(_softmax_forward_rows, x, p)
+    return p, p
+
+
+def _softmax_forward_rows(x, p):
+    m = x.max(axis=-1, keepdims=True)
+    m[~np.isfinite(m)] = 0  # fully masked rows: subtract nothing, exp(-inf) = 0 everywhere
+    np.subtract(x, m, out=p)
+    np.exp(p, out=p)
+    s = row_sum(p)  # (..., 1)
+    s[s == 0] = 1  # fully masked rows stay 0 instead of 0/0
+    p /= s
+
+
+def softmax_backward(dout, cache):
+    """Rows on every core; sum(dout * p) by einsum, no (..., K) temporary."""
+    p = cache
+    dx = np.empty_like(dout)
+    by_rows(_softmax_backward_rows, dout, p, dx)
+    return dx
+
+
+def _softmax_backward_rows(dout, p, dx):
+    s = np.einsum("...k,...k->...", dout, p)[..., None]  # (..., 1)
+    np.subtract(dout, s, out=dx)
+    dx *= p
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def adamw_update(w, g, m, v, t, lr, b1, b2, eps, weight_decay):
+    """In place, the bias corrections folded into two scalars: 2 passes fewer, 1 array instead of 4.
+
+    m_hat / (sqrt(v_hat) + eps) = (c2 / c1) * m / (sqrt(v) + eps * c2),
+    with c1 = 1 - b1^t and c2 = sqrt(1 - b2^t).
+    """
+    m *= b1
+    m += (1 - b1) * g
+    v *= b2
+    g2 = g * g
+    g2 *= 1 - b2
+    v += g2
+    c1, c2 = 1 - b1 ** t, math.sqrt(1 - b2 ** t)
+    update = np.sqrt(v, out=g2)  # g2 is spent: reuse its memory
+    update += eps * c2
+    np.divide(m, update, out=update)
+    if weight_decay:
+        w *= 1 - lr * weight_decay
+    update *= lr * c2 / c1
+    w -= update
+
+
+def sgd_update(w, g, velocity, lr, momentum, weight_decay):
+    """The velocity updated in place: one array fewer per step."""
+    if weight_decay:
+        g = g + weight_decay * w
+    if velocity is not None:
+        velocity *= momentum
+        velocity += g
+        g = velocity
+    w -= lr * g
+
+
+def each_parameter(fn, params):
+    """The parameters shared out among the threads (runtime.for_each): one hand-off per step."""
+    for_each(fn, params, size=lambda p: p.value.size)
