@@ -422,6 +422,7 @@ def run(b):
     res["adapter_over_full_step"] = res["adapter_step_s"] / res["full_step_s"]
     # the same ratio of counted matrix-product work: what the ratio would be with no elementwise cost
     res["adapter_over_full_flops"] = res["adapter_step_gflop"] / res["full_step_gflop"]
+    res["adapter_step_gap_to_flops"] = res["adapter_over_full_step"] - res["adapter_over_full_flops"]
     # against full fine-tuning of the bare base (no adapters to run at all): the paper's comparison
     res["adapter_over_base_full_step"] = res["adapter_step_s"] / res["base_full_step_s"]
     res["adapter_over_base_full_flops"] = res["adapter_step_gflop"] / res["base_full_step_gflop"]

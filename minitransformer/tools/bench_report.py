@@ -11,8 +11,8 @@ from .benchmodel import BenchConfig
 # ----------------------------------------------------------------------------- the table
 
 
-TARGETS = {"adapter_over_full_step": ("<=", 0.70), "gemm_efficiency": (">=", 0.50),
-           "adapter_latency_overhead": ("<=", 0.12)}
+TARGETS = {"adapter_over_full_step": ("<=", 0.70), "adapter_step_gap_to_flops": ("<=", 0.03),
+           "gemm_efficiency": (">=", 0.75), "adapter_latency_overhead": ("<=", 0.12)}
 
 
 SIZE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch", "bottleneck")
@@ -20,7 +20,7 @@ SIZE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len"
 
 def meets(res):
     """{ratio: True/False} against TARGETS."""
-    return {k: (res[k] <= v if op == "<=" else res[k] >= v) for k, (op, v) in TARGETS.items()}
+    return {k: (res[k] <= v if op == "<=" else res[k] >= v) for k, (op, v) in TARGETS.items() if k in res}
 
 
 def targets_apply(config):
@@ -119,6 +119,7 @@ python -m minitransformer bench                     # the table below, printed
 python -m minitransformer bench --json out.json     # the same, also as JSON
 python -m minitransformer bench --quick             # tiny sizes, under a second: what the tests run
 python -m minitransformer bench --profile           # where a step's elapsed time goes, by function
+python -m minitransformer bench --against torch     # the same model in PyTorch: checked, then timed
 ```
 
 ## Two paths: the textbook and the fast kernels
@@ -191,9 +192,18 @@ PROCESS = """\
 """
 
 TARGETS_TEXT = """\
-## The three targets
+## The targets
 
 The table above gives each target's verdict for this run; what decides them:
+
+- `adapter_step_gap_to_flops` <= 0.03: the adapter step over the full step, in time, minus the same
+  ratio in counted matrix-product work. The time ratio is higher because the elementwise work
+  (attention's softmax, every LayerNorm, the GELUs) is paid in full by both steps; a gap within 0.03
+  means the fast path adds little of its own beyond what the flops predict.
+- `gemm_efficiency` >= 0.75 (it was 0.50 before PyTorch was the yardstick): the step at three
+  quarters of the rate of its own matrix products.
+- Against PyTorch (`bench --against torch`, above): each of the full step, the adapter step and the
+  forward at most 1.00 times PyTorch's eager time, in one run.
 
 - `adapter_latency_overhead` <= 0.12 at m = 64: the adapters' own products are 8NCm flops per
   block against the block's 2N(4C^2 + 2CF) + 4BT^2C, about 7.7 % of the forward at these sizes; the
