@@ -89,6 +89,15 @@ def test_gradcheck_prints_autograd_beside_finite_differences(monkeypatch, capsys
     assert autograd < torch_twin.THRESHOLD and fd < gradcheck.MODEL_THRESHOLD
 
 
+def test_gradcheck_fails_when_autograd_disagrees(monkeypatch, capsys):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(gradcheck, "operation_checks", lambda: iter(()))
+    monkeypatch.setattr(gradcheck, "model_variants", lambda: VARIANTS[:1])
+    monkeypatch.setattr(torch_twin, "THRESHOLD", 0.0)  # roundings differ somewhere: the worst group fails
+    assert cli(["gradcheck", "--against", "torch"]) == 1
+    assert "PyTorch autograd" in capsys.readouterr().out.splitlines()[-2]
+
+
 def test_bench_against_torch_checks_then_times_every_case(capsys):
     pytest.importorskip("torch")
     res = torch_twin.against_torch(bench.QUICK, repeats=3, log=lambda *a: None)
