@@ -207,7 +207,12 @@ The table above gives each target's verdict for this run; what decides them:
 
 - `adapter_latency_overhead` <= 0.12 at m = 64: the adapters' own products are 8NCm flops per
   block against the block's 2N(4C^2 + 2CF) + 4BT^2C, about 7.7 % of the forward at these sizes; the
-  thin products also wake sleeping BLAS threads, so the measured overhead moves from run to run.
+  thin products also wake sleeping BLAS threads, so the measured overhead moves from run to run
+  (0.03 to 0.26 over five runs on a shared machine). `adapter_latency_overhead_cpu` moves much less:
+  one request (B = 1), one thread, timed by that thread's CPU clock (which other processes do not
+  advance), the bare forward and the one with adapters back to back 301 times; the median of the 301
+  ratios, with their quartiles. Ten runs in separate processes on the loaded 2-core machine gave 0.09
+  to 0.12: closer than the elapsed-time figure, but not yet within 0.02 of each other.
 - `gemm_efficiency` >= 0.50, against the rate of the step's own products. Against the large weight
   products alone (`gemm_efficiency against weight_matmul_gflops`) it is lower: the small per-head
   and thin adapter products run below that rate even on their own.
