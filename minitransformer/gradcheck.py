@@ -305,9 +305,11 @@ def model_variants():
     return out
 
 
-def check_all(log=print):
+def check_all(log=print, against=None):
     """Every operation, then every parameter of every model, on the current path -> (worst
-    error, [what failed])."""
+    error, [what failed]). against: beside each model's rows, another check of its gradients,
+    against(model, ids, targets, pad_mask, head, dropout_seed, rows) -> (lines, passed): PyTorch's
+    autograd (tools/torch_twin.gradcheck_lines), printed under the model's rows."""
     worst, failed = 0.0, []
     log(f"{'operation':<44}{'input':<12}{'shape':<16}{'rel. error':>12}")
     for op, name, shape, err in operation_checks():
@@ -335,6 +337,10 @@ def check_all(log=print):
             worst = max(worst, err)
             if flag:
                 failed.append(f"{label}: {name}")
+        if against:
+            lines, passed = against(model, ids, targets, pad_mask, head, 7, rows)
+            log("\n".join(lines))
+            failed += [] if passed else [f"{label}: PyTorch autograd"]
     return worst, failed
 
 
@@ -348,14 +354,22 @@ def main(argv=None):
                                      "in float64; exit 0 only if every check passes.")
     parser.add_argument("--path", choices=(*backend.PATHS, "both"), default="reference",
                         help="which code to check: the reference passes (default), the fast kernels, or both")
+    parser.add_argument("--against", choices=("torch",), help="also compare every model's gradients with "
+                        "PyTorch's autograd (needs PyTorch: pip install .[compare])")
     args = parser.parse_args(argv)
+    against = None
+    if args.against:
+        from .tools import torch_twin
+        if not torch_twin.available():
+            raise ImportError(f"--against torch: {torch_twin.INSTALL}")
+        against = torch_twin.gradcheck_lines
     paths = backend.PATHS if args.path == "both" else (args.path,)
     start, worst, failed = time.time(), 0.0, []
     for path in paths:
         print(f"Gradient checks of the {path} path, float64, centred differences (h=1e-5). "
               f"Thresholds: {OP_THRESHOLD:.0e} per operation, {MODEL_THRESHOLD:.0e} per model.\n")
         with backend.using(path):
-            w, f = check_all()
+            w, f = check_all(against=against)
         print(f"\n{path} path: {len(f)} check(s) failed; max relative error {w:.2e}\n")
         worst, failed = max(worst, w), failed + [f"{path}: {x}" for x in f]
     print(f"{len(failed)} check(s) failed{': ' + ', '.join(failed) if failed else ''}; "

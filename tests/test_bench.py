@@ -184,3 +184,22 @@ def test_the_full_step_trains_the_same_model_as_the_adapter_step():
 def test_bad_repeats_is_refused(capsys):
     assert cli(["bench", "--quick", "--repeats", "0"]) == 2
     assert capsys.readouterr().err == "minitransformer bench: error: argument --repeats: expected an integer from 1 to 1000, got 0\n"
+
+
+def test_the_latency_overhead_that_holds_still_is_reported_with_its_spread(quick_run):
+    _, r, page = quick_run
+    cpu = r["adapter_latency_overhead_cpu"]
+    assert cpu["repeats"] == bench.QUICK.cpu_repeats
+    assert cpu["q1"] <= cpu["overhead"] <= cpu["q3"] and cpu["base_ms"] > 0 and cpu["adapters_ms"] > 0
+    assert "adapter_latency_overhead_cpu" in page
+    assert r["adapter_step_gap_to_flops"] == pytest.approx(r["adapter_over_full_step"] - r["adapter_over_full_flops"])
+
+
+def test_the_page_has_the_comparison_with_pytorch_or_says_how_to_get_it(quick_run):
+    from minitransformer.tools import torch_twin
+    _, _, page = quick_run
+    assert "## Against PyTorch" in page
+    if torch_twin.available():
+        assert "| full step |" in page.split("## Against PyTorch")[1] and "NumPy / PyTorch" in page
+    else:
+        assert "pip install .[compare]" in page

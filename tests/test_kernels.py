@@ -340,3 +340,38 @@ def test_using_restores_the_path_before_it_even_on_error():
     assert backend.current() == "reference" and backend.ops.gelu_forward is layers.gelu_forward
     with pytest.raises(ValueError, match=r"path: expected one of \('reference', 'fast'\), got 'quick'"):
         backend.use("quick")
+
+
+# ----------------------------------------------------------------------------- cache-sized blocks
+
+
+@pytest.mark.parametrize("shape", [(16, 128, 256), (7, 37, 1031), (3, 5, 16)])
+def test_cache_sized_blocks_change_no_bit(monkeypatch, shape):
+    """kernels.chunked runs each row as one call would: the results of every blocked kernel are
+    equal bit for bit to those of one pass over the whole array (rows cut at odd places too)."""
+    rng = np.random.default_rng(0)
+    x, d = randn(rng, np.float32, *shape), randn(rng, np.float32, *shape)
+    g, b = randn(rng, np.float32, shape[-1]), randn(rng, np.float32, shape[-1])
+    att = x.copy()
+    att[0, 0, :3] = -np.inf
+    att[0, 1, :] = -np.inf  # a fully masked row
+
+    def run():
+        out = {}
+        out["ln"], c = kernels.layernorm_forward(x, g, b)
+        out["ln_back"] = kernels.layernorm_backward(d, c)
+        out["gelu"], c = kernels.gelu_forward(x)
+        out["gelu_back"] = kernels.gelu_backward(d, c)
+        out["softmax"], c = kernels.softmax_forward(att)
+        out["softmax_back"] = kernels.softmax_backward(d, c)
+        w, m, v = x.copy(), d.copy(), np.abs(x)
+        kernels.adamw_update(w, d, m, v, 3, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        out["adamw"] = (w, m, v)
+        return out
+    def flat(out):
+        return [a for k in sorted(out) for a in (out[k] if isinstance(out[k], tuple) else (out[k],))]
+    blocked = flat(run())
+    for chunk in (1 << 40, 999):  # one block (one pass over the whole array), and blocks of a row or two
+        monkeypatch.setattr(kernels, "CHUNK", chunk)
+        for a, c in zip(flat(run()), blocked, strict=True):
+            assert (a is None and c is None) or np.array_equal(a, c, equal_nan=True), chunk

@@ -104,6 +104,44 @@ def median_time(fn, repeats, warmup=0):
     return statistics.median(times)
 
 
+def cpu_overhead(b, repeats=301):
+    """The adapters' latency overhead as work rather than elapsed time: {"overhead", "q1", "q3",
+    "base_ms", "adapters_ms", "repeats"}.
+
+    Elapsed time on a shared machine moves with the load (0.03 to 0.26 over five runs here). So
+    the latency of one request, one sequence of b.seq_len tokens, is measured on ONE thread (one
+    BLAS thread, one elementwise thread) by that thread's CPU clock (time.thread_time), which other
+    processes do not advance: the forward with adapters (m = b.bottleneck) and the bare one, back to
+    back, `repeats` times. overhead: the median of the per-repetition ratios, - 1; q1, q3 their
+    quartiles; base_ms, adapters_ms: each one's median.
+    """
+    from dataclasses import replace
+
+    from threadpoolctl import threadpool_limits
+    one = replace(b, batch=1)
+    ids, _ = make_batch(one)
+    base, adapted = Transformer(one.model_config(), 0), with_adapters(one, one.bottleneck)
+    jobs = [lambda: base.forward(ids, head="cls"), lambda: adapted.forward(ids, head="cls")]
+    before = runtime.threads()
+    times = ([], [])
+    try:
+        runtime.set_threads(1)
+        with threadpool_limits(limits=1, user_api="blas"), backend.using("fast"):
+            for fn in jobs:
+                fn()
+            for _ in range(repeats):
+                for fn, ts in zip(jobs, times):
+                    t0 = time.thread_time()
+                    fn()
+                    ts.append(time.thread_time() - t0)
+    finally:
+        runtime.set_threads(before)
+    ratios = [a / c - 1 for c, a in zip(*times)]
+    q = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"overhead": statistics.median(ratios), "q1": q[0], "q3": q[2], "repeats": repeats,
+            "base_ms": 1e3 * statistics.median(times[0]), "adapters_ms": 1e3 * statistics.median(times[1])}
+
+
 def minor_faults():
     """Minor page faults of this process so far: each fresh page NumPy touches costs one,
     and on a virtual machine they are expensive (see the README's Performance section)."""
@@ -383,6 +421,7 @@ def run(b):
     res["adapter_over_full_step"] = res["adapter_step_s"] / res["full_step_s"]
     # the same ratio of counted matrix-product work: what the ratio would be with no elementwise cost
     res["adapter_over_full_flops"] = res["adapter_step_gflop"] / res["full_step_gflop"]
+    res["adapter_step_gap_to_flops"] = res["adapter_over_full_step"] - res["adapter_over_full_flops"]
     # against full fine-tuning of the bare base (no adapters to run at all): the paper's comparison
     res["adapter_over_base_full_step"] = res["adapter_step_s"] / res["base_full_step_s"]
     res["adapter_over_base_full_flops"] = res["adapter_step_gflop"] / res["base_full_step_gflop"]
@@ -399,6 +438,7 @@ def run(b):
             **{k: t[f"forward_{k}"] for k in ("lora", "lora_merged", "prefix", "prompt")}}
     res["forward_peft_s"] = peft
     res["peft_latency_overhead"] = {k: v / t["forward"] - 1 for k, v in peft.items()}
+    res["adapter_latency_overhead_cpu"] = cpu_overhead(b, b.cpu_repeats)
     res["environment"] = environment()
     res["runtime"] = {"elementwise_threads": runtime.threads(), "blas_idle": runtime.blas_timeout_status(),
                       "malloc": runtime.memory_status()}
@@ -458,6 +498,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=cli.int_in("--threads", 1, runtime.MAX_THREADS), default=None,
                         help="limit the BLAS threads (threadpoolctl) and the elementwise threads "
                              f"(runtime.set_threads), 1 to {runtime.MAX_THREADS}; default: every core")
+    parser.add_argument("--against", choices=("torch",),
+                        help="instead of the benchmark: the same model in PyTorch from the same weights, "
+                             "checked in float64, then timed against the fast path step by step (needs "
+                             "PyTorch: pip install .[compare]); --docs includes it whenever PyTorch is there")
     parser.add_argument("--docs", metavar="PATH",
                         help="also write the performance page (docs/performance.md) from this run, "
                              "with the profiles of both paths")
@@ -473,6 +517,13 @@ def main(argv=None):
         parser.error("--path: only used with --profile (the benchmark measures both paths), got it without")
     if args.docs and args.profile:
         parser.error("--docs: the page needs the benchmark's numbers; expected --docs without --profile")
+    if args.against and (args.profile or args.json or args.docs):
+        parser.error("--against: the comparison runs on its own; expected it without --profile, --json "
+                     "and --docs (--docs includes it when PyTorch is installed)")
+    if args.against:
+        from . import torch_twin
+        if not torch_twin.available():
+            raise ImportError(f"--against torch: {torch_twin.INSTALL}")
     if args.docs is not None:
         files.check_output(args.docs, "--docs", lambda path: files.read_bytes(path, "--docs").startswith(
                            b"# Performance"), "a performance page written by bench", overwrite=args.overwrite)
@@ -491,11 +542,20 @@ def main(argv=None):
         if args.profile:
             print(profile(b, clock="cpu" if args.cpu else "wall", path=args.path))
             return 0
+        if args.against:
+            from . import torch_twin
+            res = torch_twin.against_torch(b, args.repeats)
+            print(torch_twin.table(res))
+            return 0 if res["check_passed"] else 1
         res = run(b)
         profiles = [profile(b, path=path) for path in ("fast", "reference")] if args.docs else []
+        torch_res = None
+        if args.docs:
+            from . import torch_twin
+            torch_res = torch_twin.against_torch(b) if torch_twin.available() else None
     print(table(res))
     if args.docs:
-        files.write_text(args.docs, page(res, profiles))
+        files.write_text(args.docs, page(res, profiles, torch_res))
         print(f"wrote {cli.shown(args.docs)}")
     if args.json:
         files.write_text(args.json, json.dumps(res, indent=2))

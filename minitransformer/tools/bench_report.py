@@ -11,8 +11,8 @@ from .benchmodel import BenchConfig
 # ----------------------------------------------------------------------------- the table
 
 
-TARGETS = {"adapter_over_full_step": ("<=", 0.70), "gemm_efficiency": (">=", 0.50),
-           "adapter_latency_overhead": ("<=", 0.12)}
+TARGETS = {"adapter_over_full_step": ("<=", 0.70), "adapter_step_gap_to_flops": ("<=", 0.03),
+           "gemm_efficiency": (">=", 0.75), "adapter_latency_overhead": ("<=", 0.12)}
 
 
 SIZE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch", "bottleneck")
@@ -20,7 +20,7 @@ SIZE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len"
 
 def meets(res):
     """{ratio: True/False} against TARGETS."""
-    return {k: (res[k] <= v if op == "<=" else res[k] >= v) for k, (op, v) in TARGETS.items()}
+    return {k: (res[k] <= v if op == "<=" else res[k] >= v) for k, (op, v) in TARGETS.items() if k in res}
 
 
 def targets_apply(config):
@@ -65,6 +65,11 @@ def table(res):
     rows += [("gemm_efficiency against weight_matmul_gflops", f"{res['gemm_efficiency_weight_shapes']:9.3f}")]
     rows += [(f"adapter_latency_overhead (m={m})", f"{v:9.3f}")
              for m, v in res["adapter_latency_overhead_by_m"].items()]
+    cpu = res["adapter_latency_overhead_cpu"]
+    rows += [(f"adapter_latency_overhead_cpu (m={b['bottleneck']}, B=1, one thread's CPU time)",
+              f"{cpu['overhead']:9.3f}   median of {cpu['repeats']} paired repetitions, quartiles "
+              f"{cpu['q1']:.3f} to {cpu['q3']:.3f} ({cpu['base_ms']:.1f} ms bare, {cpu['adapters_ms']:.1f} ms "
+              f"with adapters)")]
     what = {"adapter": f"adapters m={b['bottleneck']}", "lora": f"LoRA r={b['lora_rank']} (q, v), unmerged",
             "lora_merged": f"LoRA r={b['lora_rank']} merged into W", "prefix": f"prefix n={b['n_prefix']}",
             "prompt": f"prompt n={b['n_prompt']}"}
@@ -114,6 +119,7 @@ python -m minitransformer bench                     # the table below, printed
 python -m minitransformer bench --json out.json     # the same, also as JSON
 python -m minitransformer bench --quick             # tiny sizes, under a second: what the tests run
 python -m minitransformer bench --profile           # where a step's elapsed time goes, by function
+python -m minitransformer bench --against torch     # the same model in PyTorch: checked, then timed
 ```
 
 ## Two paths: the textbook and the fast kernels
@@ -186,15 +192,26 @@ PROCESS = """\
 """
 
 TARGETS_TEXT = """\
-## The three targets
+## The targets
 
 The table above gives each target's verdict for this run; what decides them:
 
+- `adapter_step_gap_to_flops` <= 0.03: the adapter step over the full step, in time, minus the same
+  ratio in counted matrix-product work. The time ratio is higher because the elementwise work
+  (attention's softmax, every LayerNorm, the GELUs) is paid in full by both steps; a gap within 0.03
+  means the fast path adds little of its own beyond what the flops predict.
+- Against PyTorch (`bench --against torch`, above): each of the full step, the adapter step and the
+  forward at most 1.00 times PyTorch's eager time, in one run.
 - `adapter_latency_overhead` <= 0.12 at m = 64: the adapters' own products are 8NCm flops per
   block against the block's 2N(4C^2 + 2CF) + 4BT^2C, about 7.7 % of the forward at these sizes; the
-  thin products also wake sleeping BLAS threads, so the measured overhead moves from run to run.
-- `gemm_efficiency` >= 0.50, against the rate of the step's own products. Against the large weight
-  products alone (`gemm_efficiency against weight_matmul_gflops`) it is lower: the small per-head
+  thin products also wake sleeping BLAS threads, so the measured overhead moves from run to run
+  (0.03 to 0.26 over five runs on a shared machine). `adapter_latency_overhead_cpu` moves much less:
+  one request (B = 1), one thread, timed by that thread's CPU clock (which other processes do not
+  advance), the bare forward and the one with adapters back to back 301 times; the median of the 301
+  ratios, with their quartiles. Ten runs in separate processes on the loaded 2-core machine gave 0.09
+  to 0.12: closer than the elapsed-time figure, but not yet within 0.02 of each other.
+- `gemm_efficiency` >= 0.75 (it was 0.50): the step at three quarters of the rate of its own
+  products. Against the large weight products alone (`gemm_efficiency against weight_matmul_gflops`) it is lower: the small per-head
   and thin adapter products run below that rate even on their own.
 - `adapter_over_full_step` <= 0.70 is below what this configuration allows: the counted
   matrix-product work alone gives the `adapter step / full step, counted flops` line. In the paper's
@@ -223,8 +240,29 @@ def paths_table(res):
     return "\n".join(lines)
 
 
-def page(res, profiles, when=None):
-    """The whole page: prose, then the run's tables and profiles."""
+AGAINST_TORCH = """\
+## Against PyTorch
+
+`python -m minitransformer bench --against torch` (with the optional extra: `pip install .[compare]`,
+PyTorch's CPU build) builds the same model in PyTorch from the same weights
+(`minitransformer/tools/torch_twin.py`: every parameter under the same name; F.linear, F.layer_norm,
+F.gelu, the attention as its products and softmax, F.cross_entropy, torch.optim.AdamW with the decay
+on matrices only), checks in float64 that both give the same loss and gradients, then times both in
+float32, each case's two runs back to back in every repetition. The ratio is taken repetition by
+repetition; the table gives its median and quartiles.
+"""
+
+
+def against_torch_section(torch_res):
+    """The comparison with PyTorch, or how to get it when it was not installed for the run."""
+    from .torch_twin import INSTALL, table as torch_table
+    if torch_res is None:
+        return AGAINST_TORCH + f"\nThis run had no PyTorch to compare with ({INSTALL}).\n"
+    return AGAINST_TORCH + "\n" + torch_table(torch_res) + "\n"
+
+
+def page(res, profiles, torch_res=None, when=None):
+    """The whole page: prose, then the run's tables and profiles (and the comparison with PyTorch)."""
     when = when or time.strftime("%d %b %Y, %H:%M UTC", time.gmtime())
     env = res["environment"]
     parts = [INTRO,
@@ -233,7 +271,7 @@ def page(res, profiles, when=None):
              "The reference path beside the fast one:\n", paths_table(res), "",
              "Each operation that has a fast kernel, on the benchmark's shapes:\n", operations_table(res), "",
              "The whole table, as `python -m minitransformer bench` prints it:\n",
-             "```\n" + table(res) + "\n```\n", MEASURED, TARGETS_TEXT, PROCESS,
+             "```\n" + table(res) + "\n```\n", against_torch_section(torch_res), MEASURED, TARGETS_TEXT, PROCESS,
              "## Where the time goes\n\nElapsed time of the full step, by function (`bench --profile`; "
              "`--profile --path reference` for the textbook code):\n"]
     for text in profiles:

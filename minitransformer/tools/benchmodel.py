@@ -30,15 +30,18 @@ class BenchConfig:
     repeats: int = 7  # timed repetitions per measurement (after warm-up); the median is kept
     warmup: int = 1  # untimed rounds first: first touches of memory, BLAS thread start-up
     budget_s: float = 60.0  # stop repeating (after 3 repetitions at least) once this much time passed
+    cpu_repeats: int = 301  # paired repetitions of the one-thread latency overhead (bench.cpu_overhead)
+    dtype: str = "float32"  # what is timed; float64 for the check against PyTorch (torch_twin.py)
 
     def model_config(self):
         return ModelConfig(vocab_size=self.vocab_size, max_len=self.seq_len, d_model=self.d_model,
                            n_heads=self.n_heads, n_layers=self.n_layers, d_ff=self.d_ff,
-                           norm="post", n_classes=2, dtype="float32")
+                           norm="post", n_classes=2, dtype=self.dtype)
 
 
 QUICK = BenchConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=16, batch=4,
-                    bottleneck=8, sizes=(2, 8, 16), lora_rank=2, n_prefix=4, n_prompt=4, repeats=3, warmup=1)
+                    bottleneck=8, sizes=(2, 8, 16), lora_rank=2, n_prefix=4, n_prompt=4, repeats=3, warmup=1,
+                    cpu_repeats=21)
 
 def step_flops(b, trains="all", train_layernorm=True, adapters=True):
     """Floating-point operations of the matrix products of one training step.

@@ -11,6 +11,10 @@ Each kernel says in one line which trick it uses and what it saves. The tricks:
 - einsum row sums: np.einsum("...k->...") is 2-3x faster than x.sum(-1) on rows of a few hundred.
 - folded constants: k and a of GELU multiplied once into one scalar, AdamW's bias corrections
   folded into two scalars, so each costs one pass instead of two or three.
+- blocks that stay in cache (`chunked`): a long chain of elementwise passes (GELU's, LayerNorm's)
+  runs on one block of about 256 KiB at a time, so every pass after the first
+  reads the core's cache instead of memory. Every element goes through the same operations in the
+  same order, so the results are bit for bit those of one pass over the whole array.
 
 Attention and the adapter are in kernels_attention.py. Shape legend as in layers.py.
 """
@@ -20,6 +24,31 @@ import numpy as np
 
 from .. import layers
 from .runtime import by_rows, for_each
+
+
+CHUNK = 1 << 16  # elements per block of `chunked` (256 KiB of float32): several arrays of this size
+# fit in one core's L2 cache; measured on a (16, 128, 1024) GELU forward and backward, one thread's
+# CPU time went from 11.5 to 9.3 ms (blocks of 2^15 to 2^18 elements all gain, 2^12 loses to overhead)
+
+
+def chunked(kernel):
+    """kernel(*arrays, **shared) on consecutive blocks of rows of about CHUNK elements, one after
+    another. Rows are cut along the first axis, as by_rows cuts them; each row is computed as in one
+    call, so the result is the same bit for bit."""
+    def run(*arrays, **shared):
+        rows = arrays[0].shape[0]
+        step = max(1, CHUNK * rows // max(arrays[0].size, 1))
+        if step >= rows:
+            kernel(*arrays, **shared)
+            return
+        for lo in range(0, rows, step):
+            kernel(*(a[lo:lo + step] for a in arrays), **shared)
+    return run
+
+
+def rows(a):
+    """a as (rows, last axis): a view of a fresh (C-contiguous) array, so writing it writes a."""
+    return a.reshape(-1, a.shape[-1])
 
 
 def row_sum(x):
@@ -58,10 +87,12 @@ def linear_backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
 
 
 def layernorm_forward(x, gamma, beta, eps=1e-5):
-    """Rows on every core, in place into three arrays made up front: no (..., C) temporaries."""
-    out, xhat = np.empty_like(x), np.empty_like(x)  # (..., C)
+    """Rows on every core in cache-sized blocks, in place into three arrays made up front: no (..., C)
+    temporaries."""
+    out, xhat = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)  # (..., C)
     rstd = np.empty((*x.shape[:-1], 1), dtype=x.dtype)  # (..., 1)
-    by_rows(_layernorm_forward_rows, x, out, xhat, rstd, gamma=gamma, beta=beta, eps=x.dtype.type(eps))
+    by_rows(chunked(_layernorm_forward_rows), rows(x), rows(out), rows(xhat), rows(rstd), gamma=gamma, beta=beta,
+            eps=x.dtype.type(eps))
     cache = (xhat, rstd, gamma)
     return out, cache
 
@@ -78,7 +109,8 @@ def _layernorm_forward_rows(x, out, xhat, rstd, gamma, beta, eps):
 
 
 def layernorm_backward(dout, cache, need_dx=True, need_dgamma=True, need_dbeta=True):
-    """Parameter sums by einsum (no dout * xhat temporary), dx rows on every core, in place."""
+    """Parameter sums by einsum (no dout * xhat temporary), dx rows on every core in cache-sized
+    blocks, in place."""
     xhat, rstd, gamma = cache
     C = dout.shape[-1]
     d2 = dout.reshape(-1, C)
@@ -86,8 +118,8 @@ def layernorm_backward(dout, cache, need_dx=True, need_dgamma=True, need_dbeta=T
     dbeta = d2.sum(axis=0) if need_dbeta else None
     dx = None
     if need_dx:
-        dx = np.empty_like(dout)
-        by_rows(_layernorm_backward_rows, dout, xhat, rstd, dx, gamma=gamma)
+        dx = np.empty(dout.shape, dout.dtype)
+        by_rows(chunked(_layernorm_backward_rows), rows(dout), rows(xhat), rows(rstd), rows(dx), gamma=gamma)
     return dx, dgamma, dbeta
 
 
@@ -106,9 +138,10 @@ def _layernorm_backward_rows(dout, xhat, rstd, dx, gamma):
 
 
 def gelu_forward(x):
-    """Rows on every core; the gate built in place in one array, with a * k folded: 2 arrays, not 6."""
-    out, g = np.empty_like(x), np.empty_like(x)
-    by_rows(_gelu_forward_rows, x, out, g)
+    """Rows on every core in cache-sized blocks; the gate built in place in one array, with a * k
+    folded: 2 arrays, not 6."""
+    out, g = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
+    by_rows(chunked(_gelu_forward_rows), rows(x), rows(out), rows(g))
     cache = (x, g)  # g = 0.5 (1 + tanh(u)), the gate
     return out, cache
 
@@ -127,10 +160,11 @@ def _gelu_forward_rows(x, out, g):
 
 
 def gelu_backward(dout, cache):
-    """Rows on every core; with tanh' = 4 g (1 - g) and 2k, 6ak folded, in place in dx."""
+    """Rows on every core in cache-sized blocks; with tanh' = 4 g (1 - g) and 2k, 6ak folded, in
+    place in dx."""
     x, g = cache
-    dx = np.empty_like(dout)
-    by_rows(_gelu_backward_rows, dout, x, g, dx)
+    dx = np.empty(dout.shape, dout.dtype)
+    by_rows(chunked(_gelu_backward_rows), rows(dout), rows(x), rows(g), rows(dx))
     return dx
 
 
@@ -155,7 +189,8 @@ ACTIVATIONS = dict(layers.ACTIVATIONS, gelu=(gelu_forward, gelu_backward))
 
 
 def softmax_forward(x):
-    """Rows on every core, exp and the division in place in the output: one (..., K) array."""
+    """Rows on every core, exp and the division in place in the output: one (..., K) array. (Blocks
+    that stay in cache measured 10 % slower here: a chain of four passes gains less than the calls cost.)"""
     p = np.empty_like(x)
     by_rows(_softmax_forward_rows, x, p)
     return p, p
@@ -190,6 +225,7 @@ def _softmax_backward_rows(dout, p, dx):
 
 def adamw_update(w, g, m, v, t, lr, b1, b2, eps, weight_decay):
     """In place, the bias corrections folded into two scalars: 2 passes fewer, 1 array instead of 4.
+    (Blocks that stay in cache measured 5 % slower on the benchmark's (F, C) weights.)
 
     m_hat / (sqrt(v_hat) + eps) = (c2 / c1) * m / (sqrt(v) + eps * c2),
     with c1 = 1 - b1^t and c2 = sqrt(1 - b2^t).

@@ -1,0 +1,112 @@
+"""The PyTorch twin (tools/torch_twin.py): the same model from the same weights gives the same loss and
+gradients under autograd, for every model the gradient checks build; the comparison is sharp enough
+to see a wrong gradient; the commands that use it say in one line how to get PyTorch without it."""
+import numpy as np
+import pytest
+
+from minitransformer import backend, gradcheck
+from minitransformer.__main__ import main as cli
+from minitransformer.tools import bench, torch_twin
+
+VARIANTS = gradcheck.model_variants()
+
+
+# ----------------------------------------------------------------------------- without PyTorch
+
+
+def test_without_pytorch_each_command_says_how_to_get_it(monkeypatch, capsys):
+    monkeypatch.setattr(torch_twin, "available", lambda: False)
+    for command in (["bench", "--quick", "--against", "torch"], ["gradcheck", "--against", "torch"]):
+        assert cli(command) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "pip install .[compare]" in err, err
+
+
+def test_against_refuses_what_it_does_not_combine_with(capsys):
+    assert cli(["bench", "--quick", "--against", "torch", "--profile"]) == 2
+    assert "--against" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- with PyTorch
+
+
+@pytest.mark.parametrize("label,norm,head,placement", VARIANTS, ids=[v[0] for v in VARIANTS])
+@pytest.mark.parametrize("path", backend.PATHS)
+def test_every_gradient_of_every_gradcheck_model_matches_autograd(label, norm, head, placement, path):
+    pytest.importorskip("torch")
+    model, ids, targets, pad_mask = gradcheck._generic_model(norm, head, placement)
+    with backend.using(path):
+        errors, dloss = torch_twin.compare_gradients(model, ids, targets, pad_mask, head, dropout_seed=7)
+    trainable = {n for n, p in model.named_parameters().items() if p.trainable}
+    assert set(errors) == trainable  # every trainable parameter compared, no frozen one
+    assert dloss < 1e-12
+    worst = max(errors.items(), key=lambda kv: kv[1])
+    assert worst[1] < torch_twin.THRESHOLD, worst
+
+
+def test_the_comparison_sees_a_wrong_gradient():
+    """A gradient off by a little is flagged: the twin is not an echo of the model."""
+    pytest.importorskip("torch")
+    model, ids, targets, pad_mask = gradcheck._generic_model("post", "cls", "houlsby")
+    twin = torch_twin.TorchTwin(model)
+    _, loss = twin.loss(ids, targets, pad_mask, "cls", train=True, rng=np.random.default_rng(7))
+    loss.backward()
+    model.zero_grad()
+    model.loss(ids, targets, pad_mask, "cls", train=True, rng=np.random.default_rng(7), backward=True)
+    name = "adapters.task.blocks.1.ffn.W_down"
+    assert torch_twin.rel_error(model.named_parameters()[name].grad, twin.grads()[name]) < 1e-12
+    wrong = model.named_parameters()[name].grad.copy()
+    wrong[0, 0] *= 1.001
+    assert torch_twin.rel_error(wrong, twin.grads()[name]) > 1e-6
+    # other dropout masks: another function, and the losses differ
+    errors, dloss = torch_twin.compare_gradients(model, ids, targets, pad_mask, "cls", dropout_seed=7)
+    other = torch_twin.TorchTwin(model).loss(ids, targets, pad_mask, "cls", train=True,
+                                             rng=np.random.default_rng(8))[1]
+    assert abs(float(other.detach()) - float(loss.detach())) > 1e-6 and dloss < 1e-12
+
+
+def test_parameter_names_map_one_to_one():
+    torch = pytest.importorskip("torch")
+    model = bench.with_adapters(bench.QUICK, 4)
+    model.train_adapter("task")
+    twin = torch_twin.TorchTwin(model)
+    params = model.named_parameters()
+    assert list(twin.p) == list(params)
+    for name, t in twin.p.items():
+        assert t.requires_grad == params[name].trainable
+        assert t.dtype == torch.float32 and np.array_equal(t.detach().numpy(), params[name].value)
+
+
+def test_gradcheck_prints_autograd_beside_finite_differences(monkeypatch, capsys):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(gradcheck, "operation_checks", lambda: iter(()))
+    monkeypatch.setattr(gradcheck, "model_variants", lambda: [v for v in VARIANTS if "prefix MLP" in v[0]][:1])
+    assert cli(["gradcheck", "--against", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "autograd" in out and "finite diff." in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("prefix "))
+    autograd, fd = (float(x) for x in row.split()[1:3])
+    assert autograd < torch_twin.THRESHOLD and fd < gradcheck.MODEL_THRESHOLD
+
+
+def test_gradcheck_fails_when_autograd_disagrees(monkeypatch, capsys):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(gradcheck, "operation_checks", lambda: iter(()))
+    monkeypatch.setattr(gradcheck, "model_variants", lambda: VARIANTS[:1])
+    monkeypatch.setattr(torch_twin, "THRESHOLD", 0.0)  # roundings differ somewhere: the worst group fails
+    assert cli(["gradcheck", "--against", "torch"]) == 1
+    assert "PyTorch autograd" in capsys.readouterr().out.splitlines()[-2]
+
+
+def test_bench_against_torch_checks_then_times_every_case(capsys):
+    pytest.importorskip("torch")
+    res = torch_twin.against_torch(bench.QUICK, repeats=3, log=lambda *a: None)
+    assert res["check_passed"]
+    assert set(res["cases"]) == set(torch_twin.CASES) == set(res["checks"])
+    for c in res["cases"].values():
+        assert c["numpy_ms"] > 0 and c["torch_ms"] > 0
+        assert c["ratio_min"] <= c["ratio_q1"] <= c["ratio"] <= c["ratio_q3"] <= c["ratio_max"]
+    text = torch_twin.table(res)
+    assert all(f"| {case} |" in text for case in torch_twin.CASES)
+    assert cli(["bench", "--quick", "--against", "torch", "--repeats", "2"]) == 0
+    assert "NumPy / PyTorch" in capsys.readouterr().out
