@@ -57,12 +57,13 @@ EVAL_BATCH = 64  # examples per evaluation forward: measured faster here than 25
 @dataclass
 class Settings:
     """Everything that decides the numbers (stored in results.json next to them)."""
-    # the downstream tasks. topic, the control task that a bag of words answers (a linear probe on
-    # the frozen base already reaches about 97 %, like every method), is left out to fit the time
-    tasks: tuple = ("agreement", "brackets", "nesting")
+    # the downstream tasks: two of data.py's four, to fit every row's grid and seeds in the run's
+    # time on a shared 2-core machine. topic, the control task that a bag of words answers (a linear
+    # probe on the frozen base already does well), and nesting are left out
+    tasks: tuple = ("agreement", "brackets")
     steps: int = 300  # training steps per run (the trainer early-stops and restores the best)
-    prompt_steps: int = 600  # prompt tuning's budget: twice the others' (Lester et al. train
-    #                          prompts much longer than the rest; at 300 steps it is still rising)
+    prompt_steps: int = 300  # prompt tuning's budget (Lester et al. train prompts much longer; here
+    #                          the same as the others, and its curve shows whether it still rises)
     batch_size: int = 32
     eval_every: int = 50  # validation every this many steps
     patience: int | None = 3  # early stopping, in evaluations without a new best
@@ -72,7 +73,7 @@ class Settings:
     lr_grid: dict = field(default_factory=lambda: {
         "adapter": (1e-3, 3e-3, 1e-2), "head": (3e-3, 1e-2, 3e-2), "layernorm": (3e-3, 1e-2, 3e-2),
         "top_k": (3e-4, 1e-3, 3e-3), "full": (3e-4, 1e-3, 3e-3), "lora": (3e-3, 1e-2, 3e-2),
-        "prefix": (1e-3, 3e-3, 1e-2), "prompt": (1e-2, 3e-2, 1e-1), "bitfit": (1e-2, 3e-2, 1e-1)})
+        "prefix": (1e-3, 3e-3, 1e-2), "prompt": (3e-3, 1e-2, 3e-2), "bitfit": (1e-2, 3e-2, 1e-1)})
     seeds: tuple = (0, 1, 2)  # seeds at the chosen rate; the grid runs with the first
     adapter_sizes: tuple = (8, 32)  # bottleneck m of the tradeoff's adapter curve
     main_size: int = 32  # m used for the ablation, the curves, the init-std sweep and storage
@@ -86,7 +87,7 @@ class Settings:
     family_main: dict = field(default_factory=lambda: {"lora": 8, "prefix": 16, "prompt": 16})
     step_repeats: int = 5  # timed training steps per run (after one untimed): the median is kept
     init_stds: tuple = (1e-5, 1e-3, 1e-2, 1e-1, 1.0)  # the init-std sweep (at main_size's rate)
-    init_tasks: tuple = ("nesting",)  # tasks of the init-std sweep
+    init_tasks: tuple = ("brackets",)  # tasks of the init-std sweep
     init_seeds: tuple = (0, 1)  # seeds per task of the init-std sweep
     curve_task: str = "agreement"  # the task whose training curves are drawn
     storage_T: int = 20  # tasks in the storage bill (measured sizes, repeated past len(tasks))
