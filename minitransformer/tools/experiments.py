@@ -77,7 +77,9 @@ class Settings:
     seeds: tuple = (0, 1, 2)  # seeds at the chosen rate; the grid runs with the first
     adapter_sizes: tuple = (8, 32)  # bottleneck m of the tradeoff's adapter curve
     main_size: int = 32  # m used for the ablation, the curves, the init-std sweep and storage
-    top_ks: tuple = (1, 2)  # k of "fine-tune the top k blocks"
+    top_ks: tuple = (2,)  # k of "fine-tune the top k blocks"
+    points: tuple = ("head", "full")  # the rows without a size: any of "layernorm", "head", "full"
+    #                                   (full fine-tuning is needed: every comparison is against it)
     lora_ranks: tuple = (8,)  # LoRA's r (on W_q, W_v; LoRAConfig's fixed alpha, as the paper)
     prefix_lengths: tuple = (16,)  # prefix tuning's n
     prefix_mlp: bool = True  # train prefixes through Li & Liang's MLP, dropped after training (a
@@ -86,7 +88,7 @@ class Settings:
     # the size of each of the other methods in the storage bill
     family_main: dict = field(default_factory=lambda: {"lora": 8, "prefix": 16, "prompt": 16})
     step_repeats: int = 5  # timed training steps per run (after one untimed): the median is kept
-    init_stds: tuple = (1e-5, 1e-3, 1e-2, 1e-1, 1.0)  # the init-std sweep (at main_size's rate)
+    init_stds: tuple = (1e-5, 1e-3, 1e-1, 1.0)  # the init-std sweep (at main_size's rate)
     init_tasks: tuple = ("brackets",)  # tasks of the init-std sweep
     init_seeds: tuple = (0, 1)  # seeds per task of the init-std sweep
     curve_task: str = "agreement"  # the task whose training curves are drawn
@@ -106,6 +108,8 @@ class Settings:
             if self.family_main.get(method) not in getattr(self, sizes):
                 raise ValueError(f"family_main: expected {method}'s size among {sizes} "
                                  f"{getattr(self, sizes)}, got {self.family_main.get(method)!r}")
+        if "full" not in self.points or not set(self.points) <= {"layernorm", "head", "full"}:
+            raise ValueError(f"points: expected 'full' and any of 'layernorm', 'head', got {self.points}")
         missing = [m for m in train.METHODS if len(self.lr_grid.get(m, ())) < 1]
         if missing:
             raise ValueError(f"lr_grid: expected at least one rate for every method, none for {missing}")
@@ -130,6 +134,7 @@ def quick_settings(seed=0):
     return Settings(tasks=(task,), steps=20, prompt_steps=30, batch_size=16, eval_every=10, patience=1,
                     min_fraction=0.5, lr_grid={m: (3e-3, 1e-2, 3e-2) for m in train.METHODS},
                     seeds=(0, 1, 2), adapter_sizes=(2, 8), main_size=8, top_ks=(1,),
+                    points=("layernorm", "head", "full"),
                     init_stds=(1e-4, 1e-3, 1.0), init_tasks=(task,), init_seeds=(0, 1),
                     curve_task=task, storage_T=5, lora_ranks=(2,), prefix_lengths=(2,),
                     prompt_lengths=(2,), family_main={"lora": 2, "prefix": 2, "prompt": 2},
@@ -255,7 +260,7 @@ def method_grid(settings, n_layers):
         raise ValueError(f"top_ks: expected numbers of blocks in 1..{n_layers}, got {bad}")
     grid = [(f"adapter_m{m}", "adapter", m, None) for m in settings.adapter_sizes]
     grid += [(f"top_{k}", "top_k", None, k) for k in settings.top_ks]
-    grid += [("layernorm", "layernorm", None, None), ("head", "head", None, None), ("full", "full", None, None)]
+    grid += [(m, m, None, None) for m in ("layernorm", "head", "full") if m in settings.points]
     grid += [(f"lora_r{r}", "lora", r, None) for r in settings.lora_ranks]
     grid += [(f"prefix_n{n}", "prefix", n, None) for n in settings.prefix_lengths]
     grid += [(f"prompt_n{n}", "prompt", n, None) for n in settings.prompt_lengths]
