@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files
+from . import data, files
 from .plots import FAMILY, LABEL_OF_METHOD, README, label, method_of_key
 
 DOCS = files.ROOT / "docs" / "results.md"
@@ -154,8 +154,14 @@ def _still_rising(results, key):
     return f"its validation accuracy had levelled off ({a:.1f} % at two thirds of the budget, {b:.1f} % after)"
 
 
+# why a row can stay near chance whatever its rate, where the package knows (tools/data.py)
+REASONS = {"head": "masked-token pretraining never trains the [CLS] state that a linear probe reads, so "
+                   "the frozen base gives the head little about the masked word; the tasks are built so"}
+
+
 def _chance_findings(results, table):
-    """Rows whose chosen configuration stays near chance on some task, and what was tried."""
+    """Rows whose chosen configuration stays near chance on some task, what was tried, and why
+    where it is known."""
     s = results["settings"]
     near = [r for r in table.values() if r.chance]
     if not near:
@@ -164,6 +170,7 @@ def _chance_findings(results, table):
     return [f"Near chance (below {100 * CHANCE:.0f} %) at the chosen rate: " + "; ".join(
         f"{r.label} on {', '.join(f'{t} ({pct(r.test[t], r.std[t])} %)' for t in r.chance)}, after rates "
         f"{', '.join(f'{lr:g}' for lr in s['lr_grid'][r.method])} with {s['budget'][r.method]} steps"
+        + (f" ({REASONS[r.method]})" if r.method in REASONS else "")
         for r in near) + "."]
 
 
@@ -267,6 +274,25 @@ def _how(results, rel):
             f"timings; adding `--from-json {rel}/results.json` redraws the figures and text without training.")
 
 
+def _left_out(results):
+    """What the settings leave out of data.py's tasks and of the paper's comparisons, said once."""
+    s = results["settings"]
+    parts = []
+    tasks = [t for t in data.TASKS if t not in s["tasks"]]
+    if tasks:
+        parts.append(f"the task{'s' if len(tasks) > 1 else ''} {', '.join(tasks)}")
+    if not s.get("top_ks"):
+        parts.append("fine-tuning only the top k blocks")
+    if "layernorm" not in s.get("points", ("layernorm",)):
+        parts.append("training only the LayerNorms and the head")
+    if len(s["adapter_sizes"]) < 2:
+        parts.append(f"adapter sizes other than m = {s['adapter_sizes'][0]}")
+    if not parts:
+        return ""
+    return ("Left out to fit the run's time on a shared 2-core machine: " + ", ".join(parts)
+            + ". `Settings` in `tools/experiments.py` puts them back.")
+
+
 def _table(results, keys, short=False):
     """Markdown table rows: test accuracy mean ± std per task and averaged, the chosen rate, the
     share trained (short); and the trained count and step time (full)."""
@@ -343,7 +369,7 @@ def results_page(results, page_dir, out_dir):
     rel = os.path.relpath(out_dir, page_dir)
     table = rows(results)
     lines = [TITLE, "", "<!-- written by `python -m minitransformer figures`; do not edit by hand -->", "",
-             _how(results, rel), "", "## Every row", "",
+             _how(results, rel), "", _left_out(results), "", "## Every row", "",
              "Test accuracy (%), mean ± std over seeds, per task and averaged (the average's std is over the "
              "seeds' averages); lr: the rate chosen on validation; trained parameters per task (an adapter set "
              "counts its adapters, its head and its own LayerNorm copies; a prefix counts its reparameterising "
