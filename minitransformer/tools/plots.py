@@ -7,7 +7,6 @@ measures. The figures are matplotlib Figure objects drawn without pyplot, so imp
 module changes no backend (a notebook keeps showing its own plots). Every file is written
 atomically (files.atomic_write).
 """
-import os
 from pathlib import Path
 
 import numpy as np
