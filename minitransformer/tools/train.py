@@ -2,7 +2,8 @@
 
     prepare(model, method, n_classes)  -> which parameters train (the rest is frozen)
     fit(model, task, TrainConfig())    -> History (AdamW, clipping, warmup-then-decay, early
-                                          stopping on validation accuracy, best weights restored;
+                                          stopping on validation accuracy after a minimum
+                                          number of steps, best weights restored;
                                           DivergedError if the loss becomes NaN or inf)
     accuracy(model, split)             -> fraction of correct argmax predictions (eval mode)
 
@@ -47,6 +48,7 @@ class TrainConfig:
     clip: float | None = 1.0  # max global gradient norm; None: no clipping
     eval_every: int = 50  # steps between validation evaluations (and one at the end)
     patience: int | None = None  # stop after this many evaluations without a new best; None: off
+    min_steps: int = 0  # early stopping never ends a run before it has taken this many steps
     seed: int = 0  # batch order and dropout masks
     progress: bool = True  # show a tqdm bar with the running loss and accuracy
 
@@ -54,6 +56,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "eval_every"):
             integer(name, getattr(self, name))
         integer("warmup", self.warmup, least=0)
+        integer("min_steps", self.min_steps, least=0)
         number("lr", self.lr, "a learning rate > 0", lambda lr: lr > 0)
         number("weight_decay", self.weight_decay, "a number >= 0", lambda wd: wd >= 0)
         if self.clip is not None:
@@ -65,7 +68,8 @@ class TrainConfig:
 
 
 class DivergedError(FloatingPointError):
-    """The training loss became NaN or inf: training stopped, the best weights kept."""
+    """The training loss became NaN or inf: training stopped, the best weights kept.
+    .history: the History up to there."""
 
 
 @dataclass
@@ -225,7 +229,8 @@ def fit(model, task, config=None):
                 else:
                     since_best += 1
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", val=f"{val:.3f}")
-                if config.patience is not None and since_best >= config.patience:
+                if config.patience is not None and since_best >= config.patience \
+                        and step + 1 >= config.min_steps:
                     break
             else:
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
@@ -243,8 +248,10 @@ def _diverged(what, step, lr, hist):
     """The DivergedError that says where training stopped and which weights the model keeps."""
     kept = (f"the best weights so far (step {hist.best_step}, validation accuracy {hist.best_val_acc:.3f})"
             if hist.best_step >= 0 else "the weights it started from")
-    return DivergedError(f"training stopped at step {step}: {what} (learning rate {lr:.3g}); "
-                         f"the model keeps {kept}")
+    error = DivergedError(f"training stopped at step {step}: {what} (learning rate {lr:.3g}); "
+                          f"the model keeps {kept}")
+    error.history = hist
+    return error
 
 
 def _bar(config):
