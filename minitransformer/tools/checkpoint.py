@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model import AdapterSet, ModelConfig, Transformer
-from ..tasks import METHODS
+from ..model import ModelConfig, Transformer
+from ..tasks import METHODS, Task
 from .files import atomic_write
 
 VERSION = 1
@@ -202,7 +202,7 @@ def load_adapter(model, path, name=None):
     n_classes = meta.get("n_classes")
     if not isinstance(n_classes, int) or n_classes < 1:
         raise CheckpointError(f"{path}: n_classes expected a positive integer, got {n_classes!r}")
-    s = AdapterSet(name, config, n_classes, model, np.random.default_rng(0))  # not yet in the model
+    s = Task(name, config, n_classes, model, np.random.default_rng(0))  # not yet in the model
     prefix = f"adapters.{name}."
     params = {p.name[len(prefix):]: p for p in s.parameters()}
     for key, value in _validated(params, arrays, path).items():
