@@ -11,6 +11,7 @@ branch, fed with f's input and added to f's output. `norm` is the block's LayerN
 task's own copy of it.
 """
 from .backend import ops
+from .modules import Attention, FeedForward, LayerNorm
 
 
 class PostNorm:
@@ -85,10 +86,18 @@ class PreNorm(PostNorm):
 class Block:
     """attention sub-layer, then feed-forward sub-layer (post-LN or pre-LN, chosen here once)."""
 
-    def __init__(self, attn, ln1, ffn, ln2, norm="post", dropout=0.0):
-        self.attn, self.ln1, self.ffn, self.ln2 = attn, ln1, ffn, ln2
-        Sublayer = PostNorm if norm == "post" else PreNorm
-        self.sub1, self.sub2 = Sublayer(attn, ln1, dropout), Sublayer(ffn, ln2, dropout)
+    def __init__(self, i, cfg, rng, dtype):
+        C, std = cfg.d_model, cfg.init_std
+        self.attn = Attention(f"blocks.{i}.attn", C, cfg.n_heads, rng, dtype, std)
+        self.ln1 = LayerNorm(f"blocks.{i}.ln1", C, dtype, cfg.ln_eps)
+        self.ffn = FeedForward(f"blocks.{i}.ffn", C, cfg.d_ff, rng, dtype, std)
+        self.ln2 = LayerNorm(f"blocks.{i}.ln2", C, dtype, cfg.ln_eps)
+        Sublayer = PostNorm if cfg.norm == "post" else PreNorm
+        self.sub1 = Sublayer(self.attn, self.ln1, cfg.dropout)
+        self.sub2 = Sublayer(self.ffn, self.ln2, cfg.dropout)
+
+    def modules(self):
+        return [self.attn, self.ln1, self.ffn, self.ln2]
 
     def forward(self, x, bias=None, train=False, rng=None):
         """x (B, T, C), bias the attention mask -> out (B, T, C), cache."""

@@ -198,22 +198,16 @@ def operation_checks(seed=0):
                        lambda x, **ws: L.attention_forward(x, ws, H, bias),
                        lambda d, c: dict(x=L.attention_backward(d, c)[0], **L.attention_backward(d, c)[1]),
                        {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}}, ["x"] + names)
-    # LoRA on q and v (the paper's), k and o; and a prefix of 2 keys and values, every query sees them
-    lora = {t: (randn(C, 2) * 0.5, randn(2, C) * 0.5, 2.0) for t in "qkvo"}
-    for label, bias, branches, n in (
-            ("attention + LoRA q,v (causal + padding)", attention_bias(4, True, pad, np.float64), "qv", 0),
-            ("attention + LoRA k,o", None, "ko", 0),
-            ("attention + prefix (causal + padding)", attention_bias(4, True, pad, np.float64, 2), "", 2),
-            ("attention + prefix + LoRA q,v (padding)", attention_bias(4, False, pad, np.float64, 2), "qv", 2)):
-        ab = {f"{m}_{t}": lora[t][i].copy() for t in branches for i, m in enumerate("AB")}
-        pk = {"P_k": randn(n, C), "P_v": randn(n, C)} if n else {}
-
-        def fwd(x, bias=bias, branches=branches, n=n, **ws):
-            lo = {t: (ws[f"A_{t}"], ws[f"B_{t}"], 2.0) for t in branches}
-            return L.attention_forward(x, {k: ws[k] for k in w}, H, bias, lora=lo,
-                                       prefix=(ws["P_k"], ws["P_v"]) if n else None)
-        yield from run(label, fwd, lambda d, c: dict(x=L.attention_backward(d, c)[0], **L.attention_backward(d, c)[1]),
-                       {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}, **ab, **pk})
+    yield from run("attend (causal + padding)", lambda q, k, v: L.attend_forward(q, k, v, H, attention_bias(
+                       4, True, pad, np.float64)),
+                   lambda d, c: dict(zip(("q", "k", "v"), L.attend_backward(d, c))),
+                   {"q": randn(2, 4, C), "k": randn(2, 4, C), "v": randn(2, 4, C)})
+    def prefix(k, v, P_k, P_v):  # k and v out, stacked: one output for the check
+        k, v, cache = L.prefix_forward(k, v, P_k, P_v)
+        return np.stack([k, v]), cache
+    yield from run("prefix (2 keys and values in front)", prefix,
+                   lambda d, c: dict(zip(("k", "v", "P_k", "P_v"), L.prefix_backward(d[0], d[1], c))),
+                   {"k": randn(2, 4, C), "v": randn(2, 4, C), "P_k": randn(2, C), "P_v": randn(2, C)})
     yield from run("lora (s = 1.5)", lambda x, A, B: L.lora_forward(x, A, B, 1.5),
                    lambda d, c: dict(zip(("x", "A", "B"), L.lora_backward(d, c))),
                    {"x": randn(2, 3, 5), "A": randn(5, 2), "B": randn(2, 4)})

@@ -23,7 +23,7 @@ from .attention import attention_bias
 from .backend import ops  # ops.X is layers.X, losses.X, ... (or the fast kernel: backend.py)
 from .block import Block
 from .configs import AdapterConfig
-from .modules import Attention, ClassifierHead, Embeddings, FeedForward, LayerNorm, LMHead, plug
+from .modules import ClassifierHead, Embeddings, LayerNorm, LMHead, plug
 from .peft import prefix_bias
 from .tasks import Task, method_of
 from .validate import flag, integer, number
@@ -99,13 +99,7 @@ class Transformer:
         self.embed = Embeddings("embed", cfg.vocab_size, cfg.max_len, C, rng, dt, std)
         # BERT normalises the embeddings (post-LN); GPT-2 normalises the last block's output (pre-LN)
         self.ln_emb = LayerNorm("ln_emb", C, dt, cfg.ln_eps) if cfg.norm == "post" else None
-        self.blocks = []
-        for i in range(cfg.n_layers):
-            attn = Attention(f"blocks.{i}.attn", C, cfg.n_heads, rng, dt, std)
-            ln1 = LayerNorm(f"blocks.{i}.ln1", C, dt, cfg.ln_eps)
-            ffn = FeedForward(f"blocks.{i}.ffn", C, cfg.d_ff, rng, dt, std)
-            ln2 = LayerNorm(f"blocks.{i}.ln2", C, dt, cfg.ln_eps)
-            self.blocks.append(Block(attn, ln1, ffn, ln2, cfg.norm, cfg.dropout))
+        self.blocks = [Block(i, cfg, rng, dt) for i in range(cfg.n_layers)]
         self.ln_f = LayerNorm("ln_f", C, dt, cfg.ln_eps) if cfg.norm == "pre" else None
         self.lm_head = LMHead("lm_head", C, cfg.vocab_size, rng, dt, std)
         self.cls_head = None
