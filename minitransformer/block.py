@@ -113,5 +113,9 @@ class Block:
 
     @staticmethod
     def used(cache):
-        """The modules a forward of this block used, from its cache."""
-        return [m for c in cache for m in c[0][0] if m is not None]
+        """The modules a forward of this block used, from its cache: each sub-layer's norm,
+        adapter and parallel branch, and the linear layers (and hook) inside its f."""
+        used = []
+        for (((f, *rest), cache_f, *_), _) in cache:
+            used += [m for m in (*rest, *cache_f[0]) if m is not None]
+        return used

@@ -320,7 +320,14 @@ class Transformer:
         cfg = self.config
         c = {"task": s}  # the cache: every step's, by name
         prefixes, c["prefixes"] = s.prefixes() if s else (None, None)  # per block a PrefixKV, or None
-        self._plug(s, prefixes)
+        self._plug(s, prefixes)  # the task's pieces in, until the end of this forward
+        try:
+            return self._forward(ids, pad_mask, head, train, rng, s, prefixes, c)
+        finally:
+            self._plug(None)  # the bare base between passes; each cache holds the modules it used
+
+    def _forward(self, ids, pad_mask, head, train, rng, s, prefixes, c):
+        cfg = self.config
         x, c["embed"] = self.embed.forward(ids)  # (B,T,C), token + position
         n, mask = (s.n_prompt() if s else 0), pad_mask
         if n:  # prompt tuning: the soft prompt in front of the embedded tokens
