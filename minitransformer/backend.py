@@ -19,7 +19,7 @@ the reference code unless the fast path was chosen.
 import contextlib
 from types import SimpleNamespace
 
-from . import adapters, attention, layers, losses, optim, peft
+from . import adapters, attention, layers, losses, peft, updates
 
 PATHS = ("reference", "fast")
 
@@ -41,8 +41,8 @@ REFERENCE = {
     "strip_prompt_forward": peft.strip_prompt_forward, "strip_prompt_backward": peft.strip_prompt_backward,
     "cross_entropy_forward": losses.cross_entropy_forward,
     "cross_entropy_backward": losses.cross_entropy_backward,
-    "sgd_update": optim.sgd_update, "adamw_update": optim.adamw_update,
-    "each_parameter": optim.each_parameter,
+    "sgd_update": updates.sgd_update, "adamw_update": updates.adamw_update,
+    "each_parameter": updates.each_parameter,
 }
 
 ops = SimpleNamespace(**REFERENCE)  # what the model calls; use() swaps its functions
