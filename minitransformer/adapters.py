@@ -41,7 +41,7 @@ def adapter_forward(h, w, nonlinearity="gelu", skip=True, scaling=1.0):
     z, cache_down = linear_forward(h, w["W_down"], w["b_down"])  # (N, C) @ (C, m) -> (N, m)
     a, cache_act = act_forward(z)  # (N, m), the bottleneck's nonlinearity f
     u, cache_up = linear_forward(a, w["W_up"], w["b_up"])  # (N, m) @ (m, C) -> (N, C)
-    branch = h.dtype.type(scaling) * u  # (N, C), s = 1 for Houlsby's adapter
+    branch = scaling * u  # (N, C), s = 1 for Houlsby's adapter
     out = h + branch if skip else branch  # (N, C), the skip connection keeps h
     cache = (cache_down, cache_act, cache_up, nonlinearity, skip, scaling)
     return out, cache
@@ -54,7 +54,7 @@ def adapter_backward(dout, cache, need_dx=True, need=None):
     act_backward = ACTIVATIONS[nonlinearity][1]
     grads = {}
     dbranch = dout  # forward was out = h + branch (or out = branch): (N, C)
-    du = dout.dtype.type(scaling) * dbranch  # forward was branch = s * u: (N, C)
+    du = scaling * dbranch  # forward was branch = s * u: (N, C)
     da, grads["W_up"], grads["b_up"] = linear_backward(
         du, cache_up, need_dW="W_up" in need, need_db="b_up" in need)  # forward was u = a @ W_up + b_up
     dz = act_backward(da, cache_act)  # forward was a = f(z): (N, m)

@@ -48,10 +48,9 @@ def lora_forward(x, A, B, s):
 
     It is added to the frozen layer's x W + b by the caller; W itself is never touched.
     """
-    t = x.dtype.type
     u = x @ A  # (N, d_in) @ (d_in, r) -> (N, r): down to rank r
-    out = t(s) * (u @ B)  # (N, r) @ (r, d_out) -> (N, d_out)
-    cache = (x, A, B, u, t(s))  # x for dA, u for dB: both products of the forward are reused
+    out = s * (u @ B)  # (N, r) @ (r, d_out) -> (N, d_out)
+    cache = (x, A, B, u, s)  # x for dA, u for dB: both products of the forward are reused
     return out, cache
 
 
@@ -80,7 +79,7 @@ def lora_merge(W, A, B, s):
     Merging back out by W - s A B would not give W bit for bit (rounding in the addition), so
     the model keeps the original array and puts it back to unmerge (Transformer.unmerge).
     """
-    return W + W.dtype.type(s) * (A @ B)  # (d_in, r) @ (r, d_out) -> (d_in, d_out)
+    return W + s * (A @ B)  # (d_in, r) @ (r, d_out) -> (d_in, d_out)
 
 
 # ----------------------------------------------------------------------------- prefix tuning

@@ -556,3 +556,29 @@ def test_a_second_backward_on_the_same_cache_adds_the_prefix_mlp_gradient_once_m
     model.backward(dlogits, cache)
     for n, g in once.items():
         np.testing.assert_array_equal(model.named_parameters()[n].grad, 2 * g)
+
+
+@pytest.mark.parametrize("path", backend.PATHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_stays_float32_end_to_end_for_every_method(method, path):
+    """The constants are Python floats (weak scalars in NumPy 2): every activation, gradient and
+    updated weight stays float32, on both paths, for every method (merged LoRA too)."""
+    model = Transformer(small_config(dtype="float32", dropout=0.1), seed=0)
+    model.add_adapter("t", METHODS[method](), n_classes=3, seed=1)
+    model.train_adapter("t")
+    ids, _, pad = batch(model.config)
+    rng = np.random.default_rng(0)
+    with backend.using(path):
+        for head, targets in (("cls", np.array([0, 1, 2])), ("lm", np.where(pad, ids, -100))):
+            model.zero_grad()
+            logits, loss = model.loss(ids, targets, pad, head=head, train=True, rng=rng, backward=True)
+            assert logits.dtype == np.float32
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert grads and all(g.dtype == np.float32 for g in grads)
+            AdamW(model.parameters(trainable_only=True), lr=1e-3).step()
+            assert all(p.value.dtype == np.float32 for p in model.parameters())
+        if method == "lora":
+            model.merge("t")
+            assert model.forward(ids, pad, head="cls")[0].dtype == np.float32
+            assert all(p.value.dtype == np.float32 for p in model.parameters())
+            model.unmerge("t")
