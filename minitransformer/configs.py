@@ -1,6 +1,7 @@
-"""The configs of every method of the parameter-efficient family, one dataclass each, each field
+"""The model's config and the configs of every method of the parameter-efficient family, one dataclass each, each field
 commented: what `Transformer.add_adapter(name, config)` takes.
 
+    ModelConfig     the transformer itself (model.py)
     AdapterConfig   Houlsby et al. (2019) bottleneck adapters (adapters.py)
     LoRAConfig      Hu et al. (2021) low-rank branches beside chosen weights (peft.py)
     PrefixConfig    Li & Liang (2021) trained keys and values in every attention (peft.py)
@@ -9,8 +10,56 @@ commented: what `Transformer.add_adapter(name, config)` takes.
 """
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
+from . import sizes
 from .layers import ACTIVATIONS
 from .validate import choice, flag, integer, number, subset
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 128  # V, number of token ids
+    max_len: int = 64  # T_max, the longest sequence the position embedding covers
+    d_model: int = 64  # C, the width of every hidden state
+    n_heads: int = 4  # H; d_model must be divisible by it
+    n_layers: int = 2  # number of blocks
+    d_ff: int = 256  # F, the feed-forward inner width (4 C in BERT and GPT-2)
+    norm: str = "post"  # "post" (BERT, as in the adapter paper) or "pre" (GPT-2)
+    causal: bool = False  # True: position t attends only to 0..t (next-token models)
+    pooling: str = "first"  # how the classification head pools: "first" or "mean"
+    n_classes: int = 0  # classes of the base's own classification head; 0: none
+    dropout: float = 0.0  # after the embeddings and after each sub-layer's output projection
+    ln_eps: float = 1e-5  # LayerNorm's epsilon
+    init_std: float = 0.02  # std of the normal init of every weight matrix and embedding
+    dtype: str = "float32"  # "float32" to train, "float64" for gradient checks
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_len", "d_model", "n_heads", "n_layers", "d_ff"):
+            integer(name, getattr(self, name))
+        integer("n_classes", self.n_classes, least=0)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model: expected a multiple of n_heads={self.n_heads}, "
+                             f"got d_model={self.d_model}")
+        if self.norm not in ("post", "pre"):
+            raise ValueError(f"norm: expected 'post' or 'pre', got {self.norm!r}")
+        flag("causal", self.causal)
+        if self.pooling not in ("first", "mean"):
+            raise ValueError(f"pooling: expected 'first' or 'mean', got {self.pooling!r}")
+        number("dropout", self.dropout, "0 <= p < 1", lambda p: 0 <= p < 1)
+        number("ln_eps", self.ln_eps, "a number > 0", lambda eps: eps > 0)
+        number("init_std", self.init_std, "a number >= 0", lambda std: std >= 0)
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype: expected 'float32' or 'float64', got {self.dtype!r}")
+        n = sizes.parameter_count(self)  # refused here, before a Transformer allocates them
+        sizes.check_fits(n * np.dtype(self.dtype).itemsize,
+                         f"ModelConfig: {n:,} parameters (vocab_size={self.vocab_size}, "
+                         f"d_model={self.d_model}, d_ff={self.d_ff}, n_layers={self.n_layers})")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- the adapter
 
 PLACEMENTS = ("houlsby", "ffn", "parallel")
 

@@ -55,8 +55,7 @@ def test_operation_checks_cover_every_operation_below_threshold():
                    "gelu", "relu", "tanh", "softmax (masked)", "dropout", "attention (causal + padding)",
                    "attention (padding)", "adapter (gelu", "adapter (relu", "adapter (tanh",
                    "adapter (gelu, parallel", "cross-entropy (ignored positions)",
-                   "attention + LoRA q,v (causal + padding)", "attention + LoRA k,o",
-                   "attention + prefix (causal + padding)", "attention + prefix + LoRA q,v (padding)",
+                   "attend (causal + padding)", "prefix (2 keys and values in front)",
                    "lora", "prefix MLP", "prompt", "strip prompt"):
         assert any(op.startswith(needed) for op in ops), needed
     bad = [(op, name, err) for op, name, _, err in rows if not err <= OP_THRESHOLD]
