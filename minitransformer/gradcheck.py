@@ -330,29 +330,3 @@ def check_all(log=print):
             if flag:
                 failed.append(f"{label}: {name}")
     return worst, failed
-
-
-def main(argv=None):
-    """python -m minitransformer gradcheck: every operation, then every parameter of every model."""
-    import time
-
-    from . import backend
-    from .tools import cli  # the commands' parser: one-line errors, --debug
-    parser = cli.parser("gradcheck", "Check every backward pass against centred finite differences "
-                                     "in float64; exit 0 only if every check passes.")
-    parser.add_argument("--path", choices=(*backend.PATHS, "both"), default="reference",
-                        help="which code to check: the reference passes (default), the fast kernels, or both")
-    args = parser.parse_args(argv)
-    paths = backend.PATHS if args.path == "both" else (args.path,)
-    start, worst, failed = time.time(), 0.0, []
-    for path in paths:
-        print(f"Gradient checks of the {path} path, float64, centred differences (h=1e-5). "
-              f"Thresholds: {OP_THRESHOLD:.0e} per operation, {MODEL_THRESHOLD:.0e} per model.\n")
-        with backend.using(path):
-            w, f = check_all()
-        print(f"\n{path} path: {len(f)} check(s) failed; max relative error {w:.2e}\n")
-        worst, failed = max(worst, w), failed + [f"{path}: {x}" for x in f]
-    print(f"{len(failed)} check(s) failed{': ' + ', '.join(failed) if failed else ''}; "
-          f"{time.time() - start:.1f} s")
-    print(f"max relative error: {worst:.2e}")
-    return 1 if failed else 0

@@ -24,7 +24,8 @@ from .attention import attention_bias
 from .backend import ops  # ops.X is layers.X, losses.X, ... (or the fast kernel: backend.py)
 from .block import Block
 from .configs import ModelConfig  # noqa: F401  (importable from here, as before)
-from .modules import ClassifierHead, Embeddings, LayerNorm, LMHead
+from .heads import ClassifierHead, LMHead
+from .modules import Embeddings, LayerNorm
 from .peft import prefix_bias
 from .validate import integer
 

@@ -21,7 +21,8 @@ key/value hook. The base's own arrays never change (merge excepted, which unmerg
 from dataclasses import replace
 
 from .configs import AdapterConfig, BitFitConfig, LoRAConfig, PrefixConfig, PromptConfig
-from .modules import Adapter, ClassifierHead, Linear, Parameter, copy_of, normal
+from .heads import ClassifierHead
+from .modules import Adapter, Linear, Parameter, copy_of, normal
 from .peft import lora_merge
 from .parts import LoRA, PrefixKV, PrefixMLP, Prompt
 

@@ -6,11 +6,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minitransformer"
 # textbook -> tools imports that remain, each named: __init__ sets how BLAS runs (tools/runtime.py),
-# the fast path installs its kernels (backend.fast_table), gradcheck's command uses the command helpers
+# and the fast path installs its kernels (backend.fast_table, inside the function)
 KNOWN_TOOLS_IMPORTS = {("minitransformer", "minitransformer.tools.runtime"),
                        ("minitransformer.backend", "minitransformer.tools.kernels"),
-                       ("minitransformer.backend", "minitransformer.tools.kernels_attention"),
-                       ("minitransformer.gradcheck", "minitransformer.tools.cli")}
+                       ("minitransformer.backend", "minitransformer.tools.kernels_attention")}
 
 
 def module_name(path):

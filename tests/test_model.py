@@ -14,8 +14,8 @@ from minitransformer import AdapterConfig, ModelConfig, Transformer
 from minitransformer.attention import attention_bias
 from minitransformer.gradcheck import MODEL_THRESHOLD, OP_THRESHOLD, check_model, check_module
 from minitransformer.block import Block
-from minitransformer.modules import (Adapter, Attention, ClassifierHead, FeedForward, LayerNorm,
-                                     LMHead, plug)
+from minitransformer.heads import ClassifierHead, LMHead
+from minitransformer.modules import Adapter, Attention, FeedForward, LayerNorm, plug
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = np.float64
