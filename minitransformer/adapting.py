@@ -45,7 +45,7 @@ class TaskMethods:
         """Route the forward pass through adapter `name`, or through the bare base (None)."""
         if name is not None:
             self.get_adapter(name)
-        merged = [n for n, s in self.adapters.items() if s.merged and n != name]
+        merged = [n for n, task in self.adapters.items() if task.merged and n != name]
         if merged:  # the base weights hold that task's update now
             raise ValueError(f"name: task {merged[0]!r} is merged into the base weights; "
                              f"unmerge({merged[0]!r}) before activating {name!r}")
@@ -71,20 +71,20 @@ class TaskMethods:
         the base weights are this task's: activating another task, training, deleting or saving
         the base wait for unmerge.
         """
-        s = self.get_adapter(name)
-        if s.method != "lora":
-            raise ValueError(f"name: expected a LoRA task to merge, got {name!r} (method {s.method!r})")
-        if s.merged:
+        task = self.get_adapter(name)
+        if task.method != "lora":
+            raise ValueError(f"name: expected a LoRA task to merge, got {name!r} (method {task.method!r})")
+        if task.merged:
             raise ValueError(f"name: {name!r} is merged already")
         self.set_active_adapter(name)
-        s.merge(self)
+        task.merge(self)
 
     def unmerge(self, name):
         """Put back the base weights merge(name) replaced: the very arrays, bit for bit."""
-        s = self.get_adapter(name)
-        if not s.merged:
+        task = self.get_adapter(name)
+        if not task.merged:
             raise ValueError(f"name: {name!r} is not merged")
-        s.unmerge(self)
+        task.unmerge(self)
 
     def drop_prefix_mlp(self, name):
         """Keep prefix task `name`'s computed prefix and drop its reparameterising MLP (tasks.py)."""
@@ -119,15 +119,15 @@ class TaskMethods:
         base's embeddings and blocks, with the task's own copies in place of the base's
         (LayerNorms, BitFit's biases), its adapters, LoRA branches (not while merged), prefix or
         prompt, and the head `head` selects."""
-        s = self._active()
+        task = self._active()
         heads = {self.lm_head, self.cls_head}
         used = [p for m in self._modules.values() if m not in heads for p in m.p.values()]
-        if s:
-            swapped = s.swapped()
+        if task:
+            swapped = task.swapped()
             used = [p for p in used if p.name not in swapped]
-            used += [p for m in s.modules()[:-1] if not (s.merged and m in s.lora) for p in m.parameters()]
-            used += [p for own in s.copies.values() for p in own.values()]
-        used += self._head(head, s).parameters()
+            used += [p for m in task.modules()[:-1] if not (task.merged and m in task.lora) for p in m.parameters()]
+            used += [p for own in task.copies.values() for p in own.values()]
+        used += self._head(head, task).parameters()
         names = {p.name for p in used}
         return {n: p for n, p in self.named_parameters().items() if n in names}
 

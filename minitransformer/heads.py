@@ -9,8 +9,8 @@ from .modules import Module, normal
 class LMHead(Module):
     """Per-position logits over the vocabulary: (B, T, C) -> (B, T, V)."""
 
-    def __init__(self, prefix, C, V, rng, dtype, std=0.02):
-        super().__init__(prefix, {"W": normal(rng, (C, V), std, dtype), "b": np.zeros(V, dtype)})
+    def __init__(self, path, C, V, rng, dtype, std=0.02):
+        super().__init__(path, {"W": normal(rng, (C, V), std, dtype), "b": np.zeros(V, dtype)})
 
     def forward(self, h, pad_mask=None):
         return ops.linear_forward(h, self.p["W"].value, self.p["b"].value)
@@ -29,8 +29,8 @@ class ClassifierHead(Module):
     the positions that are not padding.
     """
 
-    def __init__(self, prefix, C, n_classes, pooling, rng, dtype, std=0.02):
-        super().__init__(prefix, {"W": normal(rng, (C, n_classes), std, dtype),
+    def __init__(self, path, C, n_classes, pooling, rng, dtype, std=0.02):
+        super().__init__(path, {"W": normal(rng, (C, n_classes), std, dtype),
                                   "b": np.zeros(n_classes, dtype)})
         if pooling not in ("first", "mean"):
             raise ValueError(f"pooling: expected 'first' or 'mean', got {pooling!r}")

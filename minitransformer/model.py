@@ -87,7 +87,7 @@ class Transformer(TaskMethods):
     def named_parameters(self):
         """{dotted name: Parameter} for the base and every task, in a fixed order."""
         params = [p for m in self._modules.values() for p in m.p.values()]
-        params += [p for s in self.adapters.values() for p in s.parameters()]
+        params += [p for task in self.adapters.values() for p in task.parameters()]
         return {p.name: p for p in params}
 
     def parameters(self, trainable_only=False):
@@ -154,23 +154,23 @@ class Transformer(TaskMethods):
         tokens: "lm" gives (B, T, V) for them, "cls" pools the first real token ([CLS]) or the
         mean over the real tokens. A prefix-tuning task's n keys and values join every attention.
         """
-        s = self._active()
-        validate.model_inputs(self.config, ids, pad_mask, s.config if s else None, self.dtype)
+        task = self._active()
+        validate.model_inputs(self.config, ids, pad_mask, task.config if task else None, self.dtype)
         cfg = self.config
-        c = {"task": s}  # the cache: every step's, by name
-        prefixes, c["prefixes"] = s.prefixes() if s else (None, None)  # per block a PrefixKV, or None
-        self._plug(s, prefixes)  # the task's pieces in, until the end of this forward
+        c = {"task": task}  # the cache: every step's, by name
+        prefixes, c["prefixes"] = task.prefixes() if task else (None, None)  # per block a PrefixKV, or None
+        self._plug(task, prefixes)  # the task's pieces in, until the end of this forward
         try:
-            return self._forward(ids, pad_mask, head, train, rng, s, prefixes, c)
+            return self._forward(ids, pad_mask, head, train, rng, task, prefixes, c)
         finally:
             self._plug(None)  # the bare base between passes; each cache holds the modules it used
 
-    def _forward(self, ids, pad_mask, head, train, rng, s, prefixes, c):
+    def _forward(self, ids, pad_mask, head, train, rng, task, prefixes, c):
         cfg = self.config
         x, c["embed"] = self.embed.forward(ids)  # (B,T,C), token + position
-        n, mask = (s.n_prompt() if s else 0), pad_mask
+        n, mask = (task.n_prompt() if task else 0), pad_mask
         if n:  # prompt tuning: the soft prompt in front of the embedded tokens
-            x, c["prompt"] = s.prompt.forward(x)  # (B,n+T,C)
+            x, c["prompt"] = task.prompt.forward(x)  # (B,n+T,C)
             if pad_mask is not None:  # the prompt is never padding
                 mask = np.concatenate([np.ones((ids.shape[0], n), bool), pad_mask], axis=1)  # (B,n+T)
         c["ln_emb"] = self.ln_emb
@@ -179,7 +179,7 @@ class Transformer(TaskMethods):
         x, c["drop"] = ops.dropout_forward(x, cfg.dropout, rng, train)
         bias = attention_bias(n + ids.shape[1], cfg.causal, mask, self.dtype)  # None or (B|1,1,n+T,n+T)
         if prefixes:
-            bias = prefix_bias(bias, n + ids.shape[1], s.n_prefix())  # (B|1,1,n+T,n_prefix+n+T)
+            bias = prefix_bias(bias, n + ids.shape[1], task.n_prefix())  # (B|1,1,n+T,n_prefix+n+T)
         c["blocks"] = []
         for block in self.blocks:
             x, c_block = block.forward(x, bias, train, rng)  # (B,n+T,C)
@@ -189,17 +189,17 @@ class Transformer(TaskMethods):
             x, c["ln_f_cache"] = self.ln_f.forward(x)  # pre-LN (GPT-2) normalises the last output
         if n:
             x, c["strip"] = ops.strip_prompt_forward(x, n)  # (B,T,C): the heads see the real tokens only
-        c["head"] = head_mod = self._head(head, s)
+        c["head"] = head_mod = self._head(head, task)
         logits, c["head_cache"] = head_mod.forward(x, pad_mask)  # (B,T,V) or (B,K)
         return logits, c
 
-    def _head(self, head, s):
+    def _head(self, head, task):
         if head == "lm":
             return self.lm_head
         if head != "cls":
             raise ValueError(f"head: expected 'lm' or 'cls', got {head!r}")
-        if s is not None:
-            return s.head
+        if task is not None:
+            return task.head
         if self.cls_head is None:
             raise ValueError("head: 'cls' needs an active adapter or a base classifier "
                              "(model.add_classifier(n_classes)), got neither")
@@ -218,38 +218,38 @@ class Transformer(TaskMethods):
         if not isinstance(cache, dict) or "blocks" not in cache:
             raise ValueError(f"cache: expected the cache forward returned (logits, cache = "
                              f"model.forward(...)), got {type(cache).__name__}")
-        c, s, L = cache, cache["task"], len(self.blocks)
+        c, task, n_layers = cache, cache["task"], len(self.blocks)
         below = self._trains_below(c)
         ln_f = c["ln_f"]
-        dx = c["head"].backward(dlogits, c["head_cache"], need_dx=below[L] or bool(ln_f and ln_f.trains()))
+        dx = c["head"].backward(dlogits, c["head_cache"], need_dx=below[n_layers] or bool(ln_f and ln_f.trains()))
         if dx is None:
             return
         if "strip" in c:
             dx = ops.strip_prompt_backward(dx, c["strip"])  # (B,n+T,C): zero at the prompt
         if ln_f:
-            dx = ln_f.backward(dx, c["ln_f_cache"], need_dx=below[L])
-        for i in reversed(range(L)):
+            dx = ln_f.backward(dx, c["ln_f_cache"], need_dx=below[n_layers])
+        for i in reversed(range(n_layers)):
             if not below[i + 1]:  # nothing in block i or under it trains: stop here
                 break
             dx = self.blocks[i].backward(dx, c["blocks"][i], need_dx=below[i])
-        if s is not None:
-            s.prefix_backward(c["prefixes"])  # every block's dP_k, dP_v on through the prefix MLP
+        if task is not None:
+            task.prefix_backward(c["prefixes"])  # every block's dP_k, dP_v on through the prefix MLP
         if not below[0]:
             return
         dx = ops.dropout_backward(dx, c["drop"])
         embed_trains = self.embed.trains()
-        prompt_trains = "prompt" in c and s.prompt.trains()
+        prompt_trains = "prompt" in c and task.prompt.trains()
         if c["ln_emb"]:
             dx = c["ln_emb"].backward(dx, c["ln_emb_cache"], need_dx=embed_trains or prompt_trains)
         if "prompt" in c and dx is not None:  # forward was x = [P; x]
-            dx = s.prompt.backward(dx, c["prompt"], need_dx=embed_trains)
+            dx = task.prompt.backward(dx, c["prompt"], need_dx=embed_trains)
         if dx is not None:
             self.embed.backward(dx, c["embed"])
 
     def _trains_below(self, c):
         """below[i], i = 0..n_layers: does any parameter under block i train? (backward's doc)"""
-        s = c["task"]
-        first = [self.embed] + ([s.prompt] if s and s.prompt else []) + ([c["ln_emb"]] if c["ln_emb"] else [])
+        task = c["task"]
+        first = [self.embed] + ([task.prompt] if task and task.prompt else []) + ([c["ln_emb"]] if c["ln_emb"] else [])
         below = [any(m.trains() for m in first)]
         for c_block in c["blocks"]:
             below.append(below[-1] or any(m.trains() for m in Block.used(c_block)))

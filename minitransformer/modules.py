@@ -41,16 +41,16 @@ class Parameter:
         return f"Parameter({self.name}, shape={self.value.shape}, {state})"
 
 
-def _params(prefix, arrays):
-    return {k: Parameter(f"{prefix}.{k}", v) for k, v in arrays.items()}
+def _params(path, arrays):
+    return {k: Parameter(f"{path}.{k}", v) for k, v in arrays.items()}
 
 
 class Module:
     """A named group of Parameters. `self.p[name]` is the Parameter, `self.w[name]` its array."""
 
-    def __init__(self, prefix, arrays):
-        self.prefix = prefix
-        self.p = _params(prefix, arrays)
+    def __init__(self, path, arrays):
+        self.path = path
+        self.p = _params(path, arrays)
 
     @property
     def w(self):
@@ -119,8 +119,8 @@ class Linear(Module):
 
 
 class LayerNorm(Module):
-    def __init__(self, prefix, C, dtype, eps=1e-5):
-        super().__init__(prefix, {"gamma": np.ones(C, dtype), "beta": np.zeros(C, dtype)})
+    def __init__(self, path, C, dtype, eps=1e-5):
+        super().__init__(path, {"gamma": np.ones(C, dtype), "beta": np.zeros(C, dtype)})
         self.eps = eps
 
     def forward(self, x):
@@ -151,12 +151,12 @@ class Attention(Module):
     (prefix tuning puts its keys and values in front there).
     """
 
-    def __init__(self, prefix, C, n_heads, rng, dtype, std=0.02):
+    def __init__(self, path, C, n_heads, rng, dtype, std=0.02):
         arrays = {}
         for n in ("q", "k", "v", "o"):
             arrays[f"W_{n}"] = normal(rng, (C, C), std, dtype)
             arrays[f"b_{n}"] = np.zeros(C, dtype)
-        super().__init__(prefix, arrays)
+        super().__init__(path, arrays)
         self.n_heads = n_heads
         self.q, self.k, self.v, self.o = (Linear(self.p[f"W_{n}"], self.p[f"b_{n}"]) for n in "qkvo")
         self.kv = None
@@ -198,8 +198,8 @@ class Attention(Module):
 class FeedForward(Module):
     """linear fc1 (C -> F) -> GELU -> linear fc2 (F -> C)."""
 
-    def __init__(self, prefix, C, F, rng, dtype, std=0.02):
-        super().__init__(prefix, {"W_1": normal(rng, (C, F), std, dtype), "b_1": np.zeros(F, dtype),
+    def __init__(self, path, C, F, rng, dtype, std=0.02):
+        super().__init__(path, {"W_1": normal(rng, (C, F), std, dtype), "b_1": np.zeros(F, dtype),
                                   "W_2": normal(rng, (F, C), std, dtype), "b_2": np.zeros(C, dtype)})
         self.fc1, self.fc2 = Linear(self.p["W_1"], self.p["b_1"]), Linear(self.p["W_2"], self.p["b_2"])
 
@@ -223,8 +223,8 @@ class FeedForward(Module):
 class Adapter(Module):
     """One bottleneck adapter (see adapters.py); skip=False for the parallel branch."""
 
-    def __init__(self, prefix, C, config, rng, dtype, skip=True):
-        super().__init__(prefix, init_adapter(config, C, rng, dtype))
+    def __init__(self, path, C, config, rng, dtype, skip=True):
+        super().__init__(path, init_adapter(config, C, rng, dtype))
         self.nonlinearity, self.skip, self.scaling = config.nonlinearity, skip, config.scaling
 
     def forward(self, h):
@@ -240,8 +240,8 @@ class Adapter(Module):
 class Embeddings(Module):
     """Token embedding W_tok (V, C) plus learned position embedding W_pos (T_max, C)."""
 
-    def __init__(self, prefix, V, T_max, C, rng, dtype, std=0.02):
-        super().__init__(prefix, {"W_tok": normal(rng, (V, C), std, dtype),
+    def __init__(self, path, V, T_max, C, rng, dtype, std=0.02):
+        super().__init__(path, {"W_tok": normal(rng, (V, C), std, dtype),
                                   "W_pos": normal(rng, (T_max, C), std, dtype)})
 
     def forward(self, ids):

@@ -39,12 +39,12 @@ class LoRA(Module):
     """One block's LoRA branches (peft.py): A_t (d_in, r) and B_t (r, d_out) for every target t
     of the config ("q", "k", "v", "o" in attention, "ffn1", "ffn2" in the feed-forward)."""
 
-    def __init__(self, prefix, C, F, config, rng, dtype):
+    def __init__(self, path, C, F, config, rng, dtype):
         shapes = {"q": (C, C), "k": (C, C), "v": (C, C), "o": (C, C), "ffn1": (C, F), "ffn2": (F, C)}
         arrays = {}
         for t in config.targets:
             arrays[f"A_{t}"], arrays[f"B_{t}"] = init_lora(config, *shapes[t], rng, dtype)
-        super().__init__(prefix, arrays)
+        super().__init__(path, arrays)
         self.targets, self.scale = config.targets, config.scale
         self.branches = {t: LowRank(self.p[f"A_{t}"], self.p[f"B_{t}"], self.scale) for t in self.targets}
 
@@ -52,8 +52,8 @@ class LoRA(Module):
 class PrefixKV(Module):
     """One block's prefix keys P_k and values P_v, each (n, C): the attention's kv hook."""
 
-    def __init__(self, prefix, P_k, P_v, trainable=True):
-        super().__init__(prefix, {"P_k": P_k, "P_v": P_v})
+    def __init__(self, path, P_k, P_v, trainable=True):
+        super().__init__(path, {"P_k": P_k, "P_v": P_v})
         for p in self.p.values():
             p.trainable = trainable
 
@@ -72,8 +72,8 @@ class PrefixMLP(Module):
     """Li & Liang's reparameterisation (peft.prefix_mlp_forward): P' (n, C) -> tanh MLP -> every
     block's P_k, P_v. Its weights start like a linear layer's default (std 1/sqrt(fan_in))."""
 
-    def __init__(self, prefix, n, C, hidden, n_layers, std, rng, dtype):
-        super().__init__(prefix, {"P0": normal(rng, (n, C), std, dtype),
+    def __init__(self, path, n, C, hidden, n_layers, std, rng, dtype):
+        super().__init__(path, {"P0": normal(rng, (n, C), std, dtype),
                                   "W_1": normal(rng, (C, hidden), 1 / np.sqrt(C), dtype),
                                   "b_1": np.zeros(hidden, dtype),
                                   "W_2": normal(rng, (hidden, 2 * n_layers * C), 1 / np.sqrt(hidden), dtype),
@@ -86,7 +86,7 @@ class PrefixMLP(Module):
         carries it on through the MLP."""
         w = self.w
         prefixes, cache = ops.prefix_mlp_forward(w["P0"], w, self.n_layers)  # (L, 2, n, C)
-        kvs = [PrefixKV(f"{self.prefix}.blocks.{i}", prefixes[i, 0], prefixes[i, 1], self.trains())
+        kvs = [PrefixKV(f"{self.path}.blocks.{i}", prefixes[i, 0], prefixes[i, 1], self.trains())
                for i in range(self.n_layers)]
         return kvs, (cache, kvs, prefixes.shape)
 
@@ -109,12 +109,12 @@ class PrefixMLP(Module):
 class Prompt(Module):
     """Prompt tuning's soft prompt P (n, C), put in front of the embedded input (peft.py)."""
 
-    def __init__(self, prefix, n, C, config, W_tok, rng, dtype):
+    def __init__(self, path, n, C, config, W_tok, rng, dtype):
         if config.init == "vocab":  # rows of the token embedding, of tokens drawn at random
             P = W_tok[rng.integers(0, W_tok.shape[0], n)].astype(dtype)  # fancy indexing: a copy
         else:
             P = normal(rng, (n, C), config.init_std, dtype)
-        super().__init__(prefix, {"P": P})
+        super().__init__(path, {"P": P})
 
     def forward(self, x):
         return ops.prompt_forward(x, self.p["P"].value)  # (B, T, C) -> (B, n + T, C)
