@@ -155,6 +155,12 @@ def operation_checks(seed=0):
         for name, err in check_function(fwd, bwd, inputs, wrt, seed, h).items():
             yield op, name, inputs[name].shape, err
 
+    def with_input(name, backward):  # (dx, grads) -> {name: dx, **grads}, the backward called once
+        def bwd(d, c):
+            dx, grads = backward(d, c)
+            return {name: dx, **grads}
+        return bwd
+
     yield from run("linear", L.linear_forward,
                    lambda d, c: dict(zip(("x", "W", "b"), L.linear_backward(d, c))),
                    {"x": randn(2, 3, 4), "W": randn(4, 5), "b": randn(5)})
@@ -196,12 +202,13 @@ def operation_checks(seed=0):
         names = list(w)
         yield from run(label,
                        lambda x, **ws: L.attention_forward(x, ws, H, bias),
-                       lambda d, c: dict(x=L.attention_backward(d, c)[0], **L.attention_backward(d, c)[1]),
+                       with_input("x", L.attention_backward),
                        {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}}, ["x"] + names)
     yield from run("attend (causal + padding)", lambda q, k, v: L.attend_forward(q, k, v, H, attention_bias(
                        4, True, pad, np.float64)),
                    lambda d, c: dict(zip(("q", "k", "v"), L.attend_backward(d, c))),
                    {"q": randn(2, 4, C), "k": randn(2, 4, C), "v": randn(2, 4, C)})
+
     def prefix(k, v, P_k, P_v):  # k and v out, stacked: one output for the check
         k, v, cache = L.prefix_forward(k, v, P_k, P_v)
         return np.stack([k, v]), cache
@@ -227,7 +234,7 @@ def operation_checks(seed=0):
         h[np.abs(h) < 0.05] = 0.5
         yield from run(label,
                        lambda h, **ws: L.adapter_forward(h, ws, act, skip, scaling),
-                       lambda d, c: dict(h=L.adapter_backward(d, c)[0], **L.adapter_backward(d, c)[1]),
+                       with_input("h", L.adapter_backward),
                        {"h": h, **aw})
     targets = np.array([[1, 0, -100], [2, -100, 3]])  # -100: ignored positions
 
