@@ -209,7 +209,8 @@ def test_a_row_of_padding_only_is_refused():
     model = Transformer(small_config(dtype="float32", causal=True), seed=0)
     ids, _, pad = batch(model.config)
     pad[2] = False
-    with pytest.raises(ValueError, match=r"^pad_mask: expected at least one real token \(True\) in every row, got row 2"):
+    with pytest.raises(ValueError, match=r"^pad_mask: expected at least one real token \(True\) in every row, "
+                                         r"got row 2"):
         model.forward(ids, pad)
 
 
