@@ -56,7 +56,7 @@ class PostNorm:
 
     def backward(self, dout, cache, need_dx=True):
         cache_b, cache_n = cache
-        norm = cache_b[0][1]
+        f, norm, adapter, parallel = cache_b[0]  # the modules the forward used
         dh = norm.backward(dout, cache_n)  # forward was out = LN(x + y)
         if not need_dx:
             self.branch_backward(dh, cache_b, need_du=False)
@@ -74,7 +74,7 @@ class PreNorm(PostNorm):
 
     def backward(self, dout, cache, need_dx=True):
         cache_b, cache_n = cache
-        norm = cache_b[0][1]
+        f, norm, adapter, parallel = cache_b[0]  # the modules the forward used
         trains_norm = norm.trains()  # LN may train even when dx is not wanted
         du = self.branch_backward(dout, cache_b, need_du=need_dx or trains_norm)
         if du is None:
