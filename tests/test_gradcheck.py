@@ -6,7 +6,8 @@ from conftest import batch, generic_adapter, generic_model
 
 from minitransformer import layers as L
 from minitransformer.gradcheck import (MODEL_THRESHOLD, OP_THRESHOLD, check_function, check_model,
-                                       model_variants, numerical_gradient, operation_checks, rel_error)
+                                       numerical_gradient, operation_checks, rel_error)
+from minitransformer.tools.gradcheck_command import model_variants
 
 
 def test_rel_error_by_hand():
