@@ -21,7 +21,7 @@ COMMANDS = {
 }
 
 
-MODULES = {"demo": ".tools.demo", "gradcheck": ".gradcheck", "pretrain": ".tools.pretrain",
+MODULES = {"demo": ".tools.demo", "gradcheck": ".tools.gradcheck_command", "pretrain": ".tools.pretrain",
            "figures": ".tools.experiments", "bench": ".tools.bench", "course": ".tools.course"}
 FAST = ("demo", "pretrain", "figures")  # the commands that train at size; bench measures both paths
 

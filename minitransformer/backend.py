@@ -19,7 +19,7 @@ the reference code unless the fast path was chosen.
 import contextlib
 from types import SimpleNamespace
 
-from . import adapters, attention, layers, losses, optim, peft
+from . import adapters, attention, layers, losses, peft, updates
 
 PATHS = ("reference", "fast")
 
@@ -32,15 +32,17 @@ REFERENCE = {
     "softmax_forward": layers.softmax_forward, "softmax_backward": layers.softmax_backward,
     "dropout_forward": layers.dropout_forward, "dropout_backward": layers.dropout_backward,
     "attention_forward": attention.attention_forward, "attention_backward": attention.attention_backward,
+    "attend_forward": attention.attend_forward, "attend_backward": attention.attend_backward,
     "adapter_forward": adapters.adapter_forward, "adapter_backward": adapters.adapter_backward,
     "lora_forward": peft.lora_forward, "lora_backward": peft.lora_backward,
+    "prefix_forward": peft.prefix_forward, "prefix_backward": peft.prefix_backward,
     "prefix_mlp_forward": peft.prefix_mlp_forward, "prefix_mlp_backward": peft.prefix_mlp_backward,
     "prompt_forward": peft.prompt_forward, "prompt_backward": peft.prompt_backward,
     "strip_prompt_forward": peft.strip_prompt_forward, "strip_prompt_backward": peft.strip_prompt_backward,
     "cross_entropy_forward": losses.cross_entropy_forward,
     "cross_entropy_backward": losses.cross_entropy_backward,
-    "sgd_update": optim.sgd_update, "adamw_update": optim.adamw_update,
-    "each_parameter": optim.each_parameter,
+    "sgd_update": updates.sgd_update, "adamw_update": updates.adamw_update,
+    "each_parameter": updates.each_parameter,
 }
 
 ops = SimpleNamespace(**REFERENCE)  # what the model calls; use() swaps its functions

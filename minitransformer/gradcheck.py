@@ -155,6 +155,12 @@ def operation_checks(seed=0):
         for name, err in check_function(fwd, bwd, inputs, wrt, seed, h).items():
             yield op, name, inputs[name].shape, err
 
+    def with_input(name, backward):  # (dx, grads) -> {name: dx, **grads}, the backward called once
+        def bwd(d, c):
+            dx, grads = backward(d, c)
+            return {name: dx, **grads}
+        return bwd
+
     yield from run("linear", L.linear_forward,
                    lambda d, c: dict(zip(("x", "W", "b"), L.linear_backward(d, c))),
                    {"x": randn(2, 3, 4), "W": randn(4, 5), "b": randn(5)})
@@ -196,24 +202,19 @@ def operation_checks(seed=0):
         names = list(w)
         yield from run(label,
                        lambda x, **ws: L.attention_forward(x, ws, H, bias),
-                       lambda d, c: dict(x=L.attention_backward(d, c)[0], **L.attention_backward(d, c)[1]),
+                       with_input("x", L.attention_backward),
                        {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}}, ["x"] + names)
-    # LoRA on q and v (the paper's), k and o; and a prefix of 2 keys and values, every query sees them
-    lora = {t: (randn(C, 2) * 0.5, randn(2, C) * 0.5, 2.0) for t in "qkvo"}
-    for label, bias, branches, n in (
-            ("attention + LoRA q,v (causal + padding)", attention_bias(4, True, pad, np.float64), "qv", 0),
-            ("attention + LoRA k,o", None, "ko", 0),
-            ("attention + prefix (causal + padding)", attention_bias(4, True, pad, np.float64, 2), "", 2),
-            ("attention + prefix + LoRA q,v (padding)", attention_bias(4, False, pad, np.float64, 2), "qv", 2)):
-        ab = {f"{m}_{t}": lora[t][i].copy() for t in branches for i, m in enumerate("AB")}
-        pk = {"P_k": randn(n, C), "P_v": randn(n, C)} if n else {}
+    yield from run("attend (causal + padding)", lambda q, k, v: L.attend_forward(q, k, v, H, attention_bias(
+                       4, True, pad, np.float64)),
+                   lambda d, c: dict(zip(("q", "k", "v"), L.attend_backward(d, c))),
+                   {"q": randn(2, 4, C), "k": randn(2, 4, C), "v": randn(2, 4, C)})
 
-        def fwd(x, bias=bias, branches=branches, n=n, **ws):
-            lo = {t: (ws[f"A_{t}"], ws[f"B_{t}"], 2.0) for t in branches}
-            return L.attention_forward(x, {k: ws[k] for k in w}, H, bias, lora=lo,
-                                       prefix=(ws["P_k"], ws["P_v"]) if n else None)
-        yield from run(label, fwd, lambda d, c: dict(x=L.attention_backward(d, c)[0], **L.attention_backward(d, c)[1]),
-                       {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}, **ab, **pk})
+    def prefix(k, v, P_k, P_v):  # k and v out, stacked: one output for the check
+        k, v, cache = L.prefix_forward(k, v, P_k, P_v)
+        return np.stack([k, v]), cache
+    yield from run("prefix (2 keys and values in front)", prefix,
+                   lambda d, c: dict(zip(("k", "v", "P_k", "P_v"), L.prefix_backward(d[0], d[1], c))),
+                   {"k": randn(2, 4, C), "v": randn(2, 4, C), "P_k": randn(2, C), "P_v": randn(2, C)})
     yield from run("lora (s = 1.5)", lambda x, A, B: L.lora_forward(x, A, B, 1.5),
                    lambda d, c: dict(zip(("x", "A", "B"), L.lora_backward(d, c))),
                    {"x": randn(2, 3, 5), "A": randn(5, 2), "B": randn(2, 4)})
@@ -233,7 +234,7 @@ def operation_checks(seed=0):
         h[np.abs(h) < 0.05] = 0.5
         yield from run(label,
                        lambda h, **ws: L.adapter_forward(h, ws, act, skip, scaling),
-                       lambda d, c: dict(h=L.adapter_backward(d, c)[0], **L.adapter_backward(d, c)[1]),
+                       with_input("h", L.adapter_backward),
                        {"h": h, **aw})
     targets = np.array([[1, 0, -100], [2, -100, 3]])  # -100: ignored positions
 
@@ -242,137 +243,3 @@ def operation_checks(seed=0):
         return np.array(loss), cache
     yield from run("cross-entropy (ignored positions)", ce_forward,
                    lambda d, c: {"logits": float(d) * L.cross_entropy_backward(c)}, {"logits": randn(2, 3, 4)})
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-METHOD_CONFIGS = {  # the other methods at a generic point: large LoRA ranks' A, long-ish prefixes
-    "lora": lambda: _peft().LoRAConfig(r=2, alpha=2.0, targets=("q", "k", "v", "o", "ffn1", "ffn2")),
-    "prefix": lambda: _peft().PrefixConfig(n_prefix=2, reparameterize=False, init_std=0.5),
-    "prefix MLP": lambda: _peft().PrefixConfig(n_prefix=2, hidden=5, init_std=1.0),
-    "prompt": lambda: _peft().PromptConfig(n_prompt=2, init="normal", init_std=0.5),
-    "bitfit": lambda: _peft().BitFitConfig(),
-}
-
-
-def _peft():
-    from . import peft
-    return peft
-
-
-def _generic_model(norm, head, placement=None, seed=0):
-    """A small float64 model at a generic point (see module doc), masks and dropout on.
-    placement: None (the bare base), an adapter placement, or a key of METHOD_CONFIGS."""
-    from .adapters import AdapterConfig
-    from .model import ModelConfig, Transformer
-    cfg = ModelConfig(vocab_size=11, max_len=8, d_model=8, n_heads=2, n_layers=2, d_ff=16,
-                      norm=norm, causal=head == "lm", pooling="mean" if norm == "pre" else "first",
-                      n_classes=3, dropout=0.1, init_std=0.3, dtype="float64")
-    model = Transformer(cfg, seed=seed)
-    rng = np.random.default_rng(seed + 100)
-    for ln in model.norms().values():
-        for p in ln.parameters():
-            p.value += 0.3 * rng.standard_normal(p.value.shape)
-    if placement:
-        config = METHOD_CONFIGS[placement]() if placement in METHOD_CONFIGS else \
-            AdapterConfig(bottleneck=3, init_std=0.3, placement=placement)
-        s = model.add_adapter("task", config, n_classes=3, seed=seed)
-        for p in s.parameters():  # off the method's start: B = 0 and the base's bias copies
-            if ".lora.B_" in p.name or s.method == "bitfit":
-                p.value += 0.3 * rng.standard_normal(p.value.shape)
-        model.train_adapter("task")
-    ids = rng.integers(0, cfg.vocab_size, (3, 6))
-    pad_mask = np.ones((3, 6), bool)
-    pad_mask[1, 4:] = False  # one padded sequence
-    if head == "lm":
-        targets = rng.integers(0, cfg.vocab_size, (3, 6))
-        targets[~pad_mask] = -100  # padded positions do not count
-    else:
-        targets = np.array([0, 2, 1])
-    return model, ids, targets, pad_mask
-
-
-def model_variants():
-    """(label, norm, head, placement) of every model the command checks: the bare base, the
-    three adapter placements, and every other method (METHOD_CONFIGS) under the classification
-    head (post-LN pools [CLS], pre-LN the mean) and under the causal LM head (pre-LN)."""
-    out = [(f"{norm}-LN, {head} head", norm, head, None) for norm in ("post", "pre") for head in ("lm", "cls")]
-    out += [(f"{norm}-LN, cls head, {pl} adapters, base frozen", norm, "cls", pl)
-            for norm in ("post", "pre") for pl in ("houlsby", "ffn", "parallel")]
-    out += [(f"{norm}-LN, {head} head, {method}, base frozen", norm, head, method)
-            for method in METHOD_CONFIGS for norm, head in (("post", "cls"), ("pre", "cls"), ("pre", "lm"))]
-    return out
-
-
-def check_all(log=print, against=None):
-    """Every operation, then every parameter of every model, on the current path -> (worst
-    error, [what failed]). against: beside each model's rows, another check of its gradients,
-    against(model, ids, targets, pad_mask, head, dropout_seed, rows) -> (lines, passed): PyTorch's
-    autograd (tools/torch_twin.gradcheck_lines), printed under the model's rows."""
-    worst, failed = 0.0, []
-    log(f"{'operation':<44}{'input':<12}{'shape':<16}{'rel. error':>12}")
-    for op, name, shape, err in operation_checks():
-        flag = "" if err <= OP_THRESHOLD else "  FAIL"
-        log(f"{op:<44}{name:<12}{str(shape):<16}{err:>12.2e}{flag}")
-        worst = max(worst, err)
-        if flag:
-            failed.append(f"{op}: {name}")
-    for label, norm, head, placement in model_variants():
-        model, ids, targets, pad_mask = _generic_model(norm, head, placement)
-        log(f"\nmodel: {label} (causal={model.config.causal}, padding mask, dropout 0.1 replayed)")
-        log(f"{'parameter':<40}{'shape':<12}{'trainable':<11}{'max rel. error':>30}")
-        try:
-            rows = check_model(model, ids, targets, pad_mask, head, dropout_seed=7)
-        except AssertionError as e:  # a frozen parameter received a gradient
-            log(f"FAIL: {e}")
-            failed.append(f"{label}: {e}")
-            continue
-        for name, shape, trainable, err in rows:
-            if err is None:
-                log(f"{name:<40}{str(shape):<12}{'no':<11}{'frozen — no gradient computed':>30}")
-                continue
-            flag = "" if err <= MODEL_THRESHOLD else "  FAIL"
-            log(f"{name:<40}{str(shape):<12}{'yes':<11}{err:>30.2e}{flag}")
-            worst = max(worst, err)
-            if flag:
-                failed.append(f"{label}: {name}")
-        if against:
-            lines, passed = against(model, ids, targets, pad_mask, head, 7, rows)
-            log("\n".join(lines))
-            failed += [] if passed else [f"{label}: PyTorch autograd"]
-    return worst, failed
-
-
-def main(argv=None):
-    """python -m minitransformer gradcheck: every operation, then every parameter of every model."""
-    import time
-
-    from . import backend
-    from .tools import cli  # the commands' parser: one-line errors, --debug
-    parser = cli.parser("gradcheck", "Check every backward pass against centred finite differences "
-                                     "in float64; exit 0 only if every check passes.")
-    parser.add_argument("--path", choices=(*backend.PATHS, "both"), default="reference",
-                        help="which code to check: the reference passes (default), the fast kernels, or both")
-    parser.add_argument("--against", choices=("torch",), help="also compare every model's gradients with "
-                        "PyTorch's autograd (needs PyTorch: pip install .[compare])")
-    args = parser.parse_args(argv)
-    against = None
-    if args.against:
-        from .tools import torch_twin
-        if not torch_twin.available():
-            raise ImportError(f"--against torch: {torch_twin.INSTALL}")
-        against = torch_twin.gradcheck_lines
-    paths = backend.PATHS if args.path == "both" else (args.path,)
-    start, worst, failed = time.time(), 0.0, []
-    for path in paths:
-        print(f"Gradient checks of the {path} path, float64, centred differences (h=1e-5). "
-              f"Thresholds: {OP_THRESHOLD:.0e} per operation, {MODEL_THRESHOLD:.0e} per model.\n")
-        with backend.using(path):
-            w, f = check_all(against=against)
-        print(f"\n{path} path: {len(f)} check(s) failed; max relative error {w:.2e}\n")
-        worst, failed = max(worst, w), failed + [f"{path}: {x}" for x in f]
-    print(f"{len(failed)} check(s) failed{': ' + ', '.join(failed) if failed else ''}; "
-          f"{time.time() - start:.1f} s")
-    print(f"max relative error: {worst:.2e}")
-    return 1 if failed else 0

@@ -10,8 +10,10 @@ order; each of its lines names the forward step it undoes. The derivations are i
 notebooks/01_gradients_by_hand.ipynb (linear, GELU, softmax, LayerNorm, cross-entropy).
 
 Every function keeps the dtype of its input (float32 to train, float64 for gradient checks).
-Constants are made in the input's dtype, t(0.5) with t = x.dtype.type, because a NumPy float64
-scalar would silently turn a float32 array into float64.
+Constants are Python floats (0.5 * x, k = math.sqrt(2 / math.pi)): NumPy 2 treats a Python
+float as a weak scalar, so 0.5 * x stays float32. (A NumPy float64 scalar such as
+np.sqrt(2 / np.pi) would silently turn a float32 array into float64; tests/test_model.py checks
+that float32 stays float32 through the whole model.)
 
 These are the reference passes. tools/kernels.py computes the same functions faster (in place,
 on every core); `backend.use("fast")` switches the model to them.
@@ -21,6 +23,8 @@ Shape legend (used in comments throughout the package):
     H  number of heads       hs head size (C // H)     V  vocabulary size
     F  feed-forward width    m  adapter bottleneck     N  any leading shape (B, T, ...)
 """
+import math
+
 import numpy as np
 
 # ----------------------------------------------------------------------------- linear
@@ -107,7 +111,6 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     x (N, C), gamma (C,), beta (C,) -> y (N, C). A constant row has var = 0 and gives
     xhat = 0 with the finite scale 1/sqrt(eps): no NaN, finite gradients.
     """
-    eps = x.dtype.type(eps)
     mu = x.mean(axis=-1, keepdims=True)  # (N, 1)
     xc = x - mu  # (N, C), centred
     var = (xc * xc).mean(axis=-1, keepdims=True)  # (N, 1), biased (divides by C) like PyTorch
@@ -145,11 +148,10 @@ def gelu_forward(x):
 
     x (N) -> y (N), any shape.
     """
-    t = x.dtype.type
-    k, a = t(np.sqrt(2 / np.pi)), t(0.044715)
+    k, a = math.sqrt(2 / math.pi), 0.044715
     u = k * (x + a * x * x * x)  # (N); x * x * x, because x**3 calls the slow general power
     th = np.tanh(u)  # (N)
-    y = t(0.5) * x * (1 + th)  # (N)
+    y = 0.5 * x * (1 + th)  # (N)
     cache = (x, th)  # tanh is the expensive part: keep it rather than recompute it
     return y, cache
 
@@ -157,11 +159,10 @@ def gelu_forward(x):
 def gelu_backward(dout, cache):
     """dout (N) -> dx (N)."""
     x, th = cache
-    t = x.dtype.type
-    k, a = t(np.sqrt(2 / np.pi)), t(0.044715)
+    k, a = math.sqrt(2 / math.pi), 0.044715
     du_dx = k * (1 + 3 * a * x * x)  # forward was u = k (x + a x^3)
     dth_du = 1 - th * th  # forward was th = tanh(u), and tanh' = 1 - tanh^2
-    dy_dx = t(0.5) * (1 + th) + t(0.5) * x * dth_du * du_dx  # forward was y = 0.5 x (1 + th)
+    dy_dx = 0.5 * (1 + th) + 0.5 * x * dth_du * du_dx  # forward was y = 0.5 x (1 + th)
     dx = dout * dy_dx
     return dx
 
@@ -241,7 +242,7 @@ def dropout_forward(x, p, rng=None, train=True):
     if rng is None:
         raise ValueError("rng: dropout in training mode needs a np.random.Generator, got None")
     mask = rng.random(x.shape, dtype=x.dtype) >= p  # keep with probability 1 - p
-    scale = x.dtype.type(1 / (1 - p))
+    scale = 1 / (1 - p)
     out = x * mask * scale
     cache = (mask, scale)
     return out, cache

@@ -1,6 +1,9 @@
 """The rest of the parameter-efficient family: LoRA, prefix tuning, prompt tuning and BitFit.
-Their configs, and the forward/backward pairs that are new (the attention's LoRA and prefix
-arguments are in attention.py; BitFit needs no new operation, only its own copies of biases).
+The forward/backward pairs that are new (their configs are in configs.py; BitFit needs no new
+operation, only its own copies of biases). None of them changes attention.py: LoRA is a branch
+beside a linear layer (modules.Linear), a prefix is put in front of the keys and values between
+the projections and attend_forward (modules.Attention's one hook), a prompt in front of the
+embedded input.
 
     LoRA (Hu et al., 2021)           y = x W + b + s (x A) B,   s = alpha / r
         A (d_in, r) random, B (r, d_out) zero: a fresh LoRA is exactly the base. A branch beside
@@ -21,96 +24,10 @@ statement for a prefix with P_v = 0: each attention output is the base's times (
 
 Shape legend as in layers.py; n prefix or prompt length, r LoRA rank, L blocks, h the MLP's width.
 """
-from dataclasses import asdict, dataclass
-
 import numpy as np
 
+from .configs import BIASES, LORA_TARGETS, BitFitConfig, LoRAConfig, PrefixConfig, PromptConfig  # noqa: F401
 from .layers import linear_backward, linear_forward, tanh_backward, tanh_forward
-from .validate import choice, flag, integer, number, subset
-
-LORA_TARGETS = ("q", "k", "v", "o", "ffn1", "ffn2")  # W_q, W_k, W_v, W_o, the FFN's W_1 and W_2
-BIASES = LORA_TARGETS  # the same six linear layers, each with its bias b_q ... b_1, b_2
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-@dataclass
-class LoRAConfig:
-    """Hu et al. (2021): a trainable low-rank update beside chosen frozen weight matrices."""
-    r: int = 8  # the rank: A is (d_in, r), B is (r, d_out)
-    alpha: float = 8.0  # the update is scaled by s = alpha / r; the paper keeps alpha fixed as r varies
-    targets: tuple = ("q", "v")  # the weights that get a branch: any of LORA_TARGETS; ("q", "v") as in the paper
-    init: str = "kaiming"  # A's init: "kaiming" U(-1/sqrt(d_in), 1/sqrt(d_in)) (loralib's and PEFT's
-    #                        default: A's scale does not depend on r) or "gaussian" N(0, 1/r^2) (the
-    #                        paper's Gaussian at PEFT's scale: with alpha fixed, small r then steps harder)
-
-    def __post_init__(self):
-        integer("r", self.r)
-        number("alpha", self.alpha, "a number > 0", lambda a: a > 0)
-        self.targets = subset("targets", self.targets, LORA_TARGETS)
-        choice("init", self.init, ("gaussian", "kaiming"))
-
-    @property
-    def scale(self):
-        """s = alpha / r, the factor of the low-rank update."""
-        return self.alpha / self.r
-
-    def to_dict(self):
-        return asdict(self)
-
-
-@dataclass
-class PrefixConfig:
-    """Li & Liang (2021): n trained keys and values in front of every layer's attention."""
-    n_prefix: int = 8  # n, the prefix length (in every layer)
-    reparameterize: bool = True  # train through the paper's MLP (P' -> every layer's P_k, P_v);
-    #                              False: train each layer's P_k, P_v directly
-    hidden: int = 64  # h, the MLP's inner width (only with reparameterize)
-    init_std: float = 0.5  # std of the normal init of P_k, P_v (direct) or of P' (with the MLP)
-
-    def __post_init__(self):
-        integer("n_prefix", self.n_prefix)
-        flag("reparameterize", self.reparameterize)
-        integer("hidden", self.hidden)
-        number("init_std", self.init_std, "a number >= 0", lambda s: s >= 0)
-
-    def to_dict(self):
-        return asdict(self)
-
-
-@dataclass
-class PromptConfig:
-    """Lester et al. (2021): n trained embeddings in front of the embedded input sequence."""
-    n_prompt: int = 8  # n, the soft prompt's length
-    init: str = "vocab"  # "vocab": copies of randomly drawn token embeddings (the paper's best);
-    #                      "normal": N(0, init_std^2)
-    init_std: float = 0.02  # std of the "normal" init (unused by "vocab")
-
-    def __post_init__(self):
-        integer("n_prompt", self.n_prompt)
-        choice("init", self.init, ("vocab", "normal"))
-        number("init_std", self.init_std, "a number >= 0", lambda s: s >= 0)
-
-    def to_dict(self):
-        return asdict(self)
-
-
-@dataclass
-class BitFitConfig:
-    """Ben Zaken et al. (2022): only bias terms (and the task head) train."""
-    biases: tuple = BIASES  # the linear layers whose bias trains: any of BIASES (all, as in the paper)
-    layernorm: bool = True  # also every LayerNorm's beta, which the paper counts among the biases
-
-    def __post_init__(self):
-        self.biases = subset("biases", self.biases, BIASES, allow_empty=True)
-        flag("layernorm", self.layernorm)
-        if not self.biases and not self.layernorm:
-            raise ValueError("biases: expected at least one bias to train, got none "
-                             "(biases=() and layernorm=False)")
-
-    def to_dict(self):
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -131,10 +48,9 @@ def lora_forward(x, A, B, s):
 
     It is added to the frozen layer's x W + b by the caller; W itself is never touched.
     """
-    t = x.dtype.type
     u = x @ A  # (N, d_in) @ (d_in, r) -> (N, r): down to rank r
-    out = t(s) * (u @ B)  # (N, r) @ (r, d_out) -> (N, d_out)
-    cache = (x, A, B, u, t(s))  # x for dA, u for dB: both products of the forward are reused
+    out = s * (u @ B)  # (N, r) @ (r, d_out) -> (N, d_out)
+    cache = (x, A, B, u, s)  # x for dA, u for dB: both products of the forward are reused
     return out, cache
 
 
@@ -163,10 +79,42 @@ def lora_merge(W, A, B, s):
     Merging back out by W - s A B would not give W bit for bit (rounding in the addition), so
     the model keeps the original array and puts it back to unmerge (Transformer.unmerge).
     """
-    return W + W.dtype.type(s) * (A @ B)  # (d_in, r) @ (r, d_out) -> (d_in, d_out)
+    return W + s * (A @ B)  # (d_in, r) @ (r, d_out) -> (d_in, d_out)
 
 
 # ----------------------------------------------------------------------------- prefix tuning
+
+
+def prefix_forward(k, v, P_k, P_v):
+    """The prefix's keys and values in front of the sequence's own.
+
+    k, v (B, T, C), P_k, P_v (n, C) -> k, v (B, n + T, C): every sequence gets the same n rows.
+    """
+    B = k.shape[0]
+    k = np.concatenate([np.broadcast_to(P_k, (B, *P_k.shape)), k], axis=1)  # (B, n + T, C)
+    v = np.concatenate([np.broadcast_to(P_v, (B, *P_v.shape)), v], axis=1)  # (B, n + T, C)
+    cache = P_k.shape[0]  # n: where the sequence's own rows start
+    return k, v, cache
+
+
+def prefix_backward(dk, dv, cache, need_dP=True):
+    """dk, dv (B, n + T, C) -> dk, dv (B, T, C), dP_k, dP_v (n, C) (None when not needed)."""
+    n = cache
+    dP_k = dP_v = None
+    if need_dP:  # forward put the same P_k, P_v in front of every sequence: sum over B
+        dP_k, dP_v = dk[:, :n].sum(axis=0), dv[:, :n].sum(axis=0)  # (n, C) each
+    return dk[:, n:], dv[:, n:], dP_k, dP_v  # the sequence's own rows: (B, T, C)
+
+
+def prefix_bias(bias, T, n):
+    """The attention mask with n prefix columns in front, allowed for every query.
+
+    bias None or (B|1, 1, T, T) -> None or (B|1, 1, T, n + T) (attention.attention_bias's).
+    """
+    if bias is None:
+        return None
+    front = np.zeros((*bias.shape[:2], T, n), bias.dtype)  # 0: every query sees the prefix
+    return np.concatenate([front, np.broadcast_to(bias, (*bias.shape[:2], T, T))], axis=-1)
 
 
 def prefix_mlp_forward(P0, w, n_layers):

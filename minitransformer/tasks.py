@@ -1,5 +1,5 @@
-"""What one task adds to the frozen base, for every method of the family, and how the model asks
-for it block by block. Every task has its own classification head; the rest depends on its config:
+"""What one task adds to the frozen base, for every method of the family. Every task has its own
+classification head; the rest depends on its config:
 
     method   config          the task's parameters, named adapters.<task>.<name>
     adapter  AdapterConfig   blocks.<i>.attn|ffn|parallel.{W_down, b_down, W_up, b_up}, and with
@@ -12,23 +12,26 @@ for it block by block. Every task has its own classification head; the rest depe
                              blocks.<i>.ln1.beta, ln_emb.beta, ...
     (all)                    head.W, head.b
 
-One mechanism serves every copy of a base parameter (the adapters' LayerNorms, BitFit's
-biases): `own`, a map {base module path: {local name: the task's Parameter}}. The base's
-containers read through it (modules.py), so the task's copy is used in place of the base's and
-receives the gradient, and the base's own arrays never change.
+A task changes the base's forward only by the modules it puts into the base's slots
+(Task.plugs): an adapter into a sub-layer's adapter slot, a LayerNorm or a linear layer that
+holds the task's own copy of a parameter (the paper's LayerNorms, BitFit's biases) in place of
+the base's, a linear layer with a LoRA branch beside the shared W, a prefix into the attention's
+key/value hook. The base's own arrays never change (merge excepted, which unmerge undoes).
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from .adapters import AdapterConfig
-from .modules import Adapter, ClassifierHead, LoRA, Parameter, PrefixKV, PrefixMLP, Prompt, normal
-from .peft import BitFitConfig, LoRAConfig, PrefixConfig, PromptConfig
+from .configs import AdapterConfig, BitFitConfig, LoRAConfig, PrefixConfig, PromptConfig
+from .heads import ClassifierHead
+from .modules import Adapter, Linear, Parameter, copy_of, normal
+from .peft import lora_merge
+from .parts import LoRA, PrefixKV, PrefixMLP, Prompt
 
 METHODS = {"adapter": AdapterConfig, "lora": LoRAConfig, "prefix": PrefixConfig, "prompt": PromptConfig,
            "bitfit": BitFitConfig}
-# the names of peft.LORA_TARGETS and peft.BIASES -> (block module, the weight's and the bias's local name)
-LORA_WEIGHT = {"q": ("attn", "W_q"), "k": ("attn", "W_k"), "v": ("attn", "W_v"), "o": ("attn", "W_o"),
-               "ffn1": ("ffn", "W_1"), "ffn2": ("ffn", "W_2")}
-BIAS_OF = {t: (module, "b" + W[1:]) for t, (module, W) in LORA_WEIGHT.items()}
+# the names of configs.LORA_TARGETS and configs.BIASES -> (block module, its linear slot, the weight's local name)
+LINEARS = {"q": ("attn", "q", "W_q"), "k": ("attn", "k", "W_k"), "v": ("attn", "v", "W_v"),
+           "o": ("attn", "o", "W_o"), "ffn1": ("ffn", "fc1", "W_1"), "ffn2": ("ffn", "fc2", "W_2")}
+SITES = {"attn": "sub1.adapter", "ffn": "sub2.adapter", "parallel": "sub2.parallel"}  # adapter -> slot
 
 
 def method_of(config):
@@ -40,32 +43,16 @@ def method_of(config):
                     f"got {type(config).__name__}")
 
 
-@dataclass
-class BlockParts:
-    """What the active task adds to one block (all empty for the bare base)."""
-    adapters: dict = field(default_factory=dict)  # {"attn"|"ffn"|"parallel": Adapter}
-    own: dict = field(default_factory=dict)  # {"attn"|"ffn"|"ln1"|"ln2": {local name: Parameter}}
-    lora: LoRA | None = None  # the block's LoRA branches (None when merged into the weights)
-    prefix: tuple | None = None  # (P_k, P_v) Parameters, each (n, C)
-
-    def parameters(self):
-        """The task's Parameters this block's forward uses."""
-        ps = [p for a in self.adapters.values() for p in a.parameters()]
-        ps += [p for own in self.own.values() for p in own.values()]
-        ps += self.lora.parameters() if self.lora else []
-        return ps + list(self.prefix or ())
-
-
-class AdapterSet:
+class Task:
     """Everything one task adds to the frozen base (see the module doc): its parts by method,
-    its own copies of base parameters (`own`), and its head.
+    its own copies of base parameters, and its head.
 
     blocks       per block {"attn"|"ffn"|"parallel": Adapter} (method "adapter"; else empty)
     lora         per block a LoRA container or None
     prefix_kv    per block a PrefixKV (prefix without the MLP), or None
     prefix_mlp   a PrefixMLP (prefix with the MLP), or None
     prompt       a Prompt, or None
-    own          {base module path: {local name: Parameter}}: the task's copies
+    copies       {base module path: {local name: Parameter}}: the task's copies
     merged       {(block, target): the base weight's original array} while LoRA is merged
     """
 
@@ -76,14 +63,15 @@ class AdapterSet:
         L, C, pre = cfg.n_layers, cfg.d_model, f"adapters.{name}"
         self.blocks = [{} for _ in range(L)]
         self.lora, self.prefix_kv, self.prefix_mlp, self.prompt = [None] * L, [None] * L, None, None
-        self.own, self.merged = {}, {}
+        self.copies, self.merged, self._swaps = {}, {}, {}
+        norms = model.norms()
         if self.method == "adapter":
             self.blocks = [{site: Adapter(f"{pre}.blocks.{i}.{site}", C, config, rng, dt,
                                           skip=site != "parallel")
                             for site in config.sites()} for i in range(L)]
-            if config.train_layernorm:  # copies of the base's, so a fresh set changes nothing
-                for path, ln in model.norms().items():
-                    self._copy(path, ln, ("gamma", "beta"))
+            if config.train_layernorm:  # copies of the base's, so a fresh task changes nothing
+                for path, ln in norms.items():
+                    self._swaps[path] = copy_of(ln, self._copy(path, ln, ("gamma", "beta")))
         elif self.method == "lora":
             self.lora = [LoRA(f"{pre}.blocks.{i}.lora", C, cfg.d_ff, config, rng, dt) for i in range(L)]
         elif self.method == "prefix" and config.reparameterize:
@@ -99,18 +87,21 @@ class AdapterSet:
         elif self.method == "bitfit":
             for i, block in enumerate(model.blocks):
                 for b in config.biases:
-                    module, local = BIAS_OF[b]
-                    self._copy(f"blocks.{i}.{module}", getattr(block, module), (local,))
+                    module, slot, W = LINEARS[b]
+                    base = getattr(block, module)  # the copy of b, beside the base's own W
+                    own = self._copy(f"blocks.{i}.{module}", base, ("b" + W[1:],))
+                    self._swaps[f"blocks.{i}.{module}.{slot}"] = Linear(base.p[W], own["b" + W[1:]])
             if config.layernorm:
-                for path, ln in model.norms().items():
-                    self._copy(path, ln, ("beta",))
+                for path, ln in norms.items():
+                    self._swaps[path] = copy_of(ln, self._copy(path, ln, ("beta",)))
         self.head = ClassifierHead(f"{pre}.head", C, n_classes, cfg.pooling, rng, dt, cfg.init_std)
 
     def _copy(self, path, module, locals_):
         """The task's own copy of `module`'s parameters `locals_`, equal to the base's at first."""
-        own = self.own.setdefault(path, {})
+        own = self.copies.setdefault(path, {})
         for k in locals_:
             own[k] = Parameter(f"adapters.{self.name}.{path}.{k}", module.p[k].value.copy())
+        return {k: own[k] for k in locals_}
 
     # ------------------------------------------------------------------ what the model asks
 
@@ -122,15 +113,15 @@ class AdapterSet:
 
     def parameters(self):
         ps = [p for m in self.modules()[:-1] for p in m.parameters()]
-        ps += [p for own in self.own.values() for p in own.values()]
+        ps += [p for own in self.copies.values() for p in own.values()]
         return ps + self.head.parameters()
 
     def prefixes(self):
-        """-> ([(P_k, P_v) Parameters per block] or None, cache for prefix_backward)."""
+        """-> ([PrefixKV per block] or None, cache for prefix_backward)."""
         if self.prefix_mlp is not None:
             return self.prefix_mlp.forward()
         if self.prefix_kv[0] is not None:
-            return [kv.pair() for kv in self.prefix_kv], None
+            return self.prefix_kv, None
         return None, None
 
     def prefix_backward(self, cache):
@@ -138,12 +129,25 @@ class AdapterSet:
         if self.prefix_mlp is not None:
             self.prefix_mlp.backward(cache)
 
-    def block_parts(self, i, prefixes=None):
-        """What this task adds to block i (prefixes: the pairs prefixes() returned)."""
-        own = {path.rsplit(".", 1)[1]: p for path, p in self.own.items()
-               if path.startswith(f"blocks.{i}.")}
-        return BlockParts(adapters=self.blocks[i], own=own, lora=None if self.merged else self.lora[i],
-                          prefix=prefixes[i] if prefixes else None)
+    def plugs(self, model, prefixes=None):
+        """{slot path: module} of everything this task puts into the base (prefixes: the
+        PrefixKV modules prefixes() returned); a slot not named keeps the base's own."""
+        plugs = dict(self._swaps)
+        for i, block in enumerate(model.blocks):
+            for site, adapter in self.blocks[i].items():
+                plugs[f"blocks.{i}.{SITES[site]}"] = adapter
+            if self.lora[i] is not None and not self.merged:  # a branch beside the shared W
+                for t, branch in self.lora[i].branches.items():
+                    module, slot, W = LINEARS[t]
+                    base = getattr(block, module)
+                    plugs[f"blocks.{i}.{module}.{slot}"] = Linear(base.p[W], base.p["b" + W[1:]], branch)
+            if prefixes:
+                plugs[f"blocks.{i}.attn.kv"] = prefixes[i]
+        return plugs
+
+    def swapped(self):
+        """The names of the base's parameters this task's copies stand in for."""
+        return {f"{path}.{k}" for path, own in self.copies.items() for k in own}
 
     def n_prompt(self):
         return self.config.n_prompt if self.prompt is not None else 0
@@ -151,7 +155,25 @@ class AdapterSet:
     def n_prefix(self):
         return self.config.n_prefix if self.method == "prefix" else 0
 
-    # ------------------------------------------------------------------ after training
+    # ------------------------------------------------------------------ merge, and after training
+
+    def merge(self, model):
+        """Fold the LoRA branches into the base weights, W <- W + s A B (peft.lora_merge),
+        keeping the original arrays to put back (unmerge)."""
+        for i, (block, lora) in enumerate(zip(model.blocks, self.lora)):
+            for t in lora.targets:
+                module, _, W = LINEARS[t]
+                weight = getattr(block, module).p[W]
+                self.merged[(i, t)] = weight.value  # the original array itself: nothing writes into it
+                weight.value = lora_merge(weight.value, lora.p[f"A_{t}"].value, lora.p[f"B_{t}"].value,
+                                          lora.scale)
+
+    def unmerge(self, model):
+        """Put back the base weights merge replaced: the very arrays, bit for bit."""
+        for (i, t), original in self.merged.items():
+            module, _, W = LINEARS[t]
+            getattr(model.blocks[i], module).p[W].value = original
+        self.merged = {}
 
     def drop_prefix_mlp(self):
         """Replace the reparameterising MLP by the prefix it computes (Li & Liang drop it after
@@ -160,36 +182,9 @@ class AdapterSet:
         if self.prefix_mlp is None:
             raise ValueError(f"name: task {self.name!r} has no prefix MLP to drop "
                              f"(method {self.method!r}, {self.config})")
-        pairs, _ = self.prefix_mlp.forward()
-        self.prefix_kv = [PrefixKV(f"adapters.{self.name}.blocks.{i}.prefix", P_k.value.copy(), P_v.value.copy())
-                          for i, (P_k, P_v) in enumerate(pairs)]  # copies: contiguous, owned
+        kvs, _ = self.prefix_mlp.forward()
+        self.prefix_kv = [PrefixKV(f"adapters.{self.name}.blocks.{i}.prefix", kv.p["P_k"].value.copy(),
+                                   kv.p["P_v"].value.copy())
+                          for i, kv in enumerate(kvs)]  # copies: contiguous, owned
         self.prefix_mlp = None
         self.config = replace(self.config, reparameterize=False)
-
-
-# ----------------------------------------------------------------------------- the parameter report
-
-BASE_GROUPS = ("embeddings", "attention", "FFN", "LayerNorm", "adapters", "heads")
-GROUPS = ("embeddings", "attention", "FFN", "LayerNorm", "adapters", "LoRA", "prefix", "prompt", "biases",
-          "heads")
-ADAPTER_LEAVES = ("W_down", "b_down", "W_up", "b_up")
-
-
-def group_of(name):
-    """The report group of a dotted parameter name (one of GROUPS)."""
-    module, leaf = name.rsplit(".", 2)[-2:]  # the module's own name (attn, ffn, ln1, lora, ...), the array's
-    if name.startswith("adapters."):
-        if ".head." in name:
-            return "heads"
-        if module.startswith("ln"):
-            return "LayerNorm"  # the adapters' LayerNorm copies, BitFit's beta copies
-        if module in ("attn", "ffn") and leaf not in ADAPTER_LEAVES:
-            return "biases"  # BitFit's copies of b_q ... b_2
-        return {"lora": "LoRA", "prefix": "prefix", "prefix_mlp": "prefix", "prompt": "prompt"}.get(module, "adapters")
-    if name.startswith("embed."):
-        return "embeddings"
-    if module.startswith("ln"):
-        return "LayerNorm"
-    if "head" in module:
-        return "heads"
-    return {"attn": "attention", "ffn": "FFN"}[module]

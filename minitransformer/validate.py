@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from . import sizes
+
 _INTEGER_WORDS = {0: "a non-negative integer", 1: "a positive integer"}
 
 
@@ -56,3 +58,31 @@ def subset(name, value, choices, allow_empty=False):
         raise ValueError(f"{name}: expected distinct names from {choices}"
                          f"{'' if allow_empty else ', at least one'}, got {tuple(value)!r}")
     return tuple(value)
+
+
+def model_inputs(config, ids, pad_mask, task_config=None, dtype=np.float32):
+    """Refuse what Transformer.forward cannot run: ids (B, T) integer token ids below vocab_size,
+    T <= max_len, a batch that fits in memory; pad_mask None or (B, T) bool with a real token in
+    every row (a row of padding only would leave its queries nothing to attend to)."""
+    if not isinstance(ids, np.ndarray) or not np.issubdtype(ids.dtype, np.integer):
+        got = ids.dtype if isinstance(ids, np.ndarray) else type(ids).__name__
+        raise TypeError(f"ids: expected an integer numpy array of token ids, got {got}")
+    if ids.ndim != 2:
+        raise ValueError(f"ids: expected shape (batch, seq_len), got shape {ids.shape}")
+    if ids.size == 0:
+        raise ValueError(f"ids: expected at least one sequence of at least one token, got shape {ids.shape}")
+    if ids.shape[1] > config.max_len:
+        raise ValueError(f"ids: expected seq_len <= max_len={config.max_len}, got seq_len={ids.shape[1]}")
+    sizes.check_fits(sizes.activation_count(config, *ids.shape, task_config) * np.dtype(dtype).itemsize,
+                     f"ids: a batch of shape {ids.shape} (split it into smaller batches)")
+    if ids.min() < 0 or ids.max() >= config.vocab_size:
+        bad = ids[(ids < 0) | (ids >= config.vocab_size)].flat[0]
+        raise ValueError(f"ids: expected token ids in [0, {config.vocab_size}), got {bad}")
+    if pad_mask is not None:
+        if not isinstance(pad_mask, np.ndarray) or pad_mask.dtype != bool or pad_mask.shape != ids.shape:
+            got = (pad_mask.dtype, pad_mask.shape) if isinstance(pad_mask, np.ndarray) else type(pad_mask)
+            raise ValueError(f"pad_mask: expected a bool array of shape {ids.shape}, got {got}")
+        empty = np.flatnonzero(~pad_mask.any(axis=1))
+        if empty.size:
+            raise ValueError(f"pad_mask: expected at least one real token (True) in every row, "
+                             f"got row {empty[0]} with none")

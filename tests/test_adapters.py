@@ -108,7 +108,7 @@ def reference_forward(model, ids, pad_mask):
     pre-LN:  x = x + Ad_attn(Attn(LN1(x)));  x = x + Ad_ffn(FFN(LN2(x)))
     parallel: the FFN's output plus s * W_up f(W_down x_in) of the FFN's own input x_in."""
     cfg, s = model.config, model.adapters[model.active_adapter]
-    ad_cfg, norms = s.config, {key: {**ln.p, **s.own.get(key, {})} for key, ln in model.norms().items()}
+    ad_cfg, norms = s.config, {key: {**ln.p, **s.copies.get(key, {})} for key, ln in model.norms().items()}
 
     def ln(key, x):
         return L.layernorm_forward(x, norms[key]["gamma"].value, norms[key]["beta"].value, cfg.ln_eps)[0]

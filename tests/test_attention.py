@@ -86,19 +86,27 @@ def test_gradcheck_attention(causal, padded, rng):
 
 
 def test_attention_frozen_weights_get_no_gradient(rng):
-    C = 4
-    w = {n: rng.standard_normal((C, C) if n[0] == "W" else C) for n in NAMES}
-    x = rng.standard_normal((2, 3, C))
-    out, cache = attention_forward(x, w, 2)
+    """The container skips a frozen weight's product; dx does not depend on what is frozen."""
+    from minitransformer.modules import Attention
+    attn = Attention("attn", 4, 2, rng, np.float64, std=0.5)
+    x = rng.standard_normal((2, 3, 4))
+    out, cache = attn.forward(x)
     dout = rng.standard_normal(out.shape)
-    dx_all, all_grads = attention_backward(dout, cache)
-    dx, grads = attention_backward(dout, cache, need={"W_v", "b_o"})
-    assert set(grads) == {"W_v", "b_o"}
-    np.testing.assert_array_equal(dx, dx_all)  # dx does not depend on what is frozen
-    np.testing.assert_array_equal(grads["W_v"], all_grads["W_v"])
-    # only the output projection trains and nothing below wants dx: the softmax backward is skipped
-    dx, grads = attention_backward(dout, cache, need_dx=False, need={"W_o"})
-    assert dx is None and set(grads) == {"W_o"}
+    dx_all = attn.backward(dout, cache)
+    all_grads = {k: p.grad for k, p in attn.p.items()}
+    for k, p in attn.p.items():
+        p.grad, p.trainable = None, k in ("W_v", "b_o")
+    out, cache = attn.forward(x)
+    dx = attn.backward(dout, cache)
+    assert {k for k, p in attn.p.items() if p.grad is not None} == {"W_v", "b_o"}
+    np.testing.assert_array_equal(dx, dx_all)
+    np.testing.assert_array_equal(attn.p["W_v"].grad, all_grads["W_v"])
+    # only the output projection trains and nothing below wants dx: attend's backward is skipped
+    for k, p in attn.p.items():
+        p.grad, p.trainable = None, k == "W_o"
+    out, cache = attn.forward(x)
+    assert attn.backward(dout, cache, need_dx=False) is None
+    assert {k for k, p in attn.p.items() if p.grad is not None} == {"W_o"}
 
 
 def test_fully_padded_sequence_no_nan(rng):

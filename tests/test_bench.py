@@ -95,8 +95,9 @@ def test_the_latency_models_are_what_they_say():
     for name, model in models.items():
         logits, cache = model.forward(ids, head="cls")
         assert logits.shape == (b.batch, 2), name
-    parts = models["lora_merged"].adapters["task"].block_parts(0)
-    assert parts.lora is None and models["lora"].adapters["task"].block_parts(0).lora is not None
+    merged, lora = models["lora_merged"], models["lora"]
+    assert "blocks.0.attn.q" not in merged.adapters["task"].plugs(merged)  # merged: no branch plugged in
+    assert lora.adapters["task"].plugs(lora)["blocks.0.attn.q"].branch is not None
     # B = 0: merged and unmerged give the bare base's logits (the latency of zeros is the latency)
     np.testing.assert_array_equal(models["lora"].forward(ids, head="cls")[0],
                                   models["lora_merged"].forward(ids, head="cls")[0])

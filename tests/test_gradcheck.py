@@ -6,7 +6,8 @@ from conftest import batch, generic_adapter, generic_model
 
 from minitransformer import layers as L
 from minitransformer.gradcheck import (MODEL_THRESHOLD, OP_THRESHOLD, check_function, check_model,
-                                       model_variants, numerical_gradient, operation_checks, rel_error)
+                                       numerical_gradient, operation_checks, rel_error)
+from minitransformer.tools.gradcheck_command import model_variants
 
 
 def test_rel_error_by_hand():
@@ -55,8 +56,7 @@ def test_operation_checks_cover_every_operation_below_threshold():
                    "gelu", "relu", "tanh", "softmax (masked)", "dropout", "attention (causal + padding)",
                    "attention (padding)", "adapter (gelu", "adapter (relu", "adapter (tanh",
                    "adapter (gelu, parallel", "cross-entropy (ignored positions)",
-                   "attention + LoRA q,v (causal + padding)", "attention + LoRA k,o",
-                   "attention + prefix (causal + padding)", "attention + prefix + LoRA q,v (padding)",
+                   "attend (causal + padding)", "prefix (2 keys and values in front)",
                    "lora", "prefix MLP", "prompt", "strip prompt"):
         assert any(op.startswith(needed) for op in ops), needed
     bad = [(op, name, err) for op, name, _, err in rows if not err <= OP_THRESHOLD]

@@ -18,7 +18,7 @@ from conftest import batch, generic_adapter, generic_model
 
 from minitransformer import (AdapterConfig, BitFitConfig, LoRAConfig, ModelConfig, PrefixConfig, PromptConfig,
                              Transformer, backend, gradcheck)
-from minitransformer import adapters, attention, layers, losses, optim
+from minitransformer import adapters, attention, layers, losses, optim, peft
 from minitransformer.optim import AdamW
 from minitransformer.tools import kernels, kernels_attention
 
@@ -66,7 +66,8 @@ def test_the_fast_path_has_a_kernel_for_every_heavy_operation():
     own = {n for n in backend.REFERENCE if fast[n] is not backend.REFERENCE[n]}
     assert own == {"linear_forward", "linear_backward", "layernorm_forward", "layernorm_backward",
                    "gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward",
-                   "attention_forward", "attention_backward", "adapter_forward", "adapter_backward",
+                   "attention_forward", "attention_backward", "attend_forward", "attend_backward",
+                   "adapter_forward", "adapter_backward",
                    "sgd_update", "adamw_update", "each_parameter"}
 
 
@@ -124,8 +125,7 @@ def test_softmax_with_masked_entries_and_rows(size, dtype):
 
 @pytest.mark.parametrize("size", ["small", "large"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("need", [None, {"W_o", "b_v"}, {"W_o"}], ids=["all", "some", "W_o only"])
-def test_attention_with_masks(size, dtype, need):
+def test_attention_with_masks(size, dtype):
     rng = np.random.default_rng(4)
     B, T, C = (3, 5, 16) if size == "small" else (8, 64, 128)
     w = {f"{k}_{n}": randn(rng, dtype, *((C, C) if k == "W" else (C,))) / np.sqrt(C).astype(dtype)
@@ -137,38 +137,27 @@ def test_attention_with_masks(size, dtype, need):
     (of, cf), (orf, cr) = kernels_attention.attention_forward(x, w, 4, bias), \
         attention.attention_forward(x, w, 4, bias)
     assert_close(of, orf, dtype, "out")
-    need_dx = need is None
-    assert_close(kernels_attention.attention_backward(d, cf, need_dx, need),
-                 attention.attention_backward(d, cr, need_dx, need), dtype, "dx, grads")
+    assert_close(kernels_attention.attention_backward(d, cf), attention.attention_backward(d, cr), dtype, "dx, grads")
 
 
 @pytest.mark.parametrize("size", ["small", "large"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("targets, n_prefix, causal", [("qv", 0, True), ("ko", 3, False), ("", 3, True),
-                                                        ("qkvo", 2, True)])
-@pytest.mark.parametrize("need", [None, {"A_q", "B_v", "P_k", "W_o"}, {"B_o"}], ids=["all", "some", "B_o only"])
-def test_attention_with_lora_and_prefix(size, dtype, targets, n_prefix, causal, need):
-    """LoRA branches on some projections and a prefix in front of the keys and values: the fast
-    kernel computes them as the reference does, forward and backward (frozen names skipped)."""
+@pytest.mark.parametrize("n_prefix, causal", [(0, True), (3, False), (2, True)])
+def test_attend_with_a_prefix(size, dtype, n_prefix, causal):
+    """attend alone, with n prefix keys and values in front (peft.prefix_forward): the fast
+    kernel computes what the reference does, forward and backward."""
     rng = np.random.default_rng(7)
     B, T, C = (3, 5, 16) if size == "small" else (8, 64, 128)
-    w = {f"{k}_{n}": randn(rng, dtype, *((C, C) if k == "W" else (C,))) / np.sqrt(C).astype(dtype)
-         for n in "qkvo" for k in "Wb"}
-    lora = {t: (randn(rng, dtype, C, 4) * dtype(0.3), randn(rng, dtype, 4, C) * dtype(0.3), 2.0) for t in targets}
-    prefix = (randn(rng, dtype, n_prefix, C), randn(rng, dtype, n_prefix, C)) if n_prefix else None
-    x, d = randn(rng, dtype, B, T, C), randn(rng, dtype, B, T, C)
+    q, k, v, d = (randn(rng, dtype, B, T, C) for _ in range(4))
     pad = np.ones((B, T), bool)
     pad[1, T - 2:] = False
-    bias = attention.attention_bias(T, causal, pad, dtype, n_prefix)
-    (of, cf), (orf, cr) = (mod.attention_forward(x, w, 4, bias, lora=lora, prefix=prefix)
-                           for mod in (kernels_attention, attention))
-    assert_close(of, orf, dtype, "out")
-    if need is not None:  # only names the forward had
-        need = {n for n in need if n in set(w) | {f"{m}_{t}" for t in targets for m in "AB"}
-                | ({"P_k", "P_v"} if n_prefix else set())}
-    need_dx = need is None
-    assert_close(kernels_attention.attention_backward(d, cf, need_dx, need),
-                 attention.attention_backward(d, cr, need_dx, need), dtype, "dx, grads")
+    bias = attention.attention_bias(T, causal, pad, dtype)
+    if n_prefix:
+        k, v, _ = peft.prefix_forward(k, v, randn(rng, dtype, n_prefix, C), randn(rng, dtype, n_prefix, C))
+        bias = peft.prefix_bias(bias, T, n_prefix)
+    (of, cf), (orf, cr) = kernels_attention.attend_forward(q, k, v, 4, bias), attention.attend_forward(q, k, v, 4, bias)
+    assert_close(of, orf, dtype, "ctx")
+    assert_close(kernels_attention.attend_backward(d, cf), attention.attend_backward(d, cr), dtype, "dq, dk, dv")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

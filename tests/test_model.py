@@ -13,10 +13,9 @@ from conftest import batch, generic_model, small_config
 from minitransformer import AdapterConfig, ModelConfig, Transformer
 from minitransformer.attention import attention_bias
 from minitransformer.gradcheck import MODEL_THRESHOLD, OP_THRESHOLD, check_model, check_module
-from minitransformer.model import Block
-from minitransformer.tasks import BlockParts
-from minitransformer.modules import (Adapter, Attention, ClassifierHead, FeedForward, LayerNorm,
-                                     LMHead)
+from minitransformer.block import Block
+from minitransformer.heads import ClassifierHead, LMHead
+from minitransformer.modules import Adapter, Attention, FeedForward, LayerNorm, plug
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = np.float64
@@ -111,10 +110,13 @@ class BlockUnderTest:
 
     def __init__(self, block, adapters, dropout_seed):
         self.block, self.adapters, self.seed = block, adapters, dropout_seed
+        slots = {"attn": (block.sub1, "adapter"), "ffn": (block.sub2, "adapter"), "parallel": (block.sub2, "parallel")}
+        for site, adapter in adapters.items():
+            plug(*slots[site], adapter)
 
     def forward(self, x, bias=None):
         rng = np.random.default_rng(self.seed)
-        return self.block.forward(x, bias, BlockParts(adapters=self.adapters), True, rng)
+        return self.block.forward(x, bias, True, rng)
 
     def backward(self, dout, cache):
         return self.block.backward(dout, cache)
@@ -200,19 +202,26 @@ def test_padding_does_not_change_real_positions(rng):
     np.testing.assert_array_equal(model.forward(ids, pad, head="cls")[0], model.forward(other, pad, head="cls")[0])
 
 
-@pytest.mark.parametrize("norm", ["post", "pre"])
-@pytest.mark.parametrize("pooling", ["first", "mean"])
-def test_fully_padded_row_no_nan(norm, pooling):
-    """A sequence that is padding everywhere: finite forward and backward, both heads."""
-    model = Transformer(small_config(norm=norm, pooling=pooling, dtype="float32", causal=True), seed=0)
+def test_a_row_of_padding_only_is_refused():
+    """A sequence that is padding everywhere would leave its queries nothing to attend to: the
+    model refuses it in one line naming pad_mask (attention itself stays finite on such a row:
+    tests/test_attention.py)."""
+    model = Transformer(small_config(dtype="float32", causal=True), seed=0)
     ids, _, pad = batch(model.config)
     pad[2] = False
-    for head, targets in (("lm", np.where(pad, ids, -100)), ("cls", np.array([0, 1, 2]))):
-        model.zero_grad()
-        logits, loss = model.loss(ids, targets, pad, head=head, backward=True)
-        assert np.isfinite(loss) and np.all(np.isfinite(logits))
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        assert grads and all(np.all(np.isfinite(g)) for g in grads)
+    with pytest.raises(ValueError, match=r"^pad_mask: expected at least one real token \(True\) in every row, "
+                                         r"got row 2"):
+        model.forward(ids, pad)
+
+
+def test_seed_and_cache_are_checked():
+    with pytest.raises(ValueError, match="^seed: expected a non-negative integer, got -1"):
+        Transformer(small_config(), seed=-1)
+    model = Transformer(small_config(), seed=0)
+    ids, targets, pad = batch(model.config)
+    logits, _ = model.forward(ids, pad)
+    with pytest.raises(ValueError, match="^cache: expected the cache forward returned"):
+        model.backward(np.ones_like(logits), None)
 
 
 def test_gradients_accumulate_until_zero_grad():

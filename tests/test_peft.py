@@ -10,7 +10,7 @@ from conftest import batch, move_layernorms, small_config, snapshot
 from minitransformer import (AdapterConfig, BitFitConfig, LoRAConfig, PrefixConfig, PromptConfig,
                              Transformer, backend, peft)
 from minitransformer import layers as L
-from minitransformer.attention import attention_bias, attention_forward
+from minitransformer.attention import attend_forward, attention_bias, attention_forward
 from minitransformer.gradcheck import MODEL_THRESHOLD, OP_THRESHOLD, check_function, check_model
 from minitransformer.optim import AdamW
 
@@ -89,27 +89,36 @@ def lora_branches(rng, targets, C, r=2):
 @pytest.mark.parametrize("n_prefix", [0, 2])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradcheck_attention_with_lora_and_prefix(targets, n_prefix, causal, rng):
+    """LoRA branches plugged into the attention's linear slots and a prefix into its kv hook:
+    attention.py is not touched, and every gradient checks out."""
+    from minitransformer.gradcheck import check_module
+    from minitransformer.modules import Attention, Linear, Parameter, plug
+    from minitransformer.parts import LowRank, PrefixKV
     C, H = 6, 2
-    w = {f"{k}_{n}": rng.standard_normal((C, C) if k == "W" else C) * 0.5 for n in "qkvo" for k in "Wb"}
-    branches = lora_branches(rng, targets, C)
+    attn = Attention("attn", C, H, rng, np.float64, std=0.5)
+    for p in attn.parameters():
+        p.value += 0.5 * rng.standard_normal(p.value.shape)  # biases off zero
+    extra = []
+    for t, (A, B, s) in lora_branches(rng, targets, C).items():
+        branch = LowRank(Parameter(f"A_{t}", A), Parameter(f"B_{t}", B), s)
+        plug(attn, t, Linear(attn.p[f"W_{t}"], attn.p[f"b_{t}"], branch))
+        extra += branch.parameters()
     pad = np.array([[True] * 4, [True, True, False, False]])
-    bias = attention_bias(4, causal, pad, np.float64, n_prefix)
-    inputs = {"x": rng.standard_normal((2, 4, C)), **w,
-              **{f"{m}_{t}": branches[t][i] for t in targets for i, m in enumerate("AB")}}
+    bias = attention_bias(4, causal, pad, np.float64)
     if n_prefix:
-        inputs.update(P_k=rng.standard_normal((n_prefix, C)), P_v=rng.standard_normal((n_prefix, C)))
+        kv = PrefixKV("prefix", rng.standard_normal((n_prefix, C)), rng.standard_normal((n_prefix, C)))
+        plug(attn, "kv", kv)
+        extra += kv.parameters()
+        bias = peft.prefix_bias(bias, 4, n_prefix)
 
-    def forward(x, **ws):
-        lora = {t: (ws[f"A_{t}"], ws[f"B_{t}"], 1.5) for t in targets}
-        return attention_forward(x, {k: ws[k] for k in w}, H, bias, lora=lora,
-                                 prefix=(ws["P_k"], ws["P_v"]) if n_prefix else None)
+    class WithParts:
+        forward, backward = attn.forward, attn.backward
 
-    def backward(d, c):
-        from minitransformer.attention import attention_backward
-        dx, grads = attention_backward(d, c)
-        return {"x": dx, **grads}
-    errors = check_function(forward, backward, inputs)
-    assert set(errors) == set(inputs) and max(errors.values()) <= OP_THRESHOLD, errors
+        def parameters(self):
+            return attn.parameters() + extra
+    errors = check_module(WithParts(), rng.standard_normal((2, 4, C)), bias=bias)
+    assert len(errors) == 1 + 8 + 2 * len(targets) + (2 if n_prefix else 0)
+    assert max(errors.values()) <= OP_THRESHOLD, errors
 
 
 def test_gradcheck_prefix_mlp_prompt_and_strip(rng):
@@ -143,13 +152,13 @@ def test_prefix_mlp_splits_layers_keys_and_values_as_documented(rng):
 
 def test_attention_bias_with_prefix_columns():
     pad = np.array([[True, True, False]])
-    bias = attention_bias(3, True, pad, np.float64, n_prefix=2)
+    bias = peft.prefix_bias(attention_bias(3, True, pad, np.float64), 3, 2)
     assert bias.shape == (1, 1, 3, 5)
     allowed = np.isfinite(bias[0, 0])
     # every query sees both prefix columns; then causal and padding as without a prefix
     np.testing.assert_array_equal(allowed, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
-    assert attention_bias(3, False, None, n_prefix=2) is None  # nothing hidden: no mask at all
-    assert attention_bias(3, True, None, n_prefix=2).shape == (1, 1, 3, 5)
+    assert peft.prefix_bias(attention_bias(3, False, None), 3, 2) is None  # nothing hidden: no mask at all
+    assert peft.prefix_bias(attention_bias(3, True, None), 3, 2).shape == (1, 1, 3, 5)
 
 
 def test_a_prefix_with_zero_values_only_shrinks_attention(rng):
@@ -160,8 +169,11 @@ def test_a_prefix_with_zero_values_only_shrinks_attention(rng):
     w["W_o"], w["b_o"] = np.eye(C), np.zeros(C)  # out = the merged context itself
     x = rng.standard_normal((2, 4, C))
     base, _ = attention_forward(x, w, H)
-    out, c = attention_forward(x, w, H, prefix=(rng.standard_normal((n, C)), np.zeros((n, C))))
-    pi = c["P"][..., :n].sum(-1)  # (B, H, T)
+    q, k, v = (x @ w[f"W_{t}"] + w[f"b_{t}"] for t in "qkv")
+    k, v, _ = peft.prefix_forward(k, v, rng.standard_normal((n, C)), np.zeros((n, C)))
+    ctx, (Q, K, V, P, scale) = attend_forward(q, k, v, H)
+    out = ctx @ w["W_o"] + w["b_o"]
+    pi = P[..., :n].sum(-1)  # (B, H, T)
     shrink = np.repeat(1 - pi.transpose(0, 2, 1), C // H, axis=-1)  # (B, T, C), per head
     assert pi.min() > 0.05  # the prefix does take a share
     np.testing.assert_allclose(out, base * shrink, rtol=1e-12, atol=1e-14)
@@ -193,7 +205,7 @@ def reference_logits(model, ids, pad_mask, head="lm"):
     values; the prompt goes in front of the embedded tokens (no position) and the heads read only
     the real tokens; BitFit's copies replace the base's biases."""
     cfg, s = model.config, model.adapters[model.active_adapter]
-    own = s.own
+    own = s.copies
 
     def p(path, module, local):
         return own.get(path, {}).get(local, module.p[local]).value
@@ -217,14 +229,15 @@ def reference_logits(model, ids, pad_mask, head="lm"):
     x = ln("ln_emb", model.ln_emb, x) if cfg.norm == "post" else x
     prefixes, _ = s.prefixes()
     n_pre = s.n_prefix()
-    bias = attention_bias(x.shape[1], cfg.causal, mask, x.dtype, n_pre)
+    bias = attention_bias(x.shape[1], cfg.causal, mask, x.dtype)
+    bias = peft.prefix_bias(bias, x.shape[1], n_pre) if n_pre else bias
     for i, block in enumerate(model.blocks):
         at, ff, path = block.attn, block.ffn, f"blocks.{i}"
         pre = cfg.norm == "pre"
         a_in = ln(f"{path}.ln1", block.ln1, x) if pre else x
         proj = {t: a_in @ at.w[f"W_{t}"] + p(f"{path}.attn", at, f"b_{t}") + lora(i, t, a_in) for t in "qkv"}
         if n_pre:
-            P_k, P_v = (q.value for q in prefixes[i])
+            P_k, P_v = (prefixes[i].p[k].value for k in ("P_k", "P_v"))
             proj["k"] = np.concatenate([np.repeat(P_k[None], len(ids), 0), proj["k"]], 1)
             proj["v"] = np.concatenate([np.repeat(P_v[None], len(ids), 0), proj["v"]], 1)
         Q, K, V = (proj[t].reshape(len(ids), -1, cfg.n_heads, cfg.d_model // cfg.n_heads).transpose(0, 2, 1, 3)
@@ -336,8 +349,6 @@ def test_merge_by_hand_and_what_is_refused(monkeypatch):
     assert attn.p["W_k"].value is W_k  # not a target: untouched
     calls = []
     monkeypatch.setattr(backend.ops, "lora_forward", lambda *a: calls.append(a))
-    from minitransformer import attention
-    monkeypatch.setattr(attention, "lora_forward", lambda *a: calls.append(a))
     ids, _, pad = batch(model.config)
     model.forward(ids, pad)
     assert calls == []  # merged: no branch computed, the bare base's cost
@@ -529,3 +540,45 @@ def test_active_parameters_are_exactly_what_a_backward_reaches(method, head):
         model.zero_grad()
         model.merge("task")
         assert not any(".lora." in n for n in model.active_parameters(head))
+
+
+def test_a_second_backward_on_the_same_cache_adds_the_prefix_mlp_gradient_once_more():
+    """Gradients add (STYLE.md rule 5): two backward passes on one cache give exactly twice the
+    gradient, the prefix MLP's included (its per-pass P_k, P_v are taken and cleared each time)."""
+    model = method_model(PrefixConfig(n_prefix=2, hidden=5), dropout=0.0)
+    ids, targets, pad = batch(model.config)
+    logits, cache = model.forward(ids, pad, head="cls")
+    dlogits = np.random.default_rng(0).standard_normal(logits.shape)
+    model.zero_grad()
+    model.backward(dlogits, cache)
+    once = {n: p.grad.copy() for n, p in model.named_parameters().items() if p.grad is not None}
+    assert any(".prefix_mlp." in n for n in once)
+    model.backward(dlogits, cache)
+    for n, g in once.items():
+        np.testing.assert_array_equal(model.named_parameters()[n].grad, 2 * g)
+
+
+@pytest.mark.parametrize("path", backend.PATHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_stays_float32_end_to_end_for_every_method(method, path):
+    """The constants are Python floats (weak scalars in NumPy 2): every activation, gradient and
+    updated weight stays float32, on both paths, for every method (merged LoRA too)."""
+    model = Transformer(small_config(dtype="float32", dropout=0.1), seed=0)
+    model.add_adapter("t", METHODS[method](), n_classes=3, seed=1)
+    model.train_adapter("t")
+    ids, _, pad = batch(model.config)
+    rng = np.random.default_rng(0)
+    with backend.using(path):
+        for head, targets in (("cls", np.array([0, 1, 2])), ("lm", np.where(pad, ids, -100))):
+            model.zero_grad()
+            logits, loss = model.loss(ids, targets, pad, head=head, train=True, rng=rng, backward=True)
+            assert logits.dtype == np.float32
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert grads and all(g.dtype == np.float32 for g in grads)
+            AdamW(model.parameters(trainable_only=True), lr=1e-3).step()
+            assert all(p.value.dtype == np.float32 for p in model.parameters())
+        if method == "lora":
+            model.merge("t")
+            assert model.forward(ids, pad, head="cls")[0].dtype == np.float32
+            assert all(p.value.dtype == np.float32 for p in model.parameters())
+            model.unmerge("t")

@@ -28,6 +28,7 @@ def setups(draw, dtype, min_width=1):
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, V, (B, T))
     pad_mask = rng.random((B, T)) < 0.8
+    pad_mask[np.arange(B), rng.integers(0, T, B)] = True  # a real token in every row (padding only is refused)
     placement = draw(st.sampled_from([None, "houlsby", "ffn", "parallel"]))
     return cfg, ids, pad_mask, placement, seed
 

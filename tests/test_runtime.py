@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from minitransformer import AdapterConfig, ModelConfig, Transformer, backend, gradcheck
-from minitransformer.tools import kernels, kernels_attention, runtime
+from minitransformer.tools import gradcheck_command, kernels, kernels_attention, runtime
 from minitransformer.optim import SGD, AdamW
 
 
@@ -98,7 +98,7 @@ def test_a_training_run_is_bit_identical_on_one_and_two_threads(optimizer, split
 
 def test_gradients_still_check_when_every_operation_is_split(split_everything):
     runtime.set_threads(2)
-    model, ids, targets, pad = gradcheck._generic_model("post", "cls", placement="houlsby")
+    model, ids, targets, pad = gradcheck_command._generic_model("post", "cls", placement="houlsby")
     rows = gradcheck.check_model(model, ids, targets, pad, head="cls", dropout_seed=0)
     errors = [err for _, _, trains, err in rows if trains]
     assert len(errors) > 10 and max(errors) < 1e-6  # the model threshold of the gradcheck command

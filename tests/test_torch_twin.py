@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from minitransformer import backend, gradcheck
+from minitransformer.tools import gradcheck_command
 from minitransformer.__main__ import main as cli
 from minitransformer.tools import bench, torch_twin
 
-VARIANTS = gradcheck.model_variants()
+VARIANTS = gradcheck_command.model_variants()
 
 
 # ----------------------------------------------------------------------------- without PyTorch
@@ -34,7 +35,7 @@ def test_against_refuses_what_it_does_not_combine_with(capsys):
 @pytest.mark.parametrize("path", backend.PATHS)
 def test_every_gradient_of_every_gradcheck_model_matches_autograd(label, norm, head, placement, path):
     pytest.importorskip("torch")
-    model, ids, targets, pad_mask = gradcheck._generic_model(norm, head, placement)
+    model, ids, targets, pad_mask = gradcheck_command._generic_model(norm, head, placement)
     with backend.using(path):
         errors, dloss = torch_twin.compare_gradients(model, ids, targets, pad_mask, head, dropout_seed=7)
     trainable = {n for n, p in model.named_parameters().items() if p.trainable}
@@ -47,7 +48,7 @@ def test_every_gradient_of_every_gradcheck_model_matches_autograd(label, norm, h
 def test_the_comparison_sees_a_wrong_gradient():
     """A gradient off by a little is flagged: the twin is not an echo of the model."""
     pytest.importorskip("torch")
-    model, ids, targets, pad_mask = gradcheck._generic_model("post", "cls", "houlsby")
+    model, ids, targets, pad_mask = gradcheck_command._generic_model("post", "cls", "houlsby")
     twin = torch_twin.TorchTwin(model)
     _, loss = twin.loss(ids, targets, pad_mask, "cls", train=True, rng=np.random.default_rng(7))
     loss.backward()
@@ -79,8 +80,8 @@ def test_parameter_names_map_one_to_one():
 
 def test_gradcheck_prints_autograd_beside_finite_differences(monkeypatch, capsys):
     pytest.importorskip("torch")
-    monkeypatch.setattr(gradcheck, "operation_checks", lambda: iter(()))
-    monkeypatch.setattr(gradcheck, "model_variants", lambda: [v for v in VARIANTS if "prefix MLP" in v[0]][:1])
+    monkeypatch.setattr(gradcheck_command, "operation_checks", lambda: iter(()))
+    monkeypatch.setattr(gradcheck_command, "model_variants", lambda: [v for v in VARIANTS if "prefix MLP" in v[0]][:1])
     assert cli(["gradcheck", "--against", "torch"]) == 0
     out = capsys.readouterr().out
     assert "autograd" in out and "finite diff." in out
@@ -91,8 +92,8 @@ def test_gradcheck_prints_autograd_beside_finite_differences(monkeypatch, capsys
 
 def test_gradcheck_fails_when_autograd_disagrees(monkeypatch, capsys):
     pytest.importorskip("torch")
-    monkeypatch.setattr(gradcheck, "operation_checks", lambda: iter(()))
-    monkeypatch.setattr(gradcheck, "model_variants", lambda: VARIANTS[:1])
+    monkeypatch.setattr(gradcheck_command, "operation_checks", lambda: iter(()))
+    monkeypatch.setattr(gradcheck_command, "model_variants", lambda: VARIANTS[:1])
     monkeypatch.setattr(torch_twin, "THRESHOLD", 0.0)  # roundings differ somewhere: the worst group fails
     assert cli(["gradcheck", "--against", "torch"]) == 1
     assert "PyTorch autograd" in capsys.readouterr().out.splitlines()[-2]

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import sizes
-from ..model import AdapterSet, ModelConfig, Transformer
-from ..tasks import METHODS
+from ..model import ModelConfig, Transformer
+from ..tasks import METHODS, Task
 from .files import atomic_write, kind, shipped
 
 VERSION = 1
@@ -317,7 +317,7 @@ def load_adapter(model, path, name=None):
                        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2)
     _fits_in_file(sizes.adapter_parameter_count(model.config, config, n_classes), archive, path,
                   "adapter_config with n_classes")
-    s = AdapterSet(name, config, n_classes, model, np.random.default_rng(0))  # not yet in the model
+    s = Task(name, config, n_classes, model, np.random.default_rng(0))  # not yet in the model
     prefix = f"adapters.{name}."
     params = {p.name[len(prefix):]: p for p in s.parameters()}
     for key, value in _validated(params, archive, path).items():

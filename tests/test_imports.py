@@ -1,0 +1,70 @@
+"""The package's import graph, read from the source: no module imports itself back through others
+(a circle), and the textbook floor's import of the tools floor stays limited to the places listed
+here, each lazy (inside a function), so reading the textbook never needs tools/."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "minitransformer"
+# textbook -> tools imports that remain, each named: __init__ sets how BLAS runs (tools/runtime.py),
+# and the fast path installs its kernels (backend.fast_table, inside the function)
+KNOWN_TOOLS_IMPORTS = {("minitransformer", "minitransformer.tools.runtime"),
+                       ("minitransformer.backend", "minitransformer.tools.kernels"),
+                       ("minitransformer.backend", "minitransformer.tools.kernels_attention")}
+
+
+def module_name(path):
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path, top_level_only):
+    """The package modules `path` imports (at the top of the file only, or anywhere)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rsplit(".", 1)[0]
+            mod = (base + "." + node.module if node.module else base) if node.level else node.module
+            if not mod.startswith("minitransformer"):
+                continue
+            for alias in node.names:  # "from . import backend" names a module
+                sub = f"{mod}.{alias.name}"
+                out.add(sub if (PACKAGE.parent / sub.replace(".", "/")).with_suffix(".py").exists()
+                        or (PACKAGE.parent / sub.replace(".", "/")).is_dir() else mod)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("minitransformer")}
+    return out - {name}
+
+
+def graph(top_level_only=True):
+    return {module_name(p): imports(p, top_level_only) for p in PACKAGE.rglob("*.py")}
+
+
+def test_no_import_circle():
+    g = graph()
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(g.get(node, ())):
+            if state.get(nxt) == "open":
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+    for node in sorted(g):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_the_textbook_imports_no_tools_beyond_the_named_places():
+    found = {(mod, dep) for mod, deps in graph(top_level_only=False).items()
+             if not mod.startswith(("minitransformer.tools", "minitransformer.exercises"))
+             and mod != "minitransformer.__main__"
+             for dep in deps if dep.startswith("minitransformer.tools")}
+    assert found <= KNOWN_TOOLS_IMPORTS, found - KNOWN_TOOLS_IMPORTS
