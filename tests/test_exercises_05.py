@@ -167,7 +167,7 @@ def test_trained_percent_by_building_the_model_is_named():
         model = Transformer(ModelConfig(vocab_size=11, max_len=8, d_model=8, n_heads=1, n_layers=1, d_ff=8))
         model.add_adapter("t", AdapterConfig(bottleneck=m), K)
         return 1.0
-    fails(lambda: ex.check_trained_percent(answer), "Transformer.add_adapter")
+    fails(lambda: ex.check_trained_percent(answer), "TaskMethods.add_adapter")
 
 
 @pytest.mark.parametrize("answer", [percent, lambda m, K, ln: np.float32(1) * 0 + percent(m, K, ln),

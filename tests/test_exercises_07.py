@@ -111,7 +111,7 @@ PREFIX_COUNT_WRONG = [
     (lambda n, C, L, h, r: prefix(8, 64, 4, 64, r), "expected"),  # the first case written in
     (lambda n, C, L, h, r: Transformer(ModelConfig(vocab_size=5, max_len=4, d_model=C, n_heads=1, n_layers=L,
                                                    d_ff=C)).add_adapter("p", peft.PrefixConfig(n_prefix=n)),
-     "Transformer.add_adapter"),
+     "TaskMethods.add_adapter"),
 ]
 
 
@@ -141,7 +141,7 @@ BITFIT_WRONG = [
     (lambda C, F, L: bitfit(C, 4 * C, L), "expected"),  # F = 4C assumed
     (lambda C, F, L: float(bitfit(C, F, L)), "expected an integer"),
     (lambda C, F, L: Transformer(ModelConfig(vocab_size=5, max_len=4, d_model=C, n_heads=1, n_layers=L,
-                                             d_ff=F)).add_adapter("b", peft.BitFitConfig()), "Transformer.add_adapter"),
+                                             d_ff=F)).add_adapter("b", peft.BitFitConfig()), "TaskMethods.add_adapter"),
 ]
 
 

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from ..tasks import group_of
+from ..report import group_of
 
 INSTALL = "PyTorch is not installed: pip install .[compare] (or pip install torch, the CPU build) to compare with it"
 THRESHOLD = 1e-9  # float64: the two computations differ only by the order of their roundings
