@@ -75,9 +75,9 @@ class Settings:
         "top_k": (3e-4, 1e-3, 3e-3), "full": (3e-4, 1e-3, 3e-3), "lora": (3e-3, 1e-2, 3e-2),
         "prefix": (1e-3, 3e-3, 1e-2), "prompt": (3e-3, 1e-2, 3e-2), "bitfit": (1e-2, 3e-2, 1e-1)})
     seeds: tuple = (0, 1, 2)  # seeds at the chosen rate; the grid runs with the first
-    adapter_sizes: tuple = (32,)  # bottleneck m of the adapter rows
+    adapter_sizes: tuple = (8, 32)  # bottleneck m of the adapter rows
     main_size: int = 32  # m used for the ablation, the curves, the init-std sweep and storage
-    top_ks: tuple = ()  # k of "fine-tune the top k blocks" (none: to fit the run's time)
+    top_ks: tuple = (2,)  # k of "fine-tune the top k blocks" (the top half of the 4 blocks)
     points: tuple = ("head", "full")  # the rows without a size: any of "layernorm", "head", "full"
     #                                   (full fine-tuning is needed: every comparison is against it)
     lora_ranks: tuple = (8,)  # LoRA's r (on W_q, W_v; LoRAConfig's fixed alpha, as the paper)
