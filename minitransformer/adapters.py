@@ -52,15 +52,14 @@ def adapter_backward(dout, cache, need_dx=True, need=None):
     cache_down, cache_act, cache_up, nonlinearity, skip, scaling = cache
     need = {"W_down", "b_down", "W_up", "b_up"} if need is None else need
     act_backward = ACTIVATIONS[nonlinearity][1]
-    grads = {}
     dbranch = dout  # forward was out = h + branch (or out = branch): (N, C)
     du = scaling * dbranch  # forward was branch = s * u: (N, C)
-    da, grads["W_up"], grads["b_up"] = linear_backward(
-        du, cache_up, need_dW="W_up" in need, need_db="b_up" in need)  # forward was u = a @ W_up + b_up
-    dz = act_backward(da, cache_act)  # forward was a = f(z): (N, m)
-    dh, grads["W_down"], grads["b_down"] = linear_backward(
-        dz, cache_down, need_dx=need_dx, need_dW="W_down" in need,
-        need_db="b_down" in need)  # forward was z = h @ W_down + b_down: (N, C)
+    da, g_up = linear_backward(du, cache_up, need_dW="W_up" in need,
+                               need_db="b_up" in need)  # forward was u = a @ W_up + b_up: (N, m)
+    dz, _ = act_backward(da, cache_act)  # forward was a = f(z): (N, m)
+    dh, g_down = linear_backward(dz, cache_down, need_dx=need_dx, need_dW="W_down" in need,
+                                 need_db="b_down" in need)  # forward was z = h @ W_down + b_down: (N, C)
     if need_dx and skip:
         dh = dh + dout  # forward was out = h + branch: the skip passes dout to h unchanged
-    return dh, {n: g for n, g in grads.items() if g is not None}
+    grads = {f"{n}_up": g for n, g in g_up.items()} | {f"{n}_down": g for n, g in g_down.items()}
+    return dh, grads

@@ -79,18 +79,18 @@ def attend_forward(q, k, v, n_heads, bias=None):
 
 
 def attend_backward(dctx, cache):
-    """dctx (B, T, C) -> dq, dk, dv, each (B, T, C)."""
+    """dctx (B, T, C) -> (dq, dk, dv) each (B, T, C), {}: three inputs, no parameters."""
     Q, K, V, P, scale = cache
     dctx = split_heads(dctx, Q.shape[1])  # forward was ctx = merge_heads(...): (B, H, T, hs)
     # forward was ctx = P @ V
     dV = transpose(P) @ dctx  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
     dP = dctx @ transpose(V)  # (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T)
     # forward was P = softmax(S); masked pairs had P = 0 and get dS = 0
-    dS = softmax_backward(dP, P)  # (B, H, T, T)
+    dS, _ = softmax_backward(dP, P)  # (B, H, T, T)
     # forward was S = Q @ K^T * scale + bias (the bias is a constant)
     dQ = dS @ K * scale  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
     dK = transpose(dS) @ Q * scale  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
-    return merge_heads(dQ), merge_heads(dK), merge_heads(dV)  # each (B, T, C)
+    return (merge_heads(dQ), merge_heads(dK), merge_heads(dV)), {}  # each (B, T, C)
 
 
 # ----------------------------------------------------------------------------- with the projections
@@ -113,11 +113,12 @@ def attention_forward(x, w, n_heads, bias=None):
 def attention_backward(dout, cache):
     """dout (B, T, C) -> dx (B, T, C), grads {W_q: (C, C), b_q: (C,), ...}."""
     cache_q, cache_k, cache_v, cache_a, cache_o = cache
-    grads = {}
-    dctx, grads["W_o"], grads["b_o"] = linear_backward(dout, cache_o)  # forward was out = ctx W_o + b_o
-    dq, dk, dv = attend_backward(dctx, cache_a)  # (B, T, C) each
-    dxq, grads["W_q"], grads["b_q"] = linear_backward(dq, cache_q)  # forward was q = x W_q + b_q
-    dxk, grads["W_k"], grads["b_k"] = linear_backward(dk, cache_k)
-    dxv, grads["W_v"], grads["b_v"] = linear_backward(dv, cache_v)
+    dctx, g_o = linear_backward(dout, cache_o)  # forward was out = ctx W_o + b_o
+    (dq, dk, dv), _ = attend_backward(dctx, cache_a)  # (B, T, C) each
+    dxq, g_q = linear_backward(dq, cache_q)  # forward was q = x W_q + b_q
+    dxk, g_k = linear_backward(dk, cache_k)
+    dxv, g_v = linear_backward(dv, cache_v)
     dx = dxq + dxk + dxv  # x fed all three projections: their gradients add
+    each = {"q": g_q, "k": g_k, "v": g_v, "o": g_o}
+    grads = {f"{name}_{t}": g for t, gs in each.items() for name, g in gs.items()}  # W_q, b_q, ..., b_o
     return dx, grads

@@ -45,7 +45,7 @@ class PostNorm:
             du = parallel.backward(dy, cache_p)
         if adapter is not None:
             dy = adapter.backward(dy, cache_a)
-        dy = ops.dropout_backward(dy, cache_d)
+        dy, _ = ops.dropout_backward(dy, cache_d)
         duf = f.backward(dy, cache_f, need_dx=need_du)
         return duf if du is None else du + duf  # u fed f and the parallel branch
 

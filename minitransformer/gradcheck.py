@@ -21,8 +21,16 @@ OP_THRESHOLD = 1e-7 for one operation, MODEL_THRESHOLD = 1e-6 for a whole model'
 """
 import numpy as np
 
+from .configs import ModelConfig
+
 OP_THRESHOLD = 1e-7
 MODEL_THRESHOLD = 1e-6
+
+# The one tiny float64 model of the checks (tests, `python -m minitransformer gradcheck`, the
+# course): large weights (init_std 0.3) for a generic point; vary a field with dataclasses.replace.
+CHECK_CONFIG = ModelConfig(vocab_size=11, max_len=8, d_model=8, n_heads=2, n_layers=2, d_ff=16, norm="post",
+                           causal=False, pooling="first", n_classes=3, dropout=0.0, init_std=0.3,
+                           dtype="float64")
 
 
 def rel_error(a, n, tiny=1e-3):
@@ -63,13 +71,17 @@ def random_functional(shape, seed):
 def check_function(forward, backward, inputs, wrt=None, seed=0, h=1e-5):
     """Check backward against finite differences for every array in `wrt` (default: all inputs).
 
-    forward(**inputs) -> (out, cache);  backward(dout, cache) -> {name: gradient}.
+    forward(**inputs) -> (out, cache);  backward(dout, cache) -> dx, grads, as every backward
+    returns it: grads {name: gradient} for the inputs that are parameters, dx for the others in
+    the order of `inputs` (one array, a tuple for several, None for none).
     Returns {name: relative error}.
     """
     wrt = list(inputs) if wrt is None else wrt
     out, cache = forward(**inputs)
     R = random_functional(np.shape(out), seed)
-    analytic = backward(R.copy(), cache)  # a copy: a backward must not write into dout, but if it did...
+    dx, grads = backward(R.copy(), cache)  # a copy: a backward must not write into dout, but if it did...
+    dxs = () if dx is None else dx if isinstance(dx, tuple) else (dx,)
+    analytic = dict(zip([n for n in inputs if n not in grads], dxs, strict=True)) | grads
 
     def L():
         return float(np.sum(forward(**inputs)[0] * R))
@@ -137,7 +149,8 @@ def check_model(model, ids, targets, pad_mask=None, head="lm", dropout_seed=None
 
 def operation_checks(seed=0):
     """Check every forward/backward pair of the current path (backend.py) on small random
-    float64 inputs.
+    float64 inputs: a table of cases (label, forward, backward, inputs[, wrt, h]), each
+    backward called once, as it is.
 
     Yields (operation, input name, shape, relative error) for each input and parameter.
     """
@@ -151,95 +164,81 @@ def operation_checks(seed=0):
     def randn(*shape):
         return rng.standard_normal(shape)
 
-    def run(op, fwd, bwd, inputs, wrt=None, h=1e-5):
-        for name, err in check_function(fwd, bwd, inputs, wrt, seed, h).items():
-            yield op, name, inputs[name].shape, err
-
-    def with_input(name, backward):  # (dx, grads) -> {name: dx, **grads}, the backward called once
-        def bwd(d, c):
-            dx, grads = backward(d, c)
-            return {name: dx, **grads}
-        return bwd
-
-    yield from run("linear", L.linear_forward,
-                   lambda d, c: dict(zip(("x", "W", "b"), L.linear_backward(d, c))),
-                   {"x": randn(2, 3, 4), "W": randn(4, 5), "b": randn(5)})
+    C, H = 6, 2
     ids = np.array([[1, 3, 3], [0, 4, 1]])  # token 3 twice: its gradient rows must add
-    yield from run("token embedding", lambda W: L.embedding_forward(ids, W),
-                   lambda d, c: {"W": L.embedding_backward(d, c)}, {"W": randn(6, 4)})
-    yield from run("position embedding", lambda W: (lambda o, c: (o + np.zeros((2, 1, 1)), c))(
-                       *L.position_forward(3, W)),
-                   lambda d, c: {"W": L.position_backward(d, c)}, {"W": randn(5, 4)})
-    ln_backward = lambda d, c: dict(zip(("x", "gamma", "beta"), L.layernorm_backward(d, c)))  # noqa: E731
-    yield from run("layernorm", L.layernorm_forward, ln_backward,
-                   {"x": randn(2, 3, 6), "gamma": randn(6), "beta": randn(6)})
     # A constant row has variance 0: the function then curves on the scale sqrt(eps) ~ 3e-3,
     # and h = 1e-5 leaves a truncation error ~ (h / sqrt(eps))^2 ~ 1e-7 (measured: 3.5e-7);
     # h = 1e-6 brings it to 3e-9. The backward itself is exact either way.
-    x = randn(2, 3, 6)
-    x[0, 1] = 0.7
-    yield from run("layernorm (constant row, h=1e-6)", L.layernorm_forward, ln_backward,
-                   {"x": x, "gamma": randn(6), "beta": randn(6)}, h=1e-6)
-    for act in ("gelu", "relu", "tanh"):
-        fwd, bwd = activations[act]
-        z = randn(3, 7)
-        z[np.abs(z) < 0.05] = 0.5  # keep relu's kink away from the finite differences
-        yield from run(act, fwd, lambda d, c, bwd=bwd: {"x": bwd(d, c)}, {"x": z})
+    flat = randn(2, 3, 6)
+    flat[0, 1] = 0.7
     s = randn(2, 3, 5)
     s[0, 0, 1:3] = -np.inf  # masked entries
     s[1, 2, :] = -np.inf  # a fully masked row: output 0, no NaN
     masked = np.isinf(s)
-    yield from run("softmax (masked)", lambda x: L.softmax_forward(np.where(masked, -np.inf, x)),
-                   lambda d, c: {"x": L.softmax_backward(d, c)}, {"x": np.where(masked, 0.0, s)})
-    yield from run("dropout (p=0.3, replayed)",
-                   lambda x: L.dropout_forward(x, 0.3, np.random.default_rng(1), True),
-                   lambda d, c: {"x": L.dropout_backward(d, c)}, {"x": randn(4, 5)})
-    C, H = 6, 2
     w = {f"{k}_{n}": randn(C, C) * 0.5 if k == "W" else randn(C) * 0.5 for n in "qkvo" for k in "Wb"}
     pad = np.array([[True] * 4, [True, True, True, False]])
-    for label, bias in (("attention (causal + padding)", attention_bias(4, True, pad, np.float64)),
-                        ("attention (padding)", attention_bias(4, False, pad, np.float64))):
-        names = list(w)
-        yield from run(label,
-                       lambda x, **ws: L.attention_forward(x, ws, H, bias),
-                       with_input("x", L.attention_backward),
-                       {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}}, ["x"] + names)
-    yield from run("attend (causal + padding)", lambda q, k, v: L.attend_forward(q, k, v, H, attention_bias(
-                       4, True, pad, np.float64)),
-                   lambda d, c: dict(zip(("q", "k", "v"), L.attend_backward(d, c))),
-                   {"q": randn(2, 4, C), "k": randn(2, 4, C), "v": randn(2, 4, C)})
+    causal_pad, pad_only = attention_bias(4, True, pad, np.float64), attention_bias(4, False, pad, np.float64)
+    targets = np.array([[1, 0, -100], [2, -100, 3]])  # -100: ignored positions
+
+    def position(W):  # the (T, C) rows added to a batch of 2: the backward sums over it
+        out, cache = L.position_forward(3, W)
+        return out + np.zeros((2, 1, 1)), cache
 
     def prefix(k, v, P_k, P_v):  # k and v out, stacked: one output for the check
         k, v, cache = L.prefix_forward(k, v, P_k, P_v)
         return np.stack([k, v]), cache
-    yield from run("prefix (2 keys and values in front)", prefix,
-                   lambda d, c: dict(zip(("k", "v", "P_k", "P_v"), L.prefix_backward(d[0], d[1], c))),
-                   {"k": randn(2, 4, C), "v": randn(2, 4, C), "P_k": randn(2, C), "P_v": randn(2, C)})
-    yield from run("lora (s = 1.5)", lambda x, A, B: L.lora_forward(x, A, B, 1.5),
-                   lambda d, c: dict(zip(("x", "A", "B"), L.lora_backward(d, c))),
-                   {"x": randn(2, 3, 5), "A": randn(5, 2), "B": randn(2, 4)})
-    mlp = {"P0": randn(3, C), "W_1": randn(C, 5) * 0.5, "b_1": randn(5), "W_2": randn(5, 2 * 2 * C) * 0.5,
-           "b_2": randn(2 * 2 * C)}
-    yield from run("prefix MLP (2 layers)", lambda **ws: L.prefix_mlp_forward(ws["P0"], ws, 2),
-                   lambda d, c: L.prefix_mlp_backward(d, c), mlp)
-    yield from run("prompt", L.prompt_forward,
-                   lambda d, c: dict(zip(("x", "P"), L.prompt_backward(d, c))), {"x": randn(2, 3, C), "P": randn(2, C)})
-    yield from run("strip prompt", lambda h: L.strip_prompt_forward(h, 2),
-                   lambda d, c: {"h": L.strip_prompt_backward(d, c)}, {"h": randn(2, 5, C)})
-    for act, skip, scaling in (("gelu", True, 1.0), ("relu", True, 1.0), ("tanh", True, 1.0),
-                               ("gelu", False, 4.0)):
-        label = f"adapter ({act}{', skip' if skip else ', parallel branch, s=4'})"
-        aw = {"W_down": randn(C, 3) * 0.5, "b_down": randn(3), "W_up": randn(3, C) * 0.5, "b_up": randn(C)}
-        h = randn(2, 4, C)
-        h[np.abs(h) < 0.05] = 0.5
-        yield from run(label,
-                       lambda h, **ws: L.adapter_forward(h, ws, act, skip, scaling),
-                       with_input("h", L.adapter_backward),
-                       {"h": h, **aw})
-    targets = np.array([[1, 0, -100], [2, -100, 3]])  # -100: ignored positions
 
-    def ce_forward(logits):
+    def ce_forward(logits):  # the loss as a 0-d array; its backward starts at dloss = 1
         loss, cache = L.cross_entropy_forward(logits, targets)
         return np.array(loss), cache
-    yield from run("cross-entropy (ignored positions)", ce_forward,
-                   lambda d, c: {"logits": float(d) * L.cross_entropy_backward(c)}, {"logits": randn(2, 3, 4)})
+
+    def ce_backward(dloss, cache):
+        dlogits, grads = L.cross_entropy_backward(cache)
+        return float(dloss) * dlogits, grads
+
+    def no_kink(*shape):  # relu's kink kept away from the finite differences
+        z = randn(*shape)
+        z[np.abs(z) < 0.05] = 0.5
+        return z
+
+    cases = [
+        ("linear", L.linear_forward, L.linear_backward, {"x": randn(2, 3, 4), "W": randn(4, 5), "b": randn(5)}),
+        ("token embedding", lambda W: L.embedding_forward(ids, W), L.embedding_backward, {"W": randn(6, 4)}),
+        ("position embedding", lambda W_pos: position(W_pos), L.position_backward, {"W_pos": randn(5, 4)}),
+        ("layernorm", L.layernorm_forward, L.layernorm_backward,
+         {"x": randn(2, 3, 6), "gamma": randn(6), "beta": randn(6)}),
+        ("layernorm (constant row, h=1e-6)", L.layernorm_forward, L.layernorm_backward,
+         {"x": flat, "gamma": randn(6), "beta": randn(6)}, None, 1e-6),
+        *((act, *activations[act], {"x": no_kink(3, 7)}) for act in ("gelu", "relu", "tanh")),
+        ("softmax (masked)", lambda x: L.softmax_forward(np.where(masked, -np.inf, x)), L.softmax_backward,
+         {"x": np.where(masked, 0.0, s)}),
+        ("dropout (p=0.3, replayed)", lambda x: L.dropout_forward(x, 0.3, np.random.default_rng(1), True),
+         L.dropout_backward, {"x": randn(4, 5)}),
+        ("attention (causal + padding)", lambda x, **ws: L.attention_forward(x, ws, H, causal_pad),
+         L.attention_backward, {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}}),
+        ("attention (padding)", lambda x, **ws: L.attention_forward(x, ws, H, pad_only),
+         L.attention_backward, {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}}),
+        ("attend (causal + padding)", lambda q, k, v: L.attend_forward(q, k, v, H, causal_pad), L.attend_backward,
+         {"q": randn(2, 4, C), "k": randn(2, 4, C), "v": randn(2, 4, C)}),
+        ("prefix (2 keys and values in front)", prefix, lambda d, c: L.prefix_backward(d[0], d[1], c),
+         {"k": randn(2, 4, C), "v": randn(2, 4, C), "P_k": randn(2, C), "P_v": randn(2, C)}),
+        ("lora (s = 1.5)", lambda x, A, B: L.lora_forward(x, A, B, 1.5), L.lora_backward,
+         {"x": randn(2, 3, 5), "A": randn(5, 2), "B": randn(2, 4)}),
+        ("prefix MLP (2 layers)", lambda **ws: L.prefix_mlp_forward(ws["P0"], ws, 2), L.prefix_mlp_backward,
+         {"P0": randn(3, C), "W_1": randn(C, 5) * 0.5, "b_1": randn(5), "W_2": randn(5, 2 * 2 * C) * 0.5,
+          "b_2": randn(2 * 2 * C)}),
+        ("prompt", L.prompt_forward, L.prompt_backward, {"x": randn(2, 3, C), "P": randn(2, C)}),
+        ("strip prompt", lambda h: L.strip_prompt_forward(h, 2), L.strip_prompt_backward, {"h": randn(2, 5, C)}),
+        *((f"adapter ({act}{', skip' if skip else ', parallel branch, s=4'})",
+           lambda h, act=act, skip=skip, scaling=scaling, **ws: L.adapter_forward(h, ws, act, skip, scaling),
+           L.adapter_backward,
+           {"h": no_kink(2, 4, C), "W_down": randn(C, 3) * 0.5, "b_down": randn(3), "W_up": randn(3, C) * 0.5,
+            "b_up": randn(C)})
+          for act, skip, scaling in (("gelu", True, 1.0), ("relu", True, 1.0), ("tanh", True, 1.0),
+                                     ("gelu", False, 4.0))),
+        ("cross-entropy (ignored positions)", ce_forward, ce_backward, {"logits": randn(2, 3, 4)}),
+    ]
+    for op, forward, backward, inputs, *rest in cases:
+        wrt, h = rest if rest else (None, 1e-5)
+        for name, err in check_function(forward, backward, inputs, wrt, seed, h).items():
+            yield op, name, inputs[name].shape, err

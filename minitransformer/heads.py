@@ -16,9 +16,9 @@ class LMHead(Module):
         return ops.linear_forward(h, self.p["W"].value, self.p["b"].value)
 
     def backward(self, dout, cache, need_dx=True):
-        dh, dW, db = ops.linear_backward(dout, cache, need_dx=need_dx, need_dW=self.p["W"].trainable,
-                                         need_db=self.p["b"].trainable)
-        self._accumulate({"W": dW, "b": db})
+        dh, grads = ops.linear_backward(dout, cache, need_dx=need_dx, need_dW=self.p["W"].trainable,
+                                        need_db=self.p["b"].trainable)
+        self._accumulate(grads)
         return dh
 
 
@@ -49,9 +49,9 @@ class ClassifierHead(Module):
 
     def backward(self, dout, cache, need_dx=True):
         cache_lin, weights, shape = cache
-        dpooled, dW, db = ops.linear_backward(dout, cache_lin, need_dx=need_dx,
-                                              need_dW=self.p["W"].trainable, need_db=self.p["b"].trainable)
-        self._accumulate({"W": dW, "b": db})
+        dpooled, grads = ops.linear_backward(dout, cache_lin, need_dx=need_dx,
+                                             need_dW=self.p["W"].trainable, need_db=self.p["b"].trainable)
+        self._accumulate(grads)
         if not need_dx:
             return None
         if weights is None:  # forward was pooled = h[:, 0]: only position 0 gets a gradient

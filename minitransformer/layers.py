@@ -3,7 +3,11 @@
 Every operation comes as two functions that sit next to each other:
 
     out, cache = X_forward(...)      # cache: exactly what the backward needs
-    dx, ...    = X_backward(dout, cache)
+    dx, grads  = X_backward(dout, cache)
+
+dx is the gradient of the input (None when the input is integers, or when it is not needed),
+grads a dict {parameter name: gradient} of the parameters whose gradient was asked for ({} for
+an operation without parameters). The names are the forward's argument names: W, b, gamma, ...
 
 The backward unpacks its cache on its first line and undoes the forward's steps in reverse
 order; each of its lines names the forward step it undoes. The derivations are in the course:
@@ -42,14 +46,14 @@ def linear_forward(x, W, b, keep_x=True):
 
 
 def linear_backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
-    """dout (N, d_out) -> dx (N, d_in), dW (d_in, d_out), db (d_out,).
+    """dout (N, d_out) -> dx (N, d_in), grads {W: (d_in, d_out), b: (d_out,)}.
 
-    A gradient that is not needed is not computed and comes back as None: a frozen weight
-    skips its product x^T @ dout entirely (where training only adapters saves compute), while
-    dx still flows down to the layers below.
+    A gradient that is not needed is not computed: dx comes back as None, W or b is left out of
+    grads. A frozen weight skips its product x^T @ dout entirely (where training only adapters
+    saves compute), while dx still flows down to the layers below.
     """
     x, W = cache
-    dx = dW = db = None
+    dx, grads = None, {}
     if need_dx:
         dx = dout @ W.T  # forward was y = x @ W, so dx = dy @ W^T: (N, d_out) @ (d_out, d_in)
     if need_dW:
@@ -58,10 +62,10 @@ def linear_backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
                              "was not kept; unfreeze before the forward, not between it and the backward")
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in): every position is one row
         d2 = dout.reshape(-1, dout.shape[-1])  # (N, d_out)
-        dW = x2.T @ d2  # forward was y = x @ W, so dW = x^T @ dy, summed over rows: (d_in, d_out)
+        grads["W"] = x2.T @ d2  # forward was y = x @ W, so dW = x^T @ dy, summed over rows: (d_in, d_out)
     if need_db:
-        db = dout.reshape(-1, dout.shape[-1]).sum(axis=0)  # b was added to every row: (d_out,)
-    return dx, dW, db
+        grads["b"] = dout.reshape(-1, dout.shape[-1]).sum(axis=0)  # b was added to every row: (d_out,)
+    return dx, grads
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -75,7 +79,7 @@ def embedding_forward(ids, W):
 
 
 def embedding_backward(dout, cache):
-    """dout (B, T, C) -> dW (V, C). Ids are integers and have no gradient.
+    """dout (B, T, C) -> None, grads {W: (V, C)}. Ids are integers: no dx, hence None.
 
     A token that appears twice receives both rows' gradients: np.add.at accumulates over
     repeated indices, where dW[ids] += dout would keep only one of them.
@@ -84,7 +88,7 @@ def embedding_backward(dout, cache):
     dW = np.zeros(W_shape, dtype=dout.dtype)  # (V, C): rows of unused tokens stay 0
     # forward was out[b, t] = W[ids[b, t]], so dW[ids[b, t]] += dout[b, t], position by position
     np.add.at(dW, ids.reshape(-1), dout.reshape(-1, W_shape[1]))  # (B*T,) ids, (B*T, C) rows
-    return dW
+    return None, {"W": dW}
 
 
 def position_forward(T, W_pos):
@@ -95,11 +99,12 @@ def position_forward(T, W_pos):
 
 
 def position_backward(dout, cache):
-    """dout (B, T, C) -> dW_pos (T_max, C): rows beyond T got no gradient."""
+    """dout (B, T, C) -> None, grads {W_pos: (T_max, C)}: T is an integer (no dx); rows beyond T
+    got no gradient."""
     T, W_shape = cache
     dW = np.zeros(W_shape, dtype=dout.dtype)  # (T_max, C)
     dW[:T] = dout.sum(axis=0)  # forward added the same row t to every sequence: sum over B
-    return dW
+    return None, {"W_pos": dW}
 
 
 # ----------------------------------------------------------------------------- layernorm
@@ -122,14 +127,14 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
 
 
 def layernorm_backward(dout, cache, need_dx=True, need_dgamma=True, need_dbeta=True):
-    """dout (N, C) -> dx (N, C), dgamma (C,), dbeta (C,); None for what is not needed."""
+    """dout (N, C) -> dx (N, C) or None, grads {gamma: (C,), beta: (C,)} (what was asked for)."""
     xhat, rstd, gamma = cache
     C = dout.shape[-1]
-    dx = dgamma = dbeta = None
+    dx, grads = None, {}
     if need_dgamma:
-        dgamma = (dout * xhat).reshape(-1, C).sum(axis=0)  # forward was y = xhat * gamma + beta
+        grads["gamma"] = (dout * xhat).reshape(-1, C).sum(axis=0)  # forward was y = xhat * gamma + beta
     if need_dbeta:
-        dbeta = dout.reshape(-1, C).sum(axis=0)  # beta was added to every row
+        grads["beta"] = dout.reshape(-1, C).sum(axis=0)  # beta was added to every row
     if need_dx:
         dxhat = dout * gamma  # (N, C), forward was y = xhat * gamma + beta
         # forward was xhat = (x - mu) * rstd, where mu and rstd depend on x too (derived in
@@ -137,7 +142,7 @@ def layernorm_backward(dout, cache, need_dx=True, need_dgamma=True, need_dbeta=T
         # of the row alike (mu) and what stretches the row (rstd)
         dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
                      - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))  # (N, C)
-    return dx, dgamma, dbeta
+    return dx, grads
 
 
 # ----------------------------------------------------------------------------- activations
@@ -157,14 +162,14 @@ def gelu_forward(x):
 
 
 def gelu_backward(dout, cache):
-    """dout (N) -> dx (N)."""
+    """dout (N) -> dx (N), {}."""
     x, th = cache
     k, a = math.sqrt(2 / math.pi), 0.044715
     du_dx = k * (1 + 3 * a * x * x)  # forward was u = k (x + a x^3)
     dth_du = 1 - th * th  # forward was th = tanh(u), and tanh' = 1 - tanh^2
     dy_dx = 0.5 * (1 + th) + 0.5 * x * dth_du * du_dx  # forward was y = 0.5 x (1 + th)
     dx = dout * dy_dx
-    return dx
+    return dx, {}
 
 
 def relu_forward(x):
@@ -174,8 +179,9 @@ def relu_forward(x):
 
 
 def relu_backward(dout, cache):
+    """dout (N) -> dx (N), {}."""
     positive = cache
-    return dout * positive  # forward was y = x where x > 0, else 0
+    return dout * positive, {}  # forward was y = x where x > 0, else 0
 
 
 def tanh_forward(x):
@@ -185,8 +191,9 @@ def tanh_forward(x):
 
 
 def tanh_backward(dout, cache):
+    """dout (N) -> dx (N), {}."""
     y = cache
-    return dout * (1 - y * y)  # forward was y = tanh(x), and tanh' = 1 - tanh^2
+    return dout * (1 - y * y), {}  # forward was y = tanh(x), and tanh' = 1 - tanh^2
 
 
 ACTIVATIONS = {
@@ -217,12 +224,12 @@ def softmax_forward(x):
 
 
 def softmax_backward(dout, cache):
-    """dout (N, K) -> dx (N, K). Masked entries have p = 0 and get no gradient."""
+    """dout (N, K) -> dx (N, K), {}. Masked entries have p = 0 and get no gradient."""
     p = cache
     # forward was p_i = exp(x_i) / sum_j exp(x_j), so dp_i/dx_j = p_i (delta_ij - p_j) and
     # dx_j = sum_i dout_i p_i (delta_ij - p_j) = p_j (dout_j - sum_i dout_i p_i)
     dx = p * (dout - (dout * p).sum(axis=-1, keepdims=True))  # (N, K)
-    return dx
+    return dx, {}
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -249,7 +256,8 @@ def dropout_forward(x, p, rng=None, train=True):
 
 
 def dropout_backward(dout, cache):
+    """dout (N) -> dx (N), {}."""
     if cache is None:
-        return dout  # forward was the identity: the gradient passes unchanged
+        return dout, {}  # forward was the identity: the gradient passes unchanged
     mask, scale = cache
-    return dout * mask * scale  # forward was out = x * mask * scale
+    return dout * mask * scale, {}  # forward was out = x * mask * scale

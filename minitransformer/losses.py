@@ -32,7 +32,11 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
 
 
 def cross_entropy_backward(cache):
-    """-> dlogits (..., K): (softmax - onehot(target)) / n at kept positions, 0 at ignored ones."""
+    """-> dlogits (..., K), {}: (softmax - onehot(target)) / n at kept positions, 0 at ignored ones.
+
+    The start of every backward: no dout (the loss is the last output, dloss = 1), and no
+    parameters, hence {}.
+    """
     logp, safe, keep, n = cache
     K = logp.shape[-1]
     probs = np.exp(logp)  # (..., K), the softmax of the logits
@@ -40,4 +44,4 @@ def cross_entropy_backward(cache):
     # forward was loss = -mean over kept positions of logp[target], logp = log softmax(logits)
     weight = (keep / max(n, 1)).astype(logp.dtype)[..., None]  # (..., 1): 1/n kept, 0 ignored
     dlogits = (probs - onehot) * weight  # (..., K)
-    return dlogits
+    return dlogits, {}

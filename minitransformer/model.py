@@ -225,7 +225,7 @@ class Transformer(TaskMethods):
         if dx is None:
             return
         if "strip" in c:
-            dx = ops.strip_prompt_backward(dx, c["strip"])  # (B,n+T,C): zero at the prompt
+            dx, _ = ops.strip_prompt_backward(dx, c["strip"])  # (B,n+T,C): zero at the prompt
         if ln_f:
             dx = ln_f.backward(dx, c["ln_f_cache"], need_dx=below[n_layers])
         for i in reversed(range(n_layers)):
@@ -236,7 +236,7 @@ class Transformer(TaskMethods):
             task.prefix_backward(c["prefixes"])  # every block's dP_k, dP_v on through the prefix MLP
         if not below[0]:
             return
-        dx = ops.dropout_backward(dx, c["drop"])
+        dx, _ = ops.dropout_backward(dx, c["drop"])
         embed_trains = self.embed.trains()
         prompt_trains = "prompt" in c and task.prompt.trains()
         if c["ln_emb"]:
@@ -266,5 +266,6 @@ class Transformer(TaskMethods):
         logits, cache = self.forward(ids, pad_mask, head, train, rng)
         loss, c_loss = ops.cross_entropy_forward(logits, targets, ignore_index)
         if backward:
-            self.backward(ops.cross_entropy_backward(c_loss), cache)
+            dlogits, _ = ops.cross_entropy_backward(c_loss)  # (B,T,V) or (B,K)
+            self.backward(dlogits, cache)
         return logits, loss

@@ -108,9 +108,9 @@ class Linear(Module):
     def backward(self, dout, cache, need_dx=True):
         cache, cache_branch = cache
         W, b = self.p["W"], self.p["b"]
-        dx, dW, db = ops.linear_backward(dout, cache, need_dx=need_dx, need_dW=W.trainable,
-                                         need_db=b.trainable)
-        self._accumulate({"W": dW, "b": db})
+        dx, grads = ops.linear_backward(dout, cache, need_dx=need_dx, need_dW=W.trainable,
+                                        need_db=b.trainable)
+        self._accumulate(grads)
         if self.branch is not None:  # forward was y = x W + b + branch(x): x fed both
             dxb = self.branch.backward(dout, cache_branch, need_dx=need_dx)
             if need_dx:
@@ -128,9 +128,9 @@ class LayerNorm(Module):
 
     def backward(self, dout, cache, need_dx=True):
         gamma, beta = self.p["gamma"], self.p["beta"]  # either may be frozen on its own
-        dx, dgamma, dbeta = ops.layernorm_backward(dout, cache, need_dx=need_dx,
-                                                   need_dgamma=gamma.trainable, need_dbeta=beta.trainable)
-        self._accumulate({"gamma": dgamma, "beta": dbeta})
+        dx, grads = ops.layernorm_backward(dout, cache, need_dx=need_dx,
+                                           need_dgamma=gamma.trainable, need_dbeta=beta.trainable)
+        self._accumulate(grads)
         return dx
 
 
@@ -183,7 +183,7 @@ class Attention(Module):
         dctx = o.backward(dout, cache_o, need_dx=below)  # forward was out = o(ctx)
         if not below:  # nothing under the output projection trains, and no dx is wanted
             return None
-        dq, dk, dv = ops.attend_backward(dctx, cache_a)
+        (dq, dk, dv), _ = ops.attend_backward(dctx, cache_a)
         if kv is not None:
             dk, dv = kv.backward(dk, dv, cache_kv)
         dx = q.backward(dq, cache_q, need_dx=need_dx)
@@ -216,7 +216,7 @@ class FeedForward(Module):
     def backward(self, dout, cache, need_dx=True):
         (fc1, fc2), cache_1, cache_g, cache_2 = cache
         da = fc2.backward(dout, cache_2)  # forward was out = fc2(a)
-        dh = ops.gelu_backward(da, cache_g)  # forward was a = gelu(h)
+        dh, _ = ops.gelu_backward(da, cache_g)  # forward was a = gelu(h)
         return fc1.backward(dh, cache_1, need_dx=need_dx)  # forward was h = fc1(x)
 
 
@@ -251,10 +251,10 @@ class Embeddings(Module):
 
     def backward(self, dout, cache, need_dx=False):
         cache_tok, cache_pos = cache  # token ids are integers: no dx
-        grads = {}
         if self.p["W_tok"].trainable:
-            grads["W_tok"] = ops.embedding_backward(dout, cache_tok)
+            _, grads = ops.embedding_backward(dout, cache_tok)
+            self._accumulate({"W_tok": grads["W"]})
         if self.p["W_pos"].trainable:
-            grads["W_pos"] = ops.position_backward(dout, cache_pos)
-        self._accumulate(grads)
+            _, grads = ops.position_backward(dout, cache_pos)
+            self._accumulate(grads)  # {"W_pos": ...}
         return None

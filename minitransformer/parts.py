@@ -27,11 +27,10 @@ class LowRank:
         return ops.lora_forward(x, self.A.value, self.B.value, self.scale)  # (N, d_out)
 
     def backward(self, dout, cache, need_dx=True):
-        dx, dA, dB = ops.lora_backward(dout, cache, need_dx=need_dx, need_dA=self.A.trainable,
-                                       need_dB=self.B.trainable)
-        for p, g in ((self.A, dA), (self.B, dB)):
-            if g is not None:
-                p.add_grad(g)
+        dx, grads = ops.lora_backward(dout, cache, need_dx=need_dx, need_dA=self.A.trainable,
+                                      need_dB=self.B.trainable)
+        for name, g in grads.items():
+            getattr(self, name).add_grad(g)  # grads has A and B: the Parameters self.A, self.B
         return dx
 
 
@@ -63,8 +62,8 @@ class PrefixKV(Module):
 
     def backward(self, dk, dv, cache):
         """dk, dv (B, n + T, C) -> dk, dv (B, T, C); dP_k, dP_v into the Parameters."""
-        dk, dv, dP_k, dP_v = ops.prefix_backward(dk, dv, cache, need_dP=self.trains())
-        self._accumulate({"P_k": dP_k, "P_v": dP_v})
+        (dk, dv), grads = ops.prefix_backward(dk, dv, cache, need_dP=self.trains())
+        self._accumulate(grads)
         return dk, dv
 
 
@@ -103,7 +102,8 @@ class PrefixMLP(Module):
             for j, p in enumerate((kv.p["P_k"], kv.p["P_v"])):
                 if p.grad is not None:  # a block the backward did not reach passes no gradient
                     dprefixes[i, j], p.grad = p.grad, None
-        self._accumulate(ops.prefix_mlp_backward(dprefixes, cache, need))
+        _, grads = ops.prefix_mlp_backward(dprefixes, cache, need)
+        self._accumulate(grads)
 
 
 class Prompt(Module):
@@ -120,6 +120,6 @@ class Prompt(Module):
         return ops.prompt_forward(x, self.p["P"].value)  # (B, T, C) -> (B, n + T, C)
 
     def backward(self, dout, cache, need_dx=True):
-        dx, dP = ops.prompt_backward(dout, cache, need_dx=need_dx, need_dP=self.p["P"].trainable)
-        self._accumulate({"P": dP})
+        dx, grads = ops.prompt_backward(dout, cache, need_dx=need_dx, need_dP=self.p["P"].trainable)
+        self._accumulate(grads)
         return dx

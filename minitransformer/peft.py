@@ -55,22 +55,22 @@ def lora_forward(x, A, B, s):
 
 
 def lora_backward(dout, cache, need_dx=True, need_dA=True, need_dB=True):
-    """dout (N, d_out) -> dx (N, d_in), dA (d_in, r), dB (r, d_out); None for what is not needed.
+    """dout (N, d_out) -> dx (N, d_in) or None, grads {A: (d_in, r), B: (r, d_out)} (what was asked for).
 
     dx is this branch's share only: the caller adds the frozen layer's dout @ W^T.
     """
     x, A, B, u, s = cache
-    dx = dA = dB = None
+    dx, grads = None, {}
     dv = s * dout  # forward was out = s * v with v = u @ B: (N, d_out)
     if need_dB:
-        dB = u.reshape(-1, u.shape[-1]).T @ dv.reshape(-1, dv.shape[-1])  # v = u @ B: (r, N) @ (N, d_out)
+        grads["B"] = u.reshape(-1, u.shape[-1]).T @ dv.reshape(-1, dv.shape[-1])  # v = u @ B: (r, N) @ (N, d_out)
     if need_dA or need_dx:
         du = dv @ B.T  # forward was v = u @ B: (N, d_out) @ (d_out, r) -> (N, r)
         if need_dA:
-            dA = x.reshape(-1, x.shape[-1]).T @ du.reshape(-1, du.shape[-1])  # u = x @ A: (d_in, N) @ (N, r)
+            grads["A"] = x.reshape(-1, x.shape[-1]).T @ du.reshape(-1, du.shape[-1])  # u = x @ A: (d_in, N) @ (N, r)
         if need_dx:
             dx = du @ A.T  # forward was u = x @ A: (N, r) @ (r, d_in) -> (N, d_in)
-    return dx, dA, dB
+    return dx, grads
 
 
 def lora_merge(W, A, B, s):
@@ -98,12 +98,12 @@ def prefix_forward(k, v, P_k, P_v):
 
 
 def prefix_backward(dk, dv, cache, need_dP=True):
-    """dk, dv (B, n + T, C) -> dk, dv (B, T, C), dP_k, dP_v (n, C) (None when not needed)."""
+    """dk, dv (B, n + T, C) -> (dk, dv) each (B, T, C), grads {P_k, P_v: (n, C)} ({} without need_dP)."""
     n = cache
-    dP_k = dP_v = None
+    grads = {}
     if need_dP:  # forward put the same P_k, P_v in front of every sequence: sum over B
-        dP_k, dP_v = dk[:, :n].sum(axis=0), dv[:, :n].sum(axis=0)  # (n, C) each
-    return dk[:, n:], dv[:, n:], dP_k, dP_v  # the sequence's own rows: (B, T, C)
+        grads["P_k"], grads["P_v"] = dk[:, :n].sum(axis=0), dv[:, :n].sum(axis=0)  # (n, C) each
+    return (dk[:, n:], dv[:, n:]), grads  # the sequence's own rows: (B, T, C)
 
 
 def prefix_bias(bias, T, n):
@@ -135,21 +135,26 @@ def prefix_mlp_forward(P0, w, n_layers):
 
 
 def prefix_mlp_backward(dprefixes, cache, need=None):
-    """dprefixes (L, 2, n, C) -> grads {P0, W_1, b_1, W_2, b_2} for the names in `need`."""
+    """dprefixes (L, 2, n, C) -> None, grads {P0, W_1, b_1, W_2, b_2} for the names in `need`.
+
+    P' is a parameter, so its gradient is in grads; the MLP has no other input, hence None.
+    """
     cache_1, cache_t, cache_2 = cache
     need = {"P0", "W_1", "b_1", "W_2", "b_2"} if need is None else need
     L, _, n, C = dprefixes.shape
-    grads = {}
     dy = dprefixes.transpose(2, 0, 1, 3).reshape(n, 2 * L * C)  # forward was the split: (n, 2LC)
     below = bool(need & {"P0", "W_1", "b_1"})
-    da, grads["W_2"], grads["b_2"] = linear_backward(dy, cache_2, need_dx=below, need_dW="W_2" in need,
-                                                     need_db="b_2" in need)  # y = a W_2 + b_2
+    da, g = linear_backward(dy, cache_2, need_dx=below, need_dW="W_2" in need,
+                            need_db="b_2" in need)  # forward was y = a W_2 + b_2: (n, h)
+    grads = {f"{k}_2": v for k, v in g.items()}  # W -> W_2, b -> b_2
     if below:
-        dz = tanh_backward(da, cache_t)  # forward was a = tanh(z): (n, h)
-        grads["P0"], grads["W_1"], grads["b_1"] = linear_backward(
-            dz, cache_1, need_dx="P0" in need, need_dW="W_1" in need,
-            need_db="b_1" in need)  # forward was z = P' W_1 + b_1: (n, C)
-    return {k: g for k, g in grads.items() if g is not None}
+        dz, _ = tanh_backward(da, cache_t)  # forward was a = tanh(z): (n, h)
+        dP0, g = linear_backward(dz, cache_1, need_dx="P0" in need, need_dW="W_1" in need,
+                                 need_db="b_1" in need)  # forward was z = P' W_1 + b_1: (n, C)
+        grads |= {f"{k}_1": v for k, v in g.items()}
+        if dP0 is not None:
+            grads["P0"] = dP0
+    return None, grads
 
 
 # ----------------------------------------------------------------------------- prompt tuning
@@ -168,11 +173,11 @@ def prompt_forward(x, P):
 
 
 def prompt_backward(dout, cache, need_dx=True, need_dP=True):
-    """dout (B, n + T, C) -> dx (B, T, C), dP (n, C); None for what is not needed."""
+    """dout (B, n + T, C) -> dx (B, T, C) or None, grads {P: (n, C)} (what was asked for)."""
     n = cache
     dx = dout[:, n:].copy() if need_dx else None  # forward put x after the prompt (a copy: never a view of dout)
-    dP = dout[:, :n].sum(axis=0) if need_dP else None  # the same P went in front of every sequence: sum over B
-    return dx, dP
+    grads = {"P": dout[:, :n].sum(axis=0)} if need_dP else {}  # the same P in front of every sequence: sum over B
+    return dx, grads
 
 
 def strip_prompt_forward(h, n):
@@ -181,8 +186,8 @@ def strip_prompt_forward(h, n):
 
 
 def strip_prompt_backward(dout, cache):
-    """dout (B, T, C) -> dh (B, n + T, C): zero at the prompt positions, which no head used."""
+    """dout (B, T, C) -> dh (B, n + T, C), {}: zero at the prompt positions, which no head used."""
     n, shape = cache
     dh = np.zeros(shape, dout.dtype)  # (B, n + T, C)
     dh[:, n:] = dout  # forward was out = h[:, n:]
-    return dh
+    return dh, {}

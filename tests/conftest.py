@@ -4,11 +4,14 @@ Gradient checks run in float64 on tiny models (d_model 8, 2 layers) whose weight
 init_std 0.3 and whose LayerNorm parameters are moved off 1 and 0 (see gradcheck.py's docstring:
 at the usual 0.02 init many gradients sink to the round-off floor and a check proves little).
 """
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import settings
 
-from minitransformer import AdapterConfig, ModelConfig, Transformer
+from minitransformer import AdapterConfig, Transformer
+from minitransformer.gradcheck import CHECK_CONFIG
 
 # CI runs the same examples every time (a failure found once is found again, never flaky);
 # run `pytest --hypothesis-profile=explore` locally to search new configurations.
@@ -18,12 +21,9 @@ settings.load_profile("ci")
 
 
 def small_config(**overrides):
-    """A tiny float64 config for gradient checks; any field can be overridden."""
-    fields = dict(vocab_size=11, max_len=8, d_model=8, n_heads=2, n_layers=2, d_ff=16, norm="post",
-                  causal=False, pooling="first", n_classes=3, dropout=0.0, init_std=0.3,
-                  dtype="float64")
-    fields.update(overrides)
-    return ModelConfig(**fields)
+    """The tiny float64 config of the gradient checks (gradcheck.CHECK_CONFIG); any field can be
+    overridden."""
+    return replace(CHECK_CONFIG, **overrides)
 
 
 def move_layernorms(model, seed=100):

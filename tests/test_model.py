@@ -168,7 +168,7 @@ def test_check_model_notices_a_wrong_gradient(monkeypatch):
     """The model check must fail when a backward is wrong: scale GELU's gradient by 1.01."""
     from minitransformer import backend
     real = backend.ops.gelu_backward
-    monkeypatch.setattr(backend.ops, "gelu_backward", lambda d, c: real(d, c) * 1.01)
+    monkeypatch.setattr(backend.ops, "gelu_backward", lambda d, c: (real(d, c)[0] * 1.01, {}))
     model = generic_model()
     ids, targets, pad_mask = batch(model.config)
     rows = check_model(model, ids, targets, pad_mask)

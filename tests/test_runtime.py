@@ -29,7 +29,10 @@ def on_threads(n, fn):
 
 def assert_same_bits(a, b):
     """Every array of two nested results equal bit for bit (NaN-free here)."""
-    if isinstance(a, (tuple, list)):
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        assert_same_bits(list(a.values()), list(b.values()))
+    elif isinstance(a, (tuple, list)):
         assert len(a) == len(b)
         for x, y in zip(a, b):
             assert_same_bits(x, y)

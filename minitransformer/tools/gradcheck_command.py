@@ -3,12 +3,13 @@ in float64, on the reference path, the fast one, or both: every operation (gradc
 then every parameter of small models at a generic point (weights of std 0.3, LayerNorms moved off
 1 and 0, masks and dropout on) for every norm order, head, adapter placement and method."""
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from .. import backend
-from ..configs import AdapterConfig, BitFitConfig, LoRAConfig, ModelConfig, PrefixConfig, PromptConfig
-from ..gradcheck import MODEL_THRESHOLD, OP_THRESHOLD, check_model, operation_checks
+from ..configs import AdapterConfig, BitFitConfig, LoRAConfig, PrefixConfig, PromptConfig
+from ..gradcheck import CHECK_CONFIG, MODEL_THRESHOLD, OP_THRESHOLD, check_model, operation_checks
 from ..model import Transformer
 from . import cli  # the commands' parser: one-line errors, --debug
 
@@ -25,9 +26,8 @@ METHOD_CONFIGS = {  # the other methods at a generic point: large LoRA ranks' A,
 def _generic_model(norm, head, placement=None, seed=0):
     """A small float64 model at a generic point (see module doc), masks and dropout on.
     placement: None (the bare base), an adapter placement, or a key of METHOD_CONFIGS."""
-    cfg = ModelConfig(vocab_size=11, max_len=8, d_model=8, n_heads=2, n_layers=2, d_ff=16,
-                      norm=norm, causal=head == "lm", pooling="mean" if norm == "pre" else "first",
-                      n_classes=3, dropout=0.1, init_std=0.3, dtype="float64")
+    cfg = replace(CHECK_CONFIG, norm=norm, causal=head == "lm", pooling="mean" if norm == "pre" else "first",
+                  dropout=0.1)
     model = Transformer(cfg, seed=seed)
     rng = np.random.default_rng(seed + 100)
     for ln in model.norms().values():

@@ -72,15 +72,15 @@ def linear_backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
     x, W = cache
     d2 = dout.reshape(-1, dout.shape[-1])  # (N, d_out)
     dx = (d2 @ W.T).reshape(*dout.shape[:-1], W.shape[0]) if need_dx else None
-    dW = db = None
+    grads = {}
     if need_dW:
         if x is None:
             raise ValueError("need_dW: the forward ran with keep_x=False (a frozen weight), so x "
                              "was not kept; unfreeze before the forward, not between it and the backward")
-        dW = x.reshape(-1, x.shape[-1]).T @ d2  # (d_in, N) @ (N, d_out)
+        grads["W"] = x.reshape(-1, x.shape[-1]).T @ d2  # (d_in, N) @ (N, d_out)
     if need_db:
-        db = d2.sum(axis=0)
-    return dx, dW, db
+        grads["b"] = d2.sum(axis=0)
+    return dx, grads
 
 
 # ----------------------------------------------------------------------------- layernorm
@@ -114,13 +114,16 @@ def layernorm_backward(dout, cache, need_dx=True, need_dgamma=True, need_dbeta=T
     xhat, rstd, gamma = cache
     C = dout.shape[-1]
     d2 = dout.reshape(-1, C)
-    dgamma = np.einsum("nc,nc->c", d2, xhat.reshape(-1, C)) if need_dgamma else None
-    dbeta = d2.sum(axis=0) if need_dbeta else None
+    grads = {}
+    if need_dgamma:
+        grads["gamma"] = np.einsum("nc,nc->c", d2, xhat.reshape(-1, C))
+    if need_dbeta:
+        grads["beta"] = d2.sum(axis=0)
     dx = None
     if need_dx:
         dx = np.empty(dout.shape, dout.dtype)
         by_rows(chunked(_layernorm_backward_rows), rows(dout), rows(xhat), rows(rstd), rows(dx), gamma=gamma)
-    return dx, dgamma, dbeta
+    return dx, grads
 
 
 def _layernorm_backward_rows(dout, xhat, rstd, dx, gamma):
@@ -165,7 +168,7 @@ def gelu_backward(dout, cache):
     x, g = cache
     dx = np.empty(dout.shape, dout.dtype)
     by_rows(chunked(_gelu_backward_rows), rows(dout), rows(x), rows(g), rows(dx))
-    return dx
+    return dx, {}
 
 
 def _gelu_backward_rows(dout, x, g, dx):
@@ -211,7 +214,7 @@ def softmax_backward(dout, cache):
     p = cache
     dx = np.empty_like(dout)
     by_rows(_softmax_backward_rows, dout, p, dx)
-    return dx
+    return dx, {}
 
 
 def _softmax_backward_rows(dout, p, dx):

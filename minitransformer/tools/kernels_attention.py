@@ -57,11 +57,11 @@ def attend_backward(dctx, cache):
     dctx = split_heads(dctx, n_heads)  # (B,H,T,hs) view
     dp = scores_matmul(dctx, v)  # dP = dctx @ V^T: (B,H,T,T)
     dv = heads_matmul(p.transpose(0, 1, 3, 2), dctx)  # dV = P^T @ dctx: (B,T,C)
-    datt = kernels.softmax_backward(dp, p)  # dS: (B,H,T,T)
+    datt, _ = kernels.softmax_backward(dp, p)  # dS: (B,H,T,T)
     dq = heads_matmul(datt, k)  # dS @ K: (B,T,C)
     dq *= scale  # q was scaled in the forward
     dk = heads_matmul(datt.transpose(0, 1, 3, 2), q)  # dS^T @ (scaled) Q: (B,T,C)
-    return dq, dk, dv
+    return (dq, dk, dv), {}
 
 
 def attention_forward(x, w, n_heads, bias=None):
@@ -77,14 +77,15 @@ def attention_forward(x, w, n_heads, bias=None):
 def attention_backward(dout, cache):
     """The reference's steps on the fast kernels; dx summed in place into the first fresh array."""
     cache_q, cache_k, cache_v, cache_a, cache_o = cache
-    grads = {}
-    dctx, grads["W_o"], grads["b_o"] = kernels.linear_backward(dout, cache_o)
-    dq, dk, dv = attend_backward(dctx, cache_a)
-    dx, grads["W_q"], grads["b_q"] = kernels.linear_backward(dq, cache_q)
-    dxk, grads["W_k"], grads["b_k"] = kernels.linear_backward(dk, cache_k)
-    dxv, grads["W_v"], grads["b_v"] = kernels.linear_backward(dv, cache_v)
+    dctx, g_o = kernels.linear_backward(dout, cache_o)
+    (dq, dk, dv), _ = attend_backward(dctx, cache_a)
+    dx, g_q = kernels.linear_backward(dq, cache_q)
+    dxk, g_k = kernels.linear_backward(dk, cache_k)
+    dxv, g_v = kernels.linear_backward(dv, cache_v)
     dx += dxk
     dx += dxv
+    each = {"q": g_q, "k": g_k, "v": g_v, "o": g_o}
+    grads = {f"{name}_{t}": g for t, gs in each.items() for name, g in gs.items()}
     return dx, grads
 
 
@@ -108,12 +109,11 @@ def adapter_backward(dout, cache, need_dx=True, need=None):
     need = {"W_down", "b_down", "W_up", "b_up"} if need is None else need
     act_backward = kernels.ACTIVATIONS[nonlinearity][1]
     du = dout * dout.dtype.type(scaling) if scaling != 1 else dout
-    grads = {}
-    da, grads["W_up"], grads["b_up"] = kernels.linear_backward(
-        du, cache_up, need_dW="W_up" in need, need_db="b_up" in need)
-    dz = act_backward(da, cache_act)
-    dh, grads["W_down"], grads["b_down"] = kernels.linear_backward(
-        dz, cache_down, need_dx=need_dx, need_dW="W_down" in need, need_db="b_down" in need)
+    da, g_up = kernels.linear_backward(du, cache_up, need_dW="W_up" in need, need_db="b_up" in need)
+    dz, _ = act_backward(da, cache_act)
+    dh, g_down = kernels.linear_backward(dz, cache_down, need_dx=need_dx, need_dW="W_down" in need,
+                                         need_db="b_down" in need)
     if need_dx and skip:
         dh += dout
-    return dh, {n: g for n, g in grads.items() if g is not None}
+    grads = {f"{n}_up": g for n, g in g_up.items()} | {f"{n}_down": g for n, g in g_down.items()}
+    return dh, grads
