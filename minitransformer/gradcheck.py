@@ -49,15 +49,14 @@ def numerical_gradient(f, x, h=1e-5):
     if x.dtype != np.float64:
         raise TypeError(f"x: expected float64 for a gradient check, got {x.dtype}")
     grad = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)  # views: writing flat writes x
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + h
+    for i in np.ndindex(x.shape):  # indexing x itself: a transposed view is nudged as well
+        old = x[i]
+        x[i] = old + h
         fp = f()
-        flat[i] = old - h
+        x[i] = old - h
         fm = f()
-        flat[i] = old  # restored bit for bit
-        gflat[i] = (fp - fm) / (2 * h)
+        x[i] = old  # restored bit for bit
+        grad[i] = (fp - fm) / (2 * h)
     return grad
 
 

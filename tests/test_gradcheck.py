@@ -31,6 +31,15 @@ def test_numerical_gradient_accuracy_and_restore(rng):
         numerical_gradient(lambda: 0.0, np.zeros(2, np.float32))
 
 
+def test_numerical_gradient_of_a_view_that_is_not_contiguous(rng):
+    """A transposed view cannot be flattened without a copy: the nudges must still reach x."""
+    base = rng.standard_normal((3, 4))
+    x = base.T  # (4, 3), Fortran-ordered
+    R = rng.standard_normal((4, 3))
+    grad = numerical_gradient(lambda: float(np.sum(np.sin(x) * R)), x)
+    assert rel_error(grad, np.cos(x) * R) < 1e-8  # d/dx sum(sin(x) R) = cos(x) R
+
+
 def test_check_function_catches_wrong_backwards(rng):
     inputs = {"x": rng.standard_normal((3, 4)), "W": rng.standard_normal((4, 2)), "b": rng.standard_normal(2)}
 
