@@ -18,8 +18,11 @@ if _sys.argv[:1] == ["-m"]:  # python -m minitransformer, still loading: a signa
 
     def _starting(signum, frame):
         print(f"minitransformer: error: interrupted while starting ({_signal.Signals(signum).name})",
-              file=_sys.stderr)
-        raise SystemExit(128 + signum)  # exits without a traceback; the commands' own handlers follow
+              file=_sys.stderr, flush=True)
+        # Exit at once: an exception raised here could land inside an extension's import (NumPy's
+        # import of datetime turns it into an ImportError with a traceback). Nothing is written yet.
+        import os as _os
+        _os._exit(128 + signum)  # the commands' own handlers replace this one once they start
 
     for _name in ("SIGINT", "SIGTERM", "SIGHUP"):
         if hasattr(_signal, _name):
