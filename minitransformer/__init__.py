@@ -11,28 +11,21 @@
 
 Where to start reading: README.md, "Reading the code".
 """
-import sys as _sys
+# The names below are imported when first used (PEP 562), so `import minitransformer` runs no code
+# of the tools floor and `python -m minitransformer` can set how NumPy's BLAS runs before NumPy loads.
+_EXPORTS = {"AdapterConfig": "configs", "BitFitConfig": "configs", "LoRAConfig": "configs",
+            "ModelConfig": "configs", "PrefixConfig": "configs", "PromptConfig": "configs",
+            "Parameter": "modules", "Transformer": "model"}
 
-if _sys.argv[:1] == ["-m"]:  # python -m minitransformer, still loading: a signal now ends it in one line
-    import signal as _signal
+__all__ = sorted(_EXPORTS)
 
-    def _starting(signum, frame):
-        print(f"minitransformer: error: interrupted while starting ({_signal.Signals(signum).name})",
-              file=_sys.stderr, flush=True)
-        # Exit at once: an exception raised here could land inside an extension's import (NumPy's
-        # import of datetime turns it into an ImportError with a traceback). Nothing is written yet.
-        import os as _os
-        _os._exit(128 + signum)  # the commands' own handlers replace this one once they start
 
-    for _name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        if hasattr(_signal, _name):
-            _signal.signal(getattr(_signal, _name), _starting)
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'minitransformer' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
 
-from .tools import runtime as _runtime  # noqa: F401  first: it sets how NumPy's BLAS runs, before NumPy loads
-from .adapters import AdapterConfig  # noqa: E402
-from .model import ModelConfig, Transformer  # noqa: E402
-from .modules import Parameter  # noqa: E402
-from .peft import BitFitConfig, LoRAConfig, PrefixConfig, PromptConfig  # noqa: E402
 
-__all__ = ["AdapterConfig", "BitFitConfig", "LoRAConfig", "ModelConfig", "Parameter", "PrefixConfig",
-           "PromptConfig", "Transformer"]
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

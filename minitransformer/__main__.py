@@ -3,12 +3,29 @@
 Every command writes to a scratch folder unless told otherwise, refuses a bad argument before any
 work, and reports any error in one line (tools/cli.py, docs/errors.md).
 """
-import importlib
-import os
 import sys
 
-from . import backend
-from .tools import cli, runtime
+if __name__ == "__main__":  # python -m minitransformer, still loading: a signal now ends it in one line
+    import os
+    import signal
+
+    def _starting(signum, frame):
+        print(f"minitransformer: error: interrupted while starting ({signal.Signals(signum).name})",
+              file=sys.stderr, flush=True)
+        # Exit at once: an exception raised here could land inside an extension's import (NumPy's
+        # import of datetime turns it into an ImportError with a traceback). Nothing is written yet.
+        os._exit(128 + signum)  # the commands' own handlers replace this one once they start
+
+    for _name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, _name):
+            signal.signal(getattr(signal, _name), _starting)
+
+import importlib  # noqa: E402
+import os  # noqa: E402
+
+from .tools import runtime  # noqa: E402  first: it sets how NumPy's BLAS runs, before NumPy loads
+from . import backend  # noqa: E402
+from .tools import cli  # noqa: E402
 
 COMMANDS = {
     "demo": "load the shipped base, train one task's adapter, prove the base unchanged (default)",

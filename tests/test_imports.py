@@ -5,10 +5,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minitransformer"
-# textbook -> tools imports that remain, each named: __init__ sets how BLAS runs (tools/runtime.py),
-# and the fast path installs its kernels (backend.fast_table, inside the function)
-KNOWN_TOOLS_IMPORTS = {("minitransformer", "minitransformer.tools.runtime"),
-                       ("minitransformer.backend", "minitransformer.tools.kernels"),
+# the one textbook -> tools import that remains: backend.use("fast") installs the fast kernels
+# (backend.fast_table, inside the function, when that path is asked for)
+KNOWN_TOOLS_IMPORTS = {("minitransformer.backend", "minitransformer.tools.kernels"),
                        ("minitransformer.backend", "minitransformer.tools.kernels_attention")}
 
 
@@ -68,3 +67,16 @@ def test_the_textbook_imports_no_tools_beyond_the_named_places():
              and mod != "minitransformer.__main__"
              for dep in deps if dep.startswith("minitransformer.tools")}
     assert found <= KNOWN_TOOLS_IMPORTS, found - KNOWN_TOOLS_IMPORTS
+
+
+def test_importing_the_package_runs_no_tools_code():
+    """`import minitransformer` and the public names load no module of tools/ (process settings
+    such as BLAS's are made by `python -m minitransformer`, in __main__)."""
+    import subprocess
+    import sys
+    code = ("import sys, minitransformer; from minitransformer import Transformer, ModelConfig, AdapterConfig; "
+            "m = ModelConfig(n_layers=1); Transformer(m); "
+            "print(sorted(n for n in sys.modules if n.startswith('minitransformer.tools')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent).stdout.strip()
+    assert out == "[]", out
