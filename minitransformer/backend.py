@@ -4,9 +4,11 @@ The reference passes are the textbook: layers.py, attention.py, adapters.py, pef
 and optim.py, each written the way its maths is derived. The fast kernels (tools/kernels.py and
 tools/kernels_attention.py) compute the same functions with in-place steps, threads and folded
 constants; they take the same arguments, and tests/test_kernels.py checks each against its
-reference.
+reference. This module knows nothing of them: tools/fast.py installs them as the path "fast"
+(install), and importing minitransformer.tools runs it.
 
     from minitransformer import backend
+    import minitransformer.tools      # installs the path "fast"
     backend.use("fast")               # from now on, in this whole process
     with backend.using("fast"): ...   # only inside the block
     backend.current()                 # "reference" or "fast"
@@ -21,7 +23,7 @@ from types import SimpleNamespace
 
 from . import adapters, attention, layers, losses, peft, updates
 
-PATHS = ("reference", "fast")
+PATHS = ("reference", "fast")  # the paths there are; "fast" is installed by tools/fast.py
 
 REFERENCE = {
     "linear_forward": layers.linear_forward, "linear_backward": layers.linear_backward,
@@ -46,18 +48,27 @@ REFERENCE = {
 }
 
 ops = SimpleNamespace(**REFERENCE)  # what the model calls; use() swaps its functions
+_tables = {"reference": REFERENCE}  # path -> {name: function}, as installed
 _current = "reference"
 
 
-def fast_table():
-    """{name: function} of the fast path: the kernels where there is one, else the reference."""
-    from .tools import kernels, kernels_attention
-    table = dict(REFERENCE)
-    for name in REFERENCE:
-        for module in (kernels, kernels_attention):
-            if hasattr(module, name):
-                table[name] = getattr(module, name)
-    return table
+def install(path, functions):
+    """Make `path` one use() can choose: `functions` {name: function} replaces the reference's
+    functions of those names; every other operation stays the reference's."""
+    if path not in PATHS or path == "reference":
+        raise ValueError(f"path: expected one of {PATHS[1:]}, got {path!r}")
+    unknown = sorted(set(functions) - set(REFERENCE))
+    if unknown:
+        raise ValueError(f"functions: expected names of backend.REFERENCE, got {unknown}")
+    _tables[path] = {**REFERENCE, **functions}
+
+
+def table(path):
+    """{name: function} that `path` runs (the reference's where it has no function of its own)."""
+    if path not in _tables:
+        raise ValueError(f"path: {path!r} is not installed; import minitransformer.tools first "
+                         f"(it installs the fast kernels), got the paths {sorted(_tables)}")
+    return dict(_tables[path])
 
 
 def use(path):
@@ -65,8 +76,7 @@ def use(path):
     global _current
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
-    table = REFERENCE if path == "reference" else fast_table()
-    for name, fn in table.items():
+    for name, fn in table(path).items():
         setattr(ops, name, fn)
     _current = path
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
+import minitransformer.tools  # noqa: F401  installs the fast path, which many tests compare
 from minitransformer import AdapterConfig, Transformer
 from minitransformer.gradcheck import CHECK_CONFIG
 

@@ -62,7 +62,7 @@ SIZES = {"small": (3, 5, 16), "large": (16, 128, 256)}  # large: 2^19 elements, 
 
 
 def test_the_fast_path_has_a_kernel_for_every_heavy_operation():
-    fast = backend.fast_table()
+    fast = backend.table("fast")
     own = {n for n in backend.REFERENCE if fast[n] is not backend.REFERENCE[n]}
     assert own == {"linear_forward", "linear_backward", "layernorm_forward", "layernorm_backward",
                    "gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward",
@@ -192,7 +192,7 @@ def test_optimizer_updates(dtype):
 
 
 def test_cross_entropy_is_shared_by_both_paths():
-    assert backend.fast_table()["cross_entropy_forward"] is losses.cross_entropy_forward
+    assert backend.table("fast")["cross_entropy_forward"] is losses.cross_entropy_forward
 
 
 # ----------------------------------------------------------------------------- whole models

@@ -383,6 +383,6 @@ def package_ops(*names):
     """The package's own functions for the operations `names` (backend.REFERENCE's keys), on
     both paths: the reference in layers.py, ... and the fast kernel where there is one. A
     check passes them as `forbid` to attempt."""
-    from .. import backend
-    fast = backend.fast_table()
+    from .. import backend, tools  # noqa: F401  (tools installs the path "fast")
+    fast = backend.table("fast")
     return tuple({backend.REFERENCE[n] for n in names} | {fast[n] for n in names})

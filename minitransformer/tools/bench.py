@@ -210,7 +210,7 @@ def on_path(path, fn):
 
 def operation_inputs(b, seed=0):
     """{operation: (reference call, fast call)} on the benchmark's shapes: every operation that
-    has a fast kernel (backend.fast_table), each forward with its own backward."""
+    has a fast kernel (backend.table("fast")), each forward with its own backward."""
     from .. import adapters, attention, layers
     from ..attention import attention_bias
     from . import kernels, kernels_attention
