@@ -98,19 +98,19 @@ class TaskMethods:
 
     def _slots(self):
         """{slot path: (owner, attribute)}: every place a task may put a module of its own."""
-        slots = {"ln_emb": (self, "ln_emb"), "ln_f": (self, "ln_f")}
+        slots = {"front": (self, "front"), "ln_emb": (self, "ln_emb"), "ln_f": (self, "ln_f"),
+                 "back": (self, "back")}
         for i, b in enumerate(self.blocks):
             slots.update({f"blocks.{i}.ln1": (b.sub1, "norm"), f"blocks.{i}.ln2": (b.sub2, "norm"),
                           f"blocks.{i}.sub1.adapter": (b.sub1, "adapter"),
                           f"blocks.{i}.sub2.adapter": (b.sub2, "adapter"),
                           f"blocks.{i}.sub2.parallel": (b.sub2, "parallel"), f"blocks.{i}.attn.kv": (b.attn, "kv"),
-                          **{f"blocks.{i}.attn.{t}": (b.attn, t) for t in "qkvo"},
+                          **{f"blocks.{i}.attn.{t}_proj": (b.attn, f"{t}_proj") for t in "qkvo"},
                           **{f"blocks.{i}.ffn.{t}": (b.ffn, t) for t in ("fc1", "fc2")}})
         return slots
 
-    def _plug(self, task, prefixes=None):
-        """Put the task's modules into their slots, and the base's back into every other."""
-        plugs = task.plugs(self, prefixes) if task else {}
+    def _plug(self, plugs):
+        """Put the modules `plugs` {slot path: module} into their slots, the base's back into every other."""
         for path, (owner, slot) in self._slots().items():
             plug(owner, slot, plugs.get(path))
 

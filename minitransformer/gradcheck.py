@@ -155,8 +155,8 @@ def operation_checks(seed=0):
     """
     from . import layers
     from .attention import attention_bias
-    from .backend import ops as L  # the current path's functions: reference, or the fast kernels
-    activations = {"gelu": (L.gelu_forward, L.gelu_backward), "relu": layers.ACTIVATIONS["relu"],
+    from .backend import ops  # the current path's functions: reference, or the fast kernels
+    activations = {"gelu": (ops.gelu_forward, ops.gelu_backward), "relu": layers.ACTIVATIONS["relu"],
                    "tanh": layers.ACTIVATIONS["tanh"]}
     rng = np.random.default_rng(seed)
 
@@ -180,19 +180,19 @@ def operation_checks(seed=0):
     targets = np.array([[1, 0, -100], [2, -100, 3]])  # -100: ignored positions
 
     def position(W):  # the (T, C) rows added to a batch of 2: the backward sums over it
-        out, cache = L.position_forward(3, W)
+        out, cache = ops.position_forward(3, W)
         return out + np.zeros((2, 1, 1)), cache
 
     def prefix(k, v, P_k, P_v):  # k and v out, stacked: one output for the check
-        k, v, cache = L.prefix_forward(k, v, P_k, P_v)
+        k, v, cache = ops.prefix_forward(k, v, P_k, P_v)
         return np.stack([k, v]), cache
 
     def ce_forward(logits):  # the loss as a 0-d array; its backward starts at dloss = 1
-        loss, cache = L.cross_entropy_forward(logits, targets)
+        loss, cache = ops.cross_entropy_forward(logits, targets)
         return np.array(loss), cache
 
     def ce_backward(dloss, cache):
-        dlogits, grads = L.cross_entropy_backward(cache)
+        dlogits, grads = ops.cross_entropy_backward(cache)
         return float(dloss) * dlogits, grads
 
     def no_kink(*shape):  # relu's kink kept away from the finite differences
@@ -201,36 +201,36 @@ def operation_checks(seed=0):
         return z
 
     cases = [
-        ("linear", L.linear_forward, L.linear_backward, {"x": randn(2, 3, 4), "W": randn(4, 5), "b": randn(5)}),
-        ("token embedding", lambda W: L.embedding_forward(ids, W), L.embedding_backward, {"W": randn(6, 4)}),
-        ("position embedding", lambda W_pos: position(W_pos), L.position_backward, {"W_pos": randn(5, 4)}),
-        ("layernorm", L.layernorm_forward, L.layernorm_backward,
+        ("linear", ops.linear_forward, ops.linear_backward, {"x": randn(2, 3, 4), "W": randn(4, 5), "b": randn(5)}),
+        ("token embedding", lambda W: ops.embedding_forward(ids, W), ops.embedding_backward, {"W": randn(6, 4)}),
+        ("position embedding", lambda W_pos: position(W_pos), ops.position_backward, {"W_pos": randn(5, 4)}),
+        ("layernorm", ops.layernorm_forward, ops.layernorm_backward,
          {"x": randn(2, 3, 6), "gamma": randn(6), "beta": randn(6)}),
-        ("layernorm (constant row, h=1e-6)", L.layernorm_forward, L.layernorm_backward,
+        ("layernorm (constant row, h=1e-6)", ops.layernorm_forward, ops.layernorm_backward,
          {"x": flat, "gamma": randn(6), "beta": randn(6)}, None, 1e-6),
         *((act, *activations[act], {"x": no_kink(3, 7)}) for act in ("gelu", "relu", "tanh")),
-        ("softmax (masked)", lambda x: L.softmax_forward(np.where(masked, -np.inf, x)), L.softmax_backward,
+        ("softmax (masked)", lambda x: ops.softmax_forward(np.where(masked, -np.inf, x)), ops.softmax_backward,
          {"x": np.where(masked, 0.0, s)}),
-        ("dropout (p=0.3, replayed)", lambda x: L.dropout_forward(x, 0.3, np.random.default_rng(1), True),
-         L.dropout_backward, {"x": randn(4, 5)}),
-        ("attention (causal + padding)", lambda x, **ws: L.attention_forward(x, ws, H, causal_pad),
-         L.attention_backward, {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}}),
-        ("attention (padding)", lambda x, **ws: L.attention_forward(x, ws, H, pad_only),
-         L.attention_backward, {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}}),
-        ("attend (causal + padding)", lambda q, k, v: L.attend_forward(q, k, v, H, causal_pad), L.attend_backward,
+        ("dropout (p=0.3, replayed)", lambda x: ops.dropout_forward(x, 0.3, np.random.default_rng(1), True),
+         ops.dropout_backward, {"x": randn(4, 5)}),
+        ("attention (causal + padding)", lambda x, **ws: ops.attention_forward(x, ws, H, causal_pad),
+         ops.attention_backward, {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}}),
+        ("attention (padding)", lambda x, **ws: ops.attention_forward(x, ws, H, pad_only),
+         ops.attention_backward, {"x": randn(2, 4, C), **{k: v.copy() for k, v in w.items()}}),
+        ("attend (causal + padding)", lambda q, k, v: ops.attend_forward(q, k, v, H, causal_pad), ops.attend_backward,
          {"q": randn(2, 4, C), "k": randn(2, 4, C), "v": randn(2, 4, C)}),
-        ("prefix (2 keys and values in front)", prefix, lambda d, c: L.prefix_backward(d[0], d[1], c),
+        ("prefix (2 keys and values in front)", prefix, lambda d, c: ops.prefix_backward(d[0], d[1], c),
          {"k": randn(2, 4, C), "v": randn(2, 4, C), "P_k": randn(2, C), "P_v": randn(2, C)}),
-        ("lora (s = 1.5)", lambda x, A, B: L.lora_forward(x, A, B, 1.5), L.lora_backward,
+        ("lora (s = 1.5)", lambda x, A, B: ops.lora_forward(x, A, B, 1.5), ops.lora_backward,
          {"x": randn(2, 3, 5), "A": randn(5, 2), "B": randn(2, 4)}),
-        ("prefix MLP (2 layers)", lambda **ws: L.prefix_mlp_forward(ws["P0"], ws, 2), L.prefix_mlp_backward,
+        ("prefix MLP (2 layers)", lambda **ws: ops.prefix_mlp_forward(ws["P0"], ws, 2), ops.prefix_mlp_backward,
          {"P0": randn(3, C), "W_1": randn(C, 5) * 0.5, "b_1": randn(5), "W_2": randn(5, 2 * 2 * C) * 0.5,
           "b_2": randn(2 * 2 * C)}),
-        ("prompt", L.prompt_forward, L.prompt_backward, {"x": randn(2, 3, C), "P": randn(2, C)}),
-        ("strip prompt", lambda h: L.strip_prompt_forward(h, 2), L.strip_prompt_backward, {"h": randn(2, 5, C)}),
+        ("prompt", ops.prompt_forward, ops.prompt_backward, {"x": randn(2, 3, C), "P": randn(2, C)}),
+        ("strip prompt", lambda h: ops.strip_prompt_forward(h, 2), ops.strip_prompt_backward, {"h": randn(2, 5, C)}),
         *((f"adapter ({act}{', skip' if skip else ', parallel branch, s=4'})",
-           lambda h, act=act, skip=skip, scaling=scaling, **ws: L.adapter_forward(h, ws, act, skip, scaling),
-           L.adapter_backward,
+           lambda h, act=act, skip=skip, scaling=scaling, **ws: ops.adapter_forward(h, ws, act, skip, scaling),
+           ops.adapter_backward,
            {"h": no_kink(2, 4, C), "W_down": randn(C, 3) * 0.5, "b_down": randn(3), "W_up": randn(3, C) * 0.5,
             "b_up": randn(C)})
           for act, skip, scaling in (("gelu", True, 1.0), ("relu", True, 1.0), ("tanh", True, 1.0),

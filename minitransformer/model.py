@@ -8,10 +8,11 @@
 The block is in block.py: post-LN (BERT, the architecture the adapter paper adapted) or pre-LN
 (GPT-2), each sub-layer with its residual connection, dropout and adapter slot.
 
-A task is one method of the parameter-efficient family on the shared frozen base (tasks.py):
-bottleneck adapters, LoRA branches (merge/unmerge fold them into W), a prefix in every
-attention, a soft prompt in front of the input, or BitFit's own copies of the biases. Before
-each forward, the active task's pieces are put into the base's slots (`_plug`).
+A task is one method of the parameter-efficient family on the shared frozen base (tasks.py).
+Before each forward, the active task's modules are put into the base's slots (`_plug`): a
+sub-layer's adapter slot, a linear layer or a LayerNorm, an attention's key/value hook, and the
+model's own two, `front` (after the embeddings) and `back` (before the heads). The code below
+calls whatever the slots hold; an empty slot (None) is skipped.
 """
 import fnmatch
 from dataclasses import replace
@@ -26,7 +27,6 @@ from .block import Block
 from .configs import ModelConfig  # noqa: F401  (importable from here, as before)
 from .heads import ClassifierHead, LMHead
 from .modules import Embeddings, LayerNorm
-from .peft import prefix_bias
 from .validate import integer
 
 
@@ -38,9 +38,11 @@ class Transformer(TaskMethods):
     base. Its parts, in the order the forward uses them:
 
         embed     token embedding W_tok (V, C) + position embedding W_pos (T_max, C)
+        front     a slot for a task's module before the blocks (None for the bare base)
         ln_emb    LayerNorm of the embeddings (post-LN only, as in BERT)
         blocks    n_layers Blocks: attn, ln1, ffn, ln2 (block.py)
         ln_f      final LayerNorm (pre-LN only, as in GPT-2)
+        back      a slot for a task's module before the heads (None for the bare base)
         lm_head   per-position logits over the vocabulary (head="lm")
         cls_head  the base's own classifier (head="cls" with no task active; None until
                   add_classifier or config.n_classes)
@@ -59,6 +61,7 @@ class Transformer(TaskMethods):
         self.ln_emb = LayerNorm("ln_emb", C, dt, cfg.ln_eps) if cfg.norm == "post" else None
         self.blocks = [Block(i, cfg, rng, dt) for i in range(cfg.n_layers)]
         self.ln_f = LayerNorm("ln_f", C, dt, cfg.ln_eps) if cfg.norm == "pre" else None
+        self.front = self.back = None  # slots a task may fill (tasks.py), empty for the base
         self.lm_head = LMHead("lm_head", C, cfg.vocab_size, rng, dt, std)
         self.cls_head = None
         self._modules = self._base_modules()  # fixed: the slots may hold a task's modules later
@@ -149,46 +152,42 @@ class Transformer(TaskMethods):
         base's cls_head when no task is active. train=True turns dropout on, drawing its masks
         from `rng` (a np.random.Generator).
 
-        A prompt-tuning task puts its n soft-prompt embeddings in front of the embedded tokens
-        (real positions for the masks; no position embedding); the heads see only the T real
-        tokens: "lm" gives (B, T, V) for them, "cls" pools the first real token ([CLS]) or the
-        mean over the real tokens. A prefix-tuning task's n keys and values join every attention.
+        What a task puts into the slots may change T on the way: a module in `front` may put
+        positions before the tokens (T' = n + T), and the one in `back` takes them off again, so
+        the heads always see the T real tokens.
         """
         task = self._active()
         validate.model_inputs(self.config, ids, pad_mask, task.config if task else None, self.dtype)
-        cfg = self.config
         c = {"task": task}  # the cache: every step's, by name
-        prefixes, c["prefixes"] = task.prefixes() if task else (None, None)  # per block a PrefixKV, or None
-        self._plug(task, prefixes)  # the task's pieces in, until the end of this forward
+        pieces, c["pieces"] = task.precompute() if task else (None, None)  # what the task computes first (tasks.py)
+        self._plug(task.plugs(self, pieces) if task else {})  # the task's modules in, for this forward
         try:
-            return self._forward(ids, pad_mask, head, train, rng, task, prefixes, c)
+            return self._forward(ids, pad_mask, head, train, rng, task, c)
         finally:
-            self._plug(None)  # the bare base between passes; each cache holds the modules it used
+            self._plug({})  # the bare base between passes; each cache holds the modules it used
 
-    def _forward(self, ids, pad_mask, head, train, rng, task, prefixes, c):
+    def _forward(self, ids, pad_mask, head, train, rng, task, c):
         cfg = self.config
         x, c["embed"] = self.embed.forward(ids)  # (B,T,C), token + position
-        n, mask = (task.n_prompt() if task else 0), pad_mask
-        if n:  # prompt tuning: the soft prompt in front of the embedded tokens
-            x, c["prompt"] = task.prompt.forward(x)  # (B,n+T,C)
-            if pad_mask is not None:  # the prompt is never padding
-                mask = np.concatenate([np.ones((ids.shape[0], n), bool), pad_mask], axis=1)  # (B,n+T)
+        mask = pad_mask
+        c["front"] = self.front
+        if self.front:
+            x, mask, c["front_cache"] = self.front.forward(x, mask)  # (B,T',C), mask None or (B,T')
         c["ln_emb"] = self.ln_emb
         if self.ln_emb:
             x, c["ln_emb_cache"] = self.ln_emb.forward(x)  # post-LN (BERT) normalises the embeddings
         x, c["drop"] = ops.dropout_forward(x, cfg.dropout, rng, train)
-        bias = attention_bias(n + ids.shape[1], cfg.causal, mask, self.dtype)  # None or (B|1,1,n+T,n+T)
-        if prefixes:
-            bias = prefix_bias(bias, n + ids.shape[1], task.n_prefix())  # (B|1,1,n+T,n_prefix+n+T)
+        bias = attention_bias(x.shape[1], cfg.causal, mask, self.dtype)  # None or (B|1,1,T',T')
         c["blocks"] = []
         for block in self.blocks:
-            x, c_block = block.forward(x, bias, train, rng)  # (B,n+T,C)
+            x, c_block = block.forward(x, bias, train, rng)  # (B,T',C)
             c["blocks"].append(c_block)
         c["ln_f"] = self.ln_f
         if self.ln_f:
             x, c["ln_f_cache"] = self.ln_f.forward(x)  # pre-LN (GPT-2) normalises the last output
-        if n:
-            x, c["strip"] = ops.strip_prompt_forward(x, n)  # (B,T,C): the heads see the real tokens only
+        c["back"] = self.back
+        if self.back:
+            x, c["back_cache"] = self.back.forward(x)  # (B,T,C)
         c["head"] = head_mod = self._head(head, task)
         logits, c["head_cache"] = head_mod.forward(x, pad_mask)  # (B,T,V) or (B,K)
         return logits, c
@@ -209,7 +208,7 @@ class Transformer(TaskMethods):
         """Add the gradient of every trainable parameter to its .grad; frozen ones get none.
 
         The forward in reverse, going down only as far as something still trains:
-        below[i] says whether any parameter under block i trains (the embeddings, the prompt,
+        below[i] says whether any parameter under block i trains (the embeddings, the front slot,
         ln_emb, and blocks 0..i-1 with what the task put into them); below[n_layers] covers
         every block. Block i is visited only when below[i + 1], and passes dx down only when
         below[i]: head-only training stops at the head, and block 0 under a frozen base and
@@ -224,8 +223,8 @@ class Transformer(TaskMethods):
         dx = c["head"].backward(dlogits, c["head_cache"], need_dx=below[n_layers] or bool(ln_f and ln_f.trains()))
         if dx is None:
             return
-        if "strip" in c:
-            dx, _ = ops.strip_prompt_backward(dx, c["strip"])  # (B,n+T,C): zero at the prompt
+        if c["back"]:
+            dx = c["back"].backward(dx, c["back_cache"])  # (B,T',C)
         if ln_f:
             dx = ln_f.backward(dx, c["ln_f_cache"], need_dx=below[n_layers])
         for i in reversed(range(n_layers)):
@@ -233,23 +232,21 @@ class Transformer(TaskMethods):
                 break
             dx = self.blocks[i].backward(dx, c["blocks"][i], need_dx=below[i])
         if task is not None:
-            task.prefix_backward(c["prefixes"])  # every block's dP_k, dP_v on through the prefix MLP
+            task.precompute_backward(c["pieces"])  # what the task computed before the forward
         if not below[0]:
             return
         dx, _ = ops.dropout_backward(dx, c["drop"])
-        embed_trains = self.embed.trains()
-        prompt_trains = "prompt" in c and task.prompt.trains()
+        embed_trains, front = self.embed.trains(), c["front"]
         if c["ln_emb"]:
-            dx = c["ln_emb"].backward(dx, c["ln_emb_cache"], need_dx=embed_trains or prompt_trains)
-        if "prompt" in c and dx is not None:  # forward was x = [P; x]
-            dx = task.prompt.backward(dx, c["prompt"], need_dx=embed_trains)
+            dx = c["ln_emb"].backward(dx, c["ln_emb_cache"], need_dx=embed_trains or bool(front and front.trains()))
+        if front and dx is not None:
+            dx = front.backward(dx, c["front_cache"], need_dx=embed_trains)  # (B,T,C)
         if dx is not None:
             self.embed.backward(dx, c["embed"])
 
     def _trains_below(self, c):
         """below[i], i = 0..n_layers: does any parameter under block i train? (backward's doc)"""
-        task = c["task"]
-        first = [self.embed] + ([task.prompt] if task and task.prompt else []) + ([c["ln_emb"]] if c["ln_emb"] else [])
+        first = [m for m in (self.embed, c["front"], c["ln_emb"]) if m]
         below = [any(m.trains() for m in first)]
         for c_block in c["blocks"]:
             below.append(below[-1] or any(m.trains() for m in Block.used(c_block)))

@@ -146,9 +146,9 @@ def copy_of(module, own):
 class Attention(Module):
     """Multi-head self-attention; weights W_q, W_k, W_v, W_o (C, C) and their biases.
 
-    q, k, v, o are Linear slots; kv is a hook between the projections and attend:
-    None, or a module with forward(k, v) -> k, v, cache and backward(dk, dv, cache) -> dk, dv
-    (prefix tuning puts its keys and values in front there).
+    q_proj, k_proj, v_proj, o_proj are Linear slots; kv is a hook between the projections and
+    attend: None, or a module with forward(k, v, bias) -> k, v, bias, cache and
+    backward(dk, dv, cache) -> dk, dv (prefix tuning puts its keys and values in front there).
     """
 
     def __init__(self, path, C, n_heads, rng, dtype, std=0.02):
@@ -158,23 +158,25 @@ class Attention(Module):
             arrays[f"b_{n}"] = np.zeros(C, dtype)
         super().__init__(path, arrays)
         self.n_heads = n_heads
-        self.q, self.k, self.v, self.o = (Linear(self.p[f"W_{n}"], self.p[f"b_{n}"]) for n in "qkvo")
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (Linear(self.p[f"W_{n}"], self.p[f"b_{n}"])
+                                                              for n in "qkvo")
         self.kv = None
 
     def trains(self):
-        return any(m.trains() for m in (self.q, self.k, self.v, self.o, self.kv) if m is not None)
+        used = (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.kv)
+        return any(m.trains() for m in used if m is not None)
 
     def forward(self, x, bias=None):
-        """x (B, T, C), bias None or (B|1, 1, T, T') -> out (B, T, C), cache."""
-        used = (self.q, self.k, self.v, self.o, self.kv)
-        q, cache_q = self.q.forward(x)  # (B, T, C) each
-        k, cache_k = self.k.forward(x)
-        v, cache_v = self.v.forward(x)
+        """x (B, T, C), bias None or (B|1, 1, T, T) -> out (B, T, C), cache."""
+        used = (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.kv)
+        q, cache_q = self.q_proj.forward(x)  # (B, T, C) each
+        k, cache_k = self.k_proj.forward(x)
+        v, cache_v = self.v_proj.forward(x)
         cache_kv = None
         if self.kv is not None:
-            k, v, cache_kv = self.kv.forward(k, v)  # (B, T', C) each
+            k, v, bias, cache_kv = self.kv.forward(k, v, bias)  # (B, T', C) each, bias (B|1, 1, T, T')
         ctx, cache_a = ops.attend_forward(q, k, v, self.n_heads, bias)  # (B, T, C)
-        out, cache_o = self.o.forward(ctx)  # (B, T, C)
+        out, cache_o = self.o_proj.forward(ctx)  # (B, T, C)
         return out, (used, cache_q, cache_k, cache_v, cache_kv, cache_a, cache_o)
 
     def backward(self, dout, cache, need_dx=True):

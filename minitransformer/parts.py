@@ -5,13 +5,14 @@ the base without the base's code knowing about it:
     LoRA        one block's A_t, B_t for every target t, and their LowRank branches
     PrefixKV    one block's prefix keys and values, put in front by the attention's kv hook
     PrefixMLP   Li & Liang's reparameterisation: every block's prefix from one small P'
-    Prompt      prompt tuning's soft prompt, in front of the embedded input
+    Prompt      prompt tuning's soft prompt, in front of the embedded input (the model's front slot)
+    Strip       drops the prompt's positions before the heads (the model's back slot)
 """
 import numpy as np
 
 from .backend import ops
 from .modules import Module, Parameter, normal
-from .peft import init_lora
+from .peft import init_lora, prefix_bias
 
 
 class LowRank:
@@ -56,9 +57,11 @@ class PrefixKV(Module):
         for p in self.p.values():
             p.trainable = trainable
 
-    def forward(self, k, v):
-        """k, v (B, T, C) -> k, v (B, n + T, C), cache."""
-        return ops.prefix_forward(k, v, self.p["P_k"].value, self.p["P_v"].value)
+    def forward(self, k, v, bias=None):
+        """k, v (B, T, C), bias None or (B|1, 1, T, T) -> k, v (B, n + T, C), bias None or
+        (B|1, 1, T, n + T) (every query may look at the prefix), cache."""
+        k, v, cache = ops.prefix_forward(k, v, self.p["P_k"].value, self.p["P_v"].value)
+        return k, v, prefix_bias(bias, v.shape[1] - cache, cache), cache
 
     def backward(self, dk, dv, cache):
         """dk, dv (B, n + T, C) -> dk, dv (B, T, C); dP_k, dP_v into the Parameters."""
@@ -116,10 +119,32 @@ class Prompt(Module):
             P = normal(rng, (n, C), config.init_std, dtype)
         super().__init__(path, {"P": P})
 
-    def forward(self, x):
-        return ops.prompt_forward(x, self.p["P"].value)  # (B, T, C) -> (B, n + T, C)
+    def forward(self, x, pad_mask=None):
+        """x (B, T, C), pad_mask None or (B, T) -> x (B, n + T, C), pad_mask None or (B, n + T), cache."""
+        out, cache = ops.prompt_forward(x, self.p["P"].value)  # (B, n + T, C)
+        if pad_mask is not None:  # the prompt is never padding
+            n = out.shape[1] - x.shape[1]
+            pad_mask = np.concatenate([np.ones((x.shape[0], n), bool), pad_mask], axis=1)  # (B, n + T)
+        return out, pad_mask, cache
 
     def backward(self, dout, cache, need_dx=True):
         dx, grads = ops.prompt_backward(dout, cache, need_dx=need_dx, need_dP=self.p["P"].trainable)
         self._accumulate(grads)
+        return dx
+
+
+class Strip:
+    """After the last block, keep the T real tokens: the heads never see the n prompt positions."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def trains(self):
+        return False
+
+    def forward(self, x):
+        return ops.strip_prompt_forward(x, self.n)  # (B, n + T, C) -> (B, T, C)
+
+    def backward(self, dout, cache, need_dx=True):
+        dx, _ = ops.strip_prompt_backward(dout, cache)  # (B, n + T, C), zero at the prompt
         return dx

@@ -24,13 +24,13 @@ from .configs import AdapterConfig, BitFitConfig, LoRAConfig, PrefixConfig, Prom
 from .heads import ClassifierHead
 from .modules import Adapter, Linear, Parameter, copy_of, normal
 from .peft import lora_merge
-from .parts import LoRA, PrefixKV, PrefixMLP, Prompt
+from .parts import LoRA, PrefixKV, PrefixMLP, Prompt, Strip
 
 METHODS = {"adapter": AdapterConfig, "lora": LoRAConfig, "prefix": PrefixConfig, "prompt": PromptConfig,
            "bitfit": BitFitConfig}
 # the names of configs.LORA_TARGETS and configs.BIASES -> (block module, its linear slot, the weight's local name)
-LINEARS = {"q": ("attn", "q", "W_q"), "k": ("attn", "k", "W_k"), "v": ("attn", "v", "W_v"),
-           "o": ("attn", "o", "W_o"), "ffn1": ("ffn", "fc1", "W_1"), "ffn2": ("ffn", "fc2", "W_2")}
+LINEARS = {"q": ("attn", "q_proj", "W_q"), "k": ("attn", "k_proj", "W_k"), "v": ("attn", "v_proj", "W_v"),
+           "o": ("attn", "o_proj", "W_o"), "ffn1": ("ffn", "fc1", "W_1"), "ffn2": ("ffn", "fc2", "W_2")}
 SITES = {"attn": "sub1.adapter", "ffn": "sub2.adapter", "parallel": "sub2.parallel"}  # adapter -> slot
 
 
@@ -116,23 +116,26 @@ class Task:
         ps += [p for own in self.copies.values() for p in own.values()]
         return ps + self.head.parameters()
 
-    def prefixes(self):
-        """-> ([PrefixKV per block] or None, cache for prefix_backward)."""
+    def precompute(self):
+        """What the task computes from its parameters before each forward -> (pieces, cache):
+        the prefix MLP's PrefixKV for every block ([PrefixKV per block]); None for the rest."""
         if self.prefix_mlp is not None:
             return self.prefix_mlp.forward()
-        if self.prefix_kv[0] is not None:
-            return self.prefix_kv, None
         return None, None
 
-    def prefix_backward(self, cache):
-        """Every block's prefix gradient on through the MLP (nothing to do without one)."""
+    def precompute_backward(self, cache):
+        """precompute in reverse: every block's prefix gradient on through the MLP (nothing
+        to do without one)."""
         if self.prefix_mlp is not None:
             self.prefix_mlp.backward(cache)
 
-    def plugs(self, model, prefixes=None):
-        """{slot path: module} of everything this task puts into the base (prefixes: the
-        PrefixKV modules prefixes() returned); a slot not named keeps the base's own."""
+    def plugs(self, model, pieces=None):
+        """{slot path: module} of everything this task puts into the base (pieces: what
+        precompute() returned); a slot not named keeps the base's own."""
         plugs = dict(self._swaps)
+        if self.prompt is not None:  # the soft prompt in front of the blocks; the heads see past it
+            plugs["front"], plugs["back"] = self.prompt, Strip(self.config.n_prompt)
+        prefixes = pieces or (self.prefix_kv if self.prefix_kv[0] is not None else None)
         for i, block in enumerate(model.blocks):
             for site, adapter in self.blocks[i].items():
                 plugs[f"blocks.{i}.{SITES[site]}"] = adapter

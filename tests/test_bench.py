@@ -96,8 +96,8 @@ def test_the_latency_models_are_what_they_say():
         logits, cache = model.forward(ids, head="cls")
         assert logits.shape == (b.batch, 2), name
     merged, lora = models["lora_merged"], models["lora"]
-    assert "blocks.0.attn.q" not in merged.adapters["task"].plugs(merged)  # merged: no branch plugged in
-    assert lora.adapters["task"].plugs(lora)["blocks.0.attn.q"].branch is not None
+    assert "blocks.0.attn.q_proj" not in merged.adapters["task"].plugs(merged)  # merged: no branch plugged in
+    assert lora.adapters["task"].plugs(lora)["blocks.0.attn.q_proj"].branch is not None
     # B = 0: merged and unmerged give the bare base's logits (the latency of zeros is the latency)
     np.testing.assert_array_equal(models["lora"].forward(ids, head="cls")[0],
                                   models["lora_merged"].forward(ids, head="cls")[0])

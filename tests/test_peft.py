@@ -102,15 +102,14 @@ def test_gradcheck_attention_with_lora_and_prefix(targets, n_prefix, causal, rng
     extra = []
     for t, (A, B, s) in lora_branches(rng, targets, C).items():
         branch = LowRank(Parameter(f"A_{t}", A), Parameter(f"B_{t}", B), s)
-        plug(attn, t, Linear(attn.p[f"W_{t}"], attn.p[f"b_{t}"], branch))
+        plug(attn, f"{t}_proj", Linear(attn.p[f"W_{t}"], attn.p[f"b_{t}"], branch))
         extra += branch.parameters()
     pad = np.array([[True] * 4, [True, True, False, False]])
     bias = attention_bias(4, causal, pad, np.float64)
     if n_prefix:
         kv = PrefixKV("prefix", rng.standard_normal((n_prefix, C)), rng.standard_normal((n_prefix, C)))
-        plug(attn, "kv", kv)
+        plug(attn, "kv", kv)  # it widens the mask itself: every query may look at the prefix
         extra += kv.parameters()
-        bias = peft.prefix_bias(bias, 4, n_prefix)
 
     class WithParts:
         forward, backward = attn.forward, attn.backward
@@ -228,7 +227,8 @@ def reference_logits(model, ids, pad_mask, head="lm"):
         x = np.concatenate([np.repeat(P[None], len(ids), 0), x], 1)
         mask = np.concatenate([np.ones((len(ids), n), bool), pad_mask], 1)
     x = ln("ln_emb", model.ln_emb, x) if cfg.norm == "post" else x
-    prefixes, _ = s.prefixes()
+    prefixes, _ = s.precompute()
+    prefixes = prefixes or (s.prefix_kv if s.prefix_kv[0] is not None else None)
     n_pre = s.n_prefix()
     bias = attention_bias(x.shape[1], cfg.causal, mask, x.dtype)
     bias = peft.prefix_bias(bias, x.shape[1], n_pre) if n_pre else bias
@@ -407,7 +407,7 @@ def test_prompt_is_real_for_the_mask_and_gets_no_position():
         b, _ = model.forward(other, pad, head=head)
         np.testing.assert_array_equal(a[pad] if head == "lm" else a, b[pad] if head == "lm" else b)
     x, _ = model.embed.forward(ids)
-    full, _ = model.adapters["t"].prompt.forward(x)
+    full, _, _ = model.adapters["t"].prompt.forward(x)
     np.testing.assert_array_equal(full[:, :2], np.broadcast_to(model.adapters["t"].prompt.w["P"], (len(ids), 2, 8)))
 
 
