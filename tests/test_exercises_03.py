@@ -26,8 +26,8 @@ def count(cfg, forget=None, extra=0):
 
 COUNT_WRONG = [
     (lambda c: count(c, "extra_ln"), "one LayerNorm (2C)"),
-    (lambda c: count(c, "lm_head"), "the LM head, W (C, V) and b (V)"),
-    (lambda c: count(c, "lm_bias"), "the LM head's bias (V)"),
+    (lambda c: count(c, "lm_head"), "the LM head, W (C, n_vocab) and b (n_vocab)"),
+    (lambda c: count(c, "lm_bias"), "the LM head's bias (n_vocab)"),
     (lambda c: count(c, "pos"), "the position embedding"),
     (lambda c: count(c, "block_lns"), "4C per block"),
     (lambda c: count(c, extra=2 * c.d_model), "once too often"),

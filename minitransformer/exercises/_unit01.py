@@ -16,21 +16,21 @@ def check_evaluation_count(count_evaluations):
     name = "evaluations of a centred check"
     g = rng()
     cases = [(3, 4), (1, 1)] + [tuple(int(v) for v in g.choice(np.arange(2, 400), 2, replace=False)) for _ in range(3)]
-    for m, n in cases:
-        where = f"m={m}, n={n}"
-        got, failed = attempt(name, count_evaluations, m, n, where=where)
+    for d1, d2 in cases:
+        where = f"d1={d1}, d2={d2}"
+        got, failed = attempt(name, count_evaluations, d1, d2, where=where)
         if failed is not None:
             return failed
-        expected = ref.count_evaluations(m, n)
+        expected = ref.count_evaluations(d1, d2)
         if not is_integer(got):
-            return fail(name, f"count_evaluations({m}, {n}): expected a whole number (an int), got {describe(got)}")
+            return fail(name, f"count_evaluations({d1}, {d2}): expected a whole number (an int), got {describe(got)}")
         if got != expected:
-            hint = {m * n + 1: " (that is a forward difference: one shared L(x) plus one per entry)",
-                    m * n: " (each entry is moved twice: once up, once down)",
-                    2 * m * n + 1: " (a centred check needs no evaluation at the unmoved point)",
-                    2 * (m + n): " (every entry is moved, not every row and column)"}.get(got, "")
-            return fail(name, f"count_evaluations({m}, {n}) = {exact(got)}, expected {exact(expected)}{hint}")
-    return Result(name, True, f"2 m n on {len(cases)} shapes: {2 * 3 * 4} for a (3, 4) matrix, "
+            hint = {d1 * d2 + 1: " (that is a forward difference: one shared L(x) plus one per entry)",
+                    d1 * d2: " (each entry is moved twice: once up, once down)",
+                    2 * d1 * d2 + 1: " (a centred check needs no evaluation at the unmoved point)",
+                    2 * (d1 + d2): " (every entry is moved, not every row and column)"}.get(got, "")
+            return fail(name, f"count_evaluations({d1}, {d2}) = {exact(got)}, expected {exact(expected)}{hint}")
+    return Result(name, True, f"2 d1 d2 on {len(cases)} shapes: {2 * 3 * 4} for a (3, 4) matrix, "
                               f"{2 * 64 * 256:,} for (64, 256)")
 
 
@@ -41,33 +41,33 @@ def check_best_step(best_step):
     cases = [(2.0 ** -53, 1.0, 1.0)] + [(10 ** g.uniform(-16, -6), 10 ** g.uniform(-2, 2), 10 ** g.uniform(-2, 2))
                                          for _ in range(4)]
     tol = 1e-12  # a cube root of a product: a few rounding errors of 1.1e-16
-    for u, f, f3 in cases:
-        where = f"u={u:.3g}, f={f:.3g}, f3={f3:.3g}"
-        got, failed = attempt(name, best_step, u, f, f3, where=where)
+    for u, f0, f3 in cases:
+        where = f"u={u:.3g}, f0={f0:.3g}, f3={f3:.3g}"
+        got, failed = attempt(name, best_step, u, f0, f3, where=where)
         if failed is not None:
             return failed
         if isinstance(got, np.ndarray) and got.shape == () and got.dtype.kind == "f":
             got = got[()]
         if not is_number(got):
             return fail(name, f"best_step({where}): expected a number, got {describe(got)}")
-        expected = ref.best_step(u, f, f3)
+        expected = ref.best_step(u, f0, f3)
         if abs(got - expected) <= tol * expected:
             continue
-        wrong = [(np.sqrt(u * f / f3), "h ~ sqrt(u f / f3) is the forward difference's best step; the centred "
+        wrong = [(np.sqrt(u * f0 / f3), "h ~ sqrt(u f0 / f3) is the forward difference's best step; the centred "
                                         "one's truncation error is h^2, not h"),
-                 ((u * f / f3) ** (1 / 3), "off by a factor 3^(1/3): set the derivative of E(h) to zero again"),
-                 ((6 * u * f / f3) ** (1 / 3), "off by a factor 2^(1/3): E'(h) = h f3 / 3 - u f / h^2"),
-                 ((3 * u * f / f3) ** 0.5, "a square root: h^3 = 3 u f / f3 gives a cube root"),
-                 ((3 * u * f3 / f) ** (1 / 3), "f and f3 swapped: the round-off grows with f, the truncation with f3"),
-                 ((3 * u) ** (1 / 3), "h depends on f and f3 too: (3 u f / f3)^(1/3)"),
-                 (3 * u * f / f3 / 3, "(...) ** 1 / 3 divides by 3: write ** (1 / 3)")]
+                 ((u * f0 / f3) ** (1 / 3), "off by a factor 3^(1/3): set the derivative of E(h) to zero again"),
+                 ((6 * u * f0 / f3) ** (1 / 3), "off by a factor 2^(1/3): E'(h) = h f3 / 3 - u f0 / h^2"),
+                 ((3 * u * f0 / f3) ** 0.5, "a square root: h^3 = 3 u f0 / f3 gives a cube root"),
+                 ((3 * u * f3 / f0) ** (1 / 3), "f0 and f3 swapped: the round-off grows with f0, the truncation with f3"),
+                 ((3 * u) ** (1 / 3), "h depends on f0 and f3 too: (3 u f0 / f3)^(1/3)"),
+                 (3 * u * f0 / f3 / 3, "(...) ** 1 / 3 divides by 3: write ** (1 / 3)")]
         hint = next((f" ({text})" for value, text in wrong if abs(got - value) <= 1e-9 * abs(value)), "")
         shown, wanted = apart(got, expected)
         return fail(name, f"best_step({where}) = {shown}, expected {wanted} "
                           f"(relative difference {abs(got - expected) / expected:.1e}){hint}")
-    return Result(name, True, f"h = (3 u f / f3)^(1/3) on {len(cases)} cases, to 1e-12: "
+    return Result(name, True, f"h = (3 u f0 / f3)^(1/3) on {len(cases)} cases, to 1e-12: "
                               f"{(3 * 2.0 ** -53) ** (1 / 3):.1e} in float64, {(3 * 2.0 ** -24) ** (1 / 3):.1e} "
-                              f"in float32 (f = f3 = 1)")
+                              f"in float32 (f0 = f3 = 1)")
 
 
 # ----------------------------------------------------------------------------- linear
@@ -121,31 +121,31 @@ def check_softmax_cross_entropy_backward(softmax_cross_entropy_backward):
     g = rng()
     cases = [(6, 5, 2.0, 0.0, np.float64)]
     while len(cases) < 3:
-        n, K = (int(v) for v in g.integers(2, 12, 2))
-        if n != K:
-            cases.append((n, K, 3.0, 0.0, np.float64))
+        N, n_cls = (int(v) for v in g.integers(2, 12, 2))
+        if N != n_cls:
+            cases.append((N, n_cls, 3.0, 0.0, np.float64))
     # a naive exp overflows: exp(800) is inf in float64, exp(100) in float32
     cases += [(7, 4, 3.0, 800.0, np.float64), (5, 9, 3.0, 100.0, np.float32)]
     passed = []
     forbid = package_ops("cross_entropy_forward", "cross_entropy_backward", "softmax_forward", "softmax_backward")
-    for n, K, scale, offset, dt in cases:
-        logits = (scale * g.standard_normal((n, K)) + offset * g.choice([-1, 1], (n, 1))).astype(dt)
-        targets = g.integers(0, K, n)
-        where = f"n={n}, K={K}, {np.dtype(dt).name}" + (f", logits near +-{offset:g}" if offset else "")
+    for N, n_cls, scale, offset, dt in cases:
+        logits = (scale * g.standard_normal((N, n_cls)) + offset * g.choice([-1, 1], (N, 1))).astype(dt)
+        targets = g.integers(0, n_cls, N)
+        where = f"N={N}, n_cls={n_cls}, {np.dtype(dt).name}" + (f", logits near +-{offset:g}" if offset else "")
         expected = ref.cross_entropy_backward(logits, targets)
 
         def hint(key, got):
             p = ref.softmax(logits.astype(np.float64))
             if not np.all(np.isfinite(got)):
                 return ""
-            if matches(got, expected * n):
-                return f"; yours is n = {n} times too large: the loss is a mean over the n rows"
+            if matches(got, expected * N):
+                return f"; yours is N = {N} times too large: the loss is a mean over the N rows"
             if matches(got, -expected):
                 return "; the sign: the gradient is p - onehot, which lowers the target's logit"
-            if matches(got, p / n) or matches(got, p):
+            if matches(got, p / N) or matches(got, p):
                 return "; the target's -1 is missing: d(-log p_t)/dz = p - onehot(t)"
-            if matches(got, expected * n / K):
-                return f"; divided by K = {K}: the mean is over the n rows"
+            if matches(got, expected * N / n_cls):
+                return f"; divided by n_cls = {n_cls}: the mean is over the N rows"
             return ""
         _, failed = run_case(name, softmax_cross_entropy_backward, (logits, targets), ("logits", "targets"),
                              {"dlogits": expected}, where, forbid=forbid, hint=hint, passed=passed)

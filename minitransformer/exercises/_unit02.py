@@ -161,7 +161,7 @@ def check_attention_costs(fn):
             return fail(name, f"parameters for {where}: expected {exact(exp_params)}, got {exact(params)}{hint}")
         if flops != exp_flops:
             proj, attn = 8 * B * T * C * C, 4 * B * T * T * C
-            hint = {exp_flops // 2: ": count a multiply-add as 2 flops, (n, k) @ (k, m) costs 2 n k m",
+            hint = {exp_flops // 2: ": count a multiply-add as 2 flops, (d1, d2) @ (d2, d3) costs 2 d1 d2 d3",
                     proj: ": the two products per head, Q K^T and P V, cost 2 B T^2 C each over all heads",
                     attn: ": the four projections cost 2 B T C^2 each",
                     proj + attn * H: ": H heads of size C/H cost together what one head of size C costs",

@@ -3,6 +3,7 @@ import numpy as np
 
 from .. import sizes
 from ..attention import attention_bias
+from ..gradcheck import CHECK_CONFIG
 from ..model import ModelConfig, Transformer
 from . import TOL32, TOL64, Result, attempt, checker, describe, exact, fail, is_integer, rng
 from . import _reference as ref
@@ -12,19 +13,20 @@ from ._grads import matches, run_case
 
 
 def _count_hints(cfg):
-    V, T, C, L, F, K = cfg.vocab_size, cfg.max_len, cfg.d_model, cfg.n_layers, cfg.d_ff, cfg.n_classes
+    n_vocab, T_max, C, n_layers, F, n_cls = (cfg.vocab_size, cfg.max_len, cfg.d_model, cfg.n_layers, cfg.d_ff,
+                                             cfg.n_classes)
     hints = [(2 * C, "one LayerNorm (2C): post-LN has ln_emb after the embeddings, pre-LN has ln_f "
                      "after the last block"),
-             (T * C, "the position embedding W_pos (T_max, C)"),
-             (V * C, "one (V, C) matrix: the LM head has its own W (C, V), it is not tied to W_tok"),
-             (V, "the LM head's bias (V)"),
-             (V * C + V, "the LM head, W (C, V) and b (V)"),
-             (L * 4 * C, "4C per block: the attention's four biases, or the block's two LayerNorms (2C each)"),
-             (L * 8 * C, "8C per block: the attention's four biases and the block's two LayerNorms"),
-             (L * (F + C), "the feed-forward biases b_1 (F) and b_2 (C) of every block"),
-             (L * (C * C + C), "one attention projection per block (C^2 + C): W_q, W_k, W_v and W_o"),
-             (L * C * C, "one (C, C) matrix per block")]
-    hints.append((C * K + K, "the classification head, W (C, K) and b (K)") if K else
+             (T_max * C, "the position embedding W_pos (T_max, C)"),
+             (n_vocab * C, "one (n_vocab, C) matrix: the LM head has its own W (C, n_vocab), it is not tied to W_tok"),
+             (n_vocab, "the LM head's bias (n_vocab)"),
+             (n_vocab * C + n_vocab, "the LM head, W (C, n_vocab) and b (n_vocab)"),
+             (n_layers * 4 * C, "4C per block: the attention's four biases, or the block's two LayerNorms (2C each)"),
+             (n_layers * 8 * C, "8C per block: the attention's four biases and the block's two LayerNorms"),
+             (n_layers * (F + C), "the feed-forward biases b_1 (F) and b_2 (C) of every block"),
+             (n_layers * (C * C + C), "one attention projection per block (C^2 + C): W_q, W_k, W_v and W_o"),
+             (n_layers * C * C, "one (C, C) matrix per block")]
+    hints.append((C * n_cls + n_cls, "the classification head, W (C, n_cls) and b (n_cls)") if n_cls else
                  (-(C * 2 + 2), "a classification head: n_classes=0 means none"))
     return hints
 
@@ -48,8 +50,8 @@ def _count_configs(g):
 
 
 def _describe(cfg):
-    return (f"V={cfg.vocab_size}, T_max={cfg.max_len}, C={cfg.d_model}, L={cfg.n_layers}, "
-            f"F={cfg.d_ff}, K={cfg.n_classes}, {cfg.norm}-LN")
+    return (f"n_vocab={cfg.vocab_size}, T_max={cfg.max_len}, C={cfg.d_model}, n_layers={cfg.n_layers}, "
+            f"F={cfg.d_ff}, n_cls={cfg.n_classes}, {cfg.norm}-LN")
 
 
 @checker("parameter count")
@@ -143,20 +145,18 @@ def check_pre_ln_backward(fn):
 
 
 RECEIVERS_SETUP = """\
-model = Transformer(ModelConfig(vocab_size=11, max_len=8, d_model=8, n_heads=2, n_layers=2,
-                                d_ff=16, norm="post", n_classes=3, dtype="float64"), seed=0)
+model = Transformer(gradcheck.CHECK_CONFIG, seed=0)  # 2 post-LN blocks of width 8, 3 classes, float64
 model.freeze()                                   # everything frozen, then:
 model.unfreeze("lm_head.*", "cls_head.*", "blocks.0.ln1.*", "blocks.1.attn.b_k")
 model.loss(ids, labels, pad_mask, head="cls", backward=True)   # one classification step"""
 
 
 def _receivers_model():
-    model = Transformer(ModelConfig(vocab_size=11, max_len=8, d_model=8, n_heads=2, n_layers=2,
-                                    d_ff=16, norm="post", n_classes=3, dtype="float64"), seed=0)
+    model = Transformer(CHECK_CONFIG, seed=0)
     model.freeze()
     model.unfreeze("lm_head.*", "cls_head.*", "blocks.0.ln1.*", "blocks.1.attn.b_k")
     g = np.random.default_rng(0)
-    ids = g.integers(0, 11, (3, 6))
+    ids = g.integers(0, CHECK_CONFIG.vocab_size, (3, 6))
     pad_mask = np.ones((3, 6), bool)
     pad_mask[1, 4:] = False
     model.loss(ids, np.array([0, 2, 1]), pad_mask, head="cls", backward=True)

@@ -1,11 +1,13 @@
 """The checks of notebook 04 (unit04.py is what the notebook sees)."""
 import math
+from dataclasses import replace
 
 import numpy as np
 
 from .. import sizes
 from ..adapters import AdapterConfig
-from ..model import ModelConfig, Transformer
+from ..gradcheck import CHECK_CONFIG
+from ..model import Transformer
 from . import (TOL32, TOL64, Result, apart, attempt, checker, describe, exact, fail, is_integer, is_number, package_ops,
                rng, unchanged, unpack)
 from . import _reference as ref
@@ -21,7 +23,7 @@ def _count_hints(C, m, L, K, ln):
     hints = [(2 * L * (m + C), "the adapters' biases b_down (m) and b_up (C) are missing"),
              (L * per_adapter, "there are two adapters per block (attention and feed-forward), not one"),
              (-2 * L * per_adapter, "there are two adapters per block, not four"),
-             (C * K + K, "the task head (C x K weights and K biases) is missing")]
+             (C * K + K, "the task head (C x n_classes weights and n_classes biases) is missing")]
     if ln:
         hints += [(n_norms * 2 * C, "the task's LayerNorm copies are missing: a post-LN model has 2 per block "
                                     "plus one after the embeddings, each a gamma and a beta of size C"),
@@ -199,8 +201,7 @@ def check_is_trained(fn):
     L = int(g.integers(2, 4))
     counted = {}
     for ln in (False, True):
-        model = Transformer(ModelConfig(vocab_size=11, max_len=8, d_model=8, n_heads=2, n_layers=L, d_ff=16,
-                                        n_classes=3, dtype="float64"), seed=0)
+        model = Transformer(replace(CHECK_CONFIG, n_layers=L), seed=0)
         model.add_adapter("task", AdapterConfig(bottleneck=2, train_layernorm=ln), n_classes=2)
         model.add_adapter("other", AdapterConfig(bottleneck=2, train_layernorm=not ln), n_classes=3)
         model.train_adapter("task")
