@@ -1,7 +1,7 @@
 """Checkers for notebooks/01_gradients_by_hand.ipynb.
 
-    check_evaluation_count(count_evaluations)   (m, n) -> loss evaluations of a centred check
-    check_best_step(best_step)                  (u, f, f3) -> the step h minimising the error
+    check_evaluation_count(count_evaluations)   (d1, d2) -> loss evaluations of a centred check
+    check_best_step(best_step)                  (u, f0, f3) -> the step h minimising the error
     check_linear_backward(linear_backward)      (dout, x, W) -> dx, dW, db
     check_softmax_cross_entropy_backward(fn)    (logits, targets) -> dlogits
     check_layernorm_backward(layernorm_backward)  (dout, xhat, rstd, gamma) -> dx
