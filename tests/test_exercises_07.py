@@ -58,6 +58,53 @@ def test_lora_backward_correct(answer):
     passes(lambda: ex.check_lora_backward(answer))
 
 
+# ----------------------------------------------------------------------------- merging LoRA
+
+
+def in_place(W0, A, B, alpha, r):
+    W0 += (alpha / r) * (A @ B)
+    return W0
+
+
+MERGE_WRONG = [
+    (lambda W0, A, B, alpha, r: W0 + A @ B, "scaled by alpha / r"),
+    (lambda W0, A, B, alpha, r: W0 + (r / alpha) * (A @ B), "not r / alpha"),
+    (lambda W0, A, B, alpha, r: W0 + alpha * (A @ B), "not alpha"),
+    (lambda W0, A, B, alpha, r: (alpha / r) * (A @ B), "add it to W0"),
+    (lambda W0, A, B, alpha, r: W0 + (alpha // r) * (A @ B), "alpha // r rounds down"),
+    (lambda W0, A, B, alpha, r: (W0 + (alpha / r) * (A @ B)).T, "this package stores W as (d_in, d_out)"),
+    (lambda W0, A, B, alpha, r: W0 + np.float64(alpha / r) * (A @ B), "float64 scalar"),
+    (in_place, "in place"),
+    (lambda W0, A, B, alpha, r: peft.lora_merge(W0, A, B, alpha / r), "peft.lora_merge"),
+    (lambda W0, A, B, alpha, r: [[0.0]], "expected shape"),
+    (lambda W0, A, B, alpha, r: (W0 + (alpha / r) * (A @ B), None), "expected an array of shape"),
+]
+
+
+@pytest.mark.parametrize("answer, reason", MERGE_WRONG)
+def test_merge_wrong(answer, reason):
+    fails(lambda: ex.check_merge(answer), reason)
+
+
+@pytest.mark.parametrize("answer", [ref.merge, lambda W0, A, B, alpha, r: W0 + (A * alpha) @ B / r,
+                                    lambda W0, A, B, alpha, r: np.add(W0, (alpha / r) * np.einsum("ir,ro->io", A, B))])
+def test_merge_correct(answer):
+    passes(lambda: ex.check_merge(answer))
+
+
+def test_a_merged_layer_of_the_model_gives_the_lora_outputs():
+    """On a real layer: the FFN's W_1 of a small model, float32."""
+    model = Transformer(ModelConfig(vocab_size=20, max_len=8, d_model=16, n_heads=2, d_ff=32), seed=0)
+    W0 = model.blocks[0].ffn.p["W_1"].value
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((16, 4)).astype(np.float32)
+    B = (0.01 * rng.standard_normal((4, 32))).astype(np.float32)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    W = ref.merge(W0, A, B, 8, 4)
+    assert W.dtype == np.float32
+    assert np.max(np.abs(x @ W - (x @ W0 + 2.0 * (x @ A) @ B))) < 1e-5
+
+
 # ----------------------------------------------------------------------------- the prefix's gradient
 
 

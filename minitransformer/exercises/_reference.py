@@ -225,20 +225,21 @@ def break_even(shared, per_task, per_copy):
     return shared // (per_copy - per_task) + 1  # T (per_copy - per_task) > shared, strictly
 
 
-def merge(W0, A, B, alpha, r):
-    return W0 + (alpha / r) * (A @ B)
-
-
 # ----------------------------------------------------------------------------- unit 07
 
 
 def lora_backward(dout, x, A, B, s):
-    """out = s (x A) B, x (..., d_in) -> dx, dA, dB (weights summed over every row)."""
+    """out = s (x A_W) B_W, x (..., d_in) -> dx, dA, dB (weights summed over every row)."""
     u = x @ A
     dv = s * dout
     du = dv @ B.T
     d_in, r = A.shape
     return du @ A.T, x.reshape(-1, d_in).T @ du.reshape(-1, r), u.reshape(-1, r).T @ dv.reshape(-1, B.shape[1])
+
+
+def merge(W0, A, B, alpha, r):
+    """W0 (d_in, d_out), A = A_W (d_in, r), B = B_W (r, d_out) -> the merged W0 + (alpha / r) A_W B_W."""
+    return W0 + (alpha / r) * (A @ B)
 
 
 def prefix_backward(dk, n):
@@ -247,8 +248,8 @@ def prefix_backward(dk, n):
 
 def prefix_count(n, C, L, hidden, reparameterize):
     if not reparameterize:
-        return L * 2 * n * C  # P_k and P_v in every layer
-    return n * C + C * hidden + hidden + hidden * 2 * L * C + 2 * L * C  # P', W_1, b_1, W_2, b_2
+        return L * 2 * n * C  # P_k and P_v in every one of the L = n_layers layers
+    return n * C + C * hidden + hidden + hidden * 2 * L * C + 2 * L * C  # P', W'_1, b'_1, W'_2, b'_2 (the prefix MLP's)
 
 
 def bitfit_count(C, F, L):

@@ -1,8 +1,10 @@
 """The checks of notebook 07 (unit07.py is what the notebook sees)."""
 import numpy as np
 
+from .. import peft
 from ..model import Transformer
-from . import TOL32, TOL64, Result, attempt, checker, describe, exact, fail, is_integer, package_ops, rng
+from . import (TOL32, TOL64, Result, as_array, attempt, checker, describe, exact, fail, is_integer, package_ops,
+               rel_error, rng)
 from . import _reference as ref
 from ._grads import matches, run_case
 
@@ -45,6 +47,59 @@ def check_lora_backward(fn):
         passed.append(where)
     return Result(name, True, f"dx, dA, dB match on {len(cases)} fresh cases (3-D x, float32 too); threshold "
                               f"{TOL64:.0e} in float64, {TOL32:.0e} in float32")
+
+
+# ----------------------------------------------------------------------------- merging LoRA
+
+MERGE_TOLERANCE = 1e-12  # float64: W0 + s A B summed over r terms, each off by ~1e-16 of the largest entry
+MERGE_TOLERANCE32 = 1e-5  # float32: the same sums at 6e-8
+
+
+@checker("merge LoRA into W")
+def check_merge(fn):
+    name = "merge LoRA into W"
+    g = rng()
+    cases = [(6, 10, 3, 16, np.float64)]
+    while len(cases) < 4:
+        d_in, d_out, r = int(g.integers(2, 30)), int(g.integers(2, 30)), int(g.integers(2, 9))
+        alpha = int(g.integers(1, 64))
+        if len({d_in, d_out, r}) == 3 and alpha % r and alpha != r:
+            cases.append((d_in, d_out, r, alpha, np.float32 if len(cases) == 3 else np.float64))
+    for d_in, d_out, r, alpha, dt in cases:
+        W0 = g.standard_normal((d_in, d_out)).astype(dt)
+        A = g.standard_normal((d_in, r)).astype(dt)
+        B = (0.3 * g.standard_normal((r, d_out))).astype(dt)  # as after training: not zero
+        where = f"d_in={d_in}, d_out={d_out}, r={r}, alpha={alpha}, {np.dtype(dt).name}"
+        W0_before = W0.copy()
+        got, failed = attempt(name, fn, W0, A.copy(), B.copy(), alpha, r, where=where, forbid=(peft.lora_merge,))
+        if failed is not None:
+            return failed
+        if not np.array_equal(W0, W0_before):
+            return fail(name, "your merge changed W0 in place: the base is shared by every task, return a new "
+                              "array (W0 + ..., not W0 += ...)")
+        W, problem = as_array(got, "W", (d_in, d_out))
+        if problem is not None:
+            if isinstance(got, np.ndarray) and got.shape == (d_out, d_in):
+                problem += ": this package stores W as (d_in, d_out), y = x @ W"
+            return fail(name, f"{problem} on {where}")
+        if W.dtype != W0.dtype:
+            return fail(name, f"{np.dtype(dt).name} weights gave a {W.dtype} W on {where}: keep the base's dtype "
+                              f"(a NumPy float64 scalar such as np.float64(alpha / r) promotes float32)")
+        W64, A64, B64, Wr = (a.astype(np.float64) for a in (W0, A, B, W))
+        expected = ref.merge(W64, A64, B64, alpha, r)
+        tol = MERGE_TOLERANCE if dt == np.float64 else MERGE_TOLERANCE32
+        err = rel_error(Wr, expected)
+        if err > tol:
+            wrong = {"W0 + A B": (W64 + A64 @ B64, "the update is scaled by alpha / r"),
+                     "W0 + (r/alpha) A B": (W64 + (r / alpha) * (A64 @ B64), "the scale is alpha / r, not r / alpha"),
+                     "W0 + alpha A B": (W64 + alpha * (A64 @ B64), "the scale is alpha / r, not alpha"),
+                     "(alpha/r) A B": ((alpha / r) * (A64 @ B64), "that is the update alone: add it to W0"),
+                     "W0 + (alpha // r) A B": (W64 + (alpha // r) * (A64 @ B64),
+                                               "alpha // r rounds down: the scale is alpha / r")}
+            found = next((f": you returned {k}; {t}" for k, (v, t) in wrong.items() if rel_error(Wr, v) <= tol), "")
+            return fail(name, f"W: max relative error {err:.1e} > {tol:.0e} on {where}{found}")
+    return Result(name, True, f"W = W0 + (alpha/r) A B on {len(cases)} fresh cases (threshold {MERGE_TOLERANCE:.0e} "
+                              f"in float64, {MERGE_TOLERANCE32:.0e} in float32); W0 untouched; float32 kept")
 
 
 # ----------------------------------------------------------------------------- the prefix's gradient
