@@ -7,7 +7,8 @@ Each kernel says in one line which trick it uses and what it saves. The tricks:
   elementwise steps makes no temporaries (each temporary is a fresh allocation and a pass over
   memory the size of the activations).
 - threads: a row-by-row operation runs as one block of rows per core (`runtime.by_rows`): NumPy
-  runs a ufunc such as np.tanh on one core, and lets go of the GIL inside it.
+  runs a ufunc such as np.tanh on one core, and lets go of the GIL inside it. A large product runs
+  as one block of its output per core, each on one BLAS thread (`runtime.product`).
 - einsum row sums: np.einsum("...k->...") is 2-3x faster than x.sum(-1) on rows of a few hundred.
 - folded constants: k and a of GELU multiplied once into one scalar, AdamW's bias corrections
   folded into two scalars, so each costs one pass instead of two or three.
@@ -23,7 +24,7 @@ import math
 import numpy as np
 
 from .. import layers
-from .runtime import by_rows, for_each
+from .runtime import by_rows, for_each, product
 
 
 CHUNK = 1 << 16  # elements per block of `chunked` (256 KiB of float32): several arrays of this size
@@ -60,24 +61,26 @@ def row_sum(x):
 
 
 def linear_forward(x, W, b, keep_x=True):
-    """One 2-D BLAS product over every row, and the bias added in place: saves one (N, d_out) array."""
-    out = x.reshape(-1, x.shape[-1]) @ W  # (N, d_in) @ (d_in, d_out) -> (N, d_out)
+    """One 2-D product over every row, one block of rows per core (runtime.product: no BLAS
+    hand-off or spinning threads), and the bias added in place: saves one (N, d_out) array."""
+    out = product(x.reshape(-1, x.shape[-1]), W)  # (N, d_in) @ (d_in, d_out) -> (N, d_out)
     out += b
     cache = (x if keep_x else None, W)
     return out.reshape(*x.shape[:-1], W.shape[1]), cache
 
 
 def linear_backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
-    """Rows flattened once to (N, d_out); the products are the reference's."""
+    """Rows flattened once to (N, d_out); the reference's products, one block per core
+    (runtime.product)."""
     x, W = cache
     d2 = dout.reshape(-1, dout.shape[-1])  # (N, d_out)
-    dx = (d2 @ W.T).reshape(*dout.shape[:-1], W.shape[0]) if need_dx else None
+    dx = product(d2, W.T).reshape(*dout.shape[:-1], W.shape[0]) if need_dx else None
     grads = {}
     if need_dW:
         if x is None:
             raise ValueError("need_dW: the forward ran with keep_x=False (a frozen weight), so x "
                              "was not kept; unfreeze before the forward, not between it and the backward")
-        grads["W"] = x.reshape(-1, x.shape[-1]).T @ d2  # (d_in, N) @ (N, d_out)
+        grads["W"] = product(x.reshape(-1, x.shape[-1]).T, d2)  # (d_in, N) @ (N, d_out)
     if need_db:
         grads["b"] = d2.sum(axis=0)
     return dx, grads
