@@ -64,7 +64,7 @@ SIZES = {"small": (3, 5, 16), "large": (16, 128, 256)}  # large: 2^19 elements, 
 def test_the_fast_path_has_a_kernel_for_every_heavy_operation():
     fast = backend.fast_table()
     own = {n for n in backend.REFERENCE if fast[n] is not backend.REFERENCE[n]}
-    assert own == {"linear_forward", "linear_backward", "layernorm_forward", "layernorm_backward",
+    assert own == {"linear_forward", "linear_backward", "embedding_backward", "layernorm_forward", "layernorm_backward",
                    "gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward",
                    "attention_forward", "attention_backward", "attend_forward", "attend_backward",
                    "adapter_forward", "adapter_backward",
@@ -83,6 +83,26 @@ def test_linear(size, dtype):
     assert_close(kernels.linear_backward(d, cf), layers.linear_backward(d, cr), dtype, "dx, grads")
     skip = dict(need_dx=False, need_dW=True, need_db=False)
     assert_close(kernels.linear_backward(d, cf, **skip), layers.linear_backward(d, cr, **skip), dtype, "dW only")
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_backward_with_repeated_and_unused_tokens(size, dtype):
+    rng = np.random.default_rng(8)
+    B, T, C = SIZES[size]
+    V = 11
+    ids, d = rng.integers(0, V - 2, (B, T)), randn(rng, dtype, B, T, C)  # the last two tokens unused
+    ids[0, :3] = 4  # one token three times in a row
+    (_, cf), (_, cr) = (layers.embedding_forward(ids, randn(rng, dtype, V, C)),) * 2
+    fast, ref = kernels.embedding_backward(d, cf), layers.embedding_backward(d, cr)
+    assert_close(fast, ref, dtype, "None, {W}")
+    assert not fast[1]["W"][V - 2:].any()
+
+
+def test_embedding_backward_of_no_tokens():
+    _, cache = layers.embedding_forward(np.zeros((2, 0), int), np.ones((5, 3), np.float32))
+    _, grads = kernels.embedding_backward(np.zeros((2, 0, 3), np.float32), cache)
+    assert grads["W"].shape == (5, 3) and grads["W"].dtype == np.float32 and not grads["W"].any()
 
 
 @pytest.mark.parametrize("size", SIZES)
