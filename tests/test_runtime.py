@@ -61,6 +61,9 @@ def rowwise_ops(rng, dtype):
         "heads matmul": lambda: kernels_attention.heads_matmul(datt, x[:, None, :, :4].repeat(2, axis=1)),
         "scores matmul": lambda: kernels_attention.scores_matmul(x[:, None, :, :8].repeat(2, axis=1),
                                                          dout[:, None, :, :8].repeat(2, axis=1)),
+        "attend": lambda: kernels_attention.attend_forward(x[..., :32], dout[..., :32], x[..., 1:], 4, att[:1, :1]),
+        "attend backward": lambda: kernels_attention.attend_backward(
+            x[..., :32], kernels_attention.attend_forward(x[..., :32], dout[..., :32], x[..., 1:], 4, att[:, :1])[1]),
     }
 
 

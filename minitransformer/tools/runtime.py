@@ -15,6 +15,7 @@ thread, because splitting it would change the order of its additions.
 
     by_rows(kernel, *arrays)   row-by-row work: LayerNorm, GELU, softmax (layers.py)
     matmul(a, b, out)          stacks of small products: attention's heads (attention.py)
+    products_by_rows(kernel, *arrays)  by_rows for a chain of such products (attention's)
     product(a, b, out=None)    one large 2-D product, one block of the output per thread (linear)
     for_each(fn, items, size)  many independent pieces: the optimizer's parameters (optim.py)
     keep_freed_memory()        fewer page faults; the command line calls it
@@ -136,12 +137,19 @@ def matmul(a, b, out):
     threads: with both cores, BLAS spent more time handing each product over than computing
     it. Each product is still one whole BLAS call, so the numbers do not change.
     """
-    limit = _blas_limit(1) if _blocks(a) > 1 else None
+    products_by_rows(np.matmul, a, b, out)  # np.matmul(a_block, b_block, out_block)
+
+
+def products_by_rows(kernel, *arrays, **shared):
+    """by_rows for a kernel that makes BLAS products of its rows' own (attention's per-sequence
+    products, softmax between them): BLAS runs on one thread inside each block, as in matmul.
+    One hand-off for the whole chain, where one matmul per product would hand off each time."""
+    limit = _blas_limit(1) if _blocks(arrays[0]) > 1 else None
     if limit is None:
-        np.matmul(a, b, out=out)
+        by_rows(kernel, *arrays, **shared)
         return
     with limit:
-        by_rows(np.matmul, a, b, out)  # np.matmul(a_block, b_block, out_block)
+        by_rows(kernel, *arrays, **shared)
 
 
 MIN_PRODUCT_FLOPS = 1 << 23  # below this a product runs as one BLAS call: cutting it costs a
