@@ -176,6 +176,10 @@ def test_a_product_cut_among_threads_gives_one_calls_bits(dtype, M, K, N, transp
             into = np.full((M, N), np.nan, dtype)
             assert runtime.product(a, b, out=into) is into
             assert_same_bits(a @ b, into)
+            bias = rng.standard_normal(N).astype(dtype)
+            with_bias = a @ b
+            with_bias += bias
+            assert_same_bits(with_bias, runtime.product(a, b, bias=bias))
     finally:
         runtime.set_threads(before)
 

@@ -62,9 +62,9 @@ def row_sum(x):
 
 def linear_forward(x, W, b, keep_x=True):
     """One 2-D product over every row, one block of rows per core (runtime.product: no BLAS
-    hand-off or spinning threads), and the bias added in place: saves one (N, d_out) array."""
-    out = product(x.reshape(-1, x.shape[-1]), W)  # (N, d_in) @ (d_in, d_out) -> (N, d_out)
-    out += b
+    hand-off or spinning threads), the bias added in place by each block's thread while the block
+    is in cache: saves one (N, d_out) array and a pass on one core."""
+    out = product(x.reshape(-1, x.shape[-1]), W, bias=b)  # (N, d_in) @ (d_in, d_out) + b -> (N, d_out)
     cache = (x if keep_x else None, W)
     return out.reshape(*x.shape[:-1], W.shape[1]), cache
 

@@ -16,7 +16,7 @@ thread, because splitting it would change the order of its additions.
     by_rows(kernel, *arrays)   row-by-row work: LayerNorm, GELU, softmax (layers.py)
     matmul(a, b, out)          stacks of small products: attention's heads (attention.py)
     products_by_rows(kernel, *arrays)  by_rows for a chain of such products (attention's)
-    product(a, b, out=None)    one large 2-D product, one block of the output per thread (linear)
+    product(a, b, bias=None)   one large 2-D product, one block of the output per thread (linear)
     for_each(fn, items, size)  many independent pieces: the optimizer's parameters (optim.py)
     keep_freed_memory()        fewer page faults; the command line calls it
 """
@@ -157,8 +157,9 @@ MIN_PRODUCT_FLOPS = 1 << 23  # below this a product runs as one BLAS call: cutti
 ALIGN = 64  # block edges on multiples of 64 rows or columns: whole cache lines, whole BLAS panels
 
 
-def product(a, b, out=None):
-    """a @ b for 2-D a (M, K) and b (K, N), cut into one block of the output per thread.
+def product(a, b, out=None, bias=None):
+    """a @ b (+ bias, a row of N) for 2-D a (M, K) and b (K, N), cut into one block of the
+    output per thread.
 
     BLAS's own threads hand a product over, then spin on both cores after it, where they take
     the core from the elementwise threads. Above MIN_PRODUCT_FLOPS this cuts the output into
@@ -167,7 +168,8 @@ def product(a, b, out=None):
     thread, on the same threads as by_rows. Every output entry is still one dot product of
     length K computed by BLAS: at these sizes the same bits as one call (tests/test_runtime.py;
     only blocks of a few thousand flops, which BLAS runs by another path, may differ in the
-    last bit).
+    last bit). The bias is added to each block right after its product, by the block's thread,
+    while the block is still in cache: the same bits as out += bias afterwards.
     """
     M, N = a.shape[0], b.shape[1]
     if out is None:
@@ -176,6 +178,8 @@ def product(a, b, out=None):
     limit = _blas_limit(1) if k > 1 and 2 * M * N * a.shape[1] >= MIN_PRODUCT_FLOPS else None
     if limit is None:
         np.matmul(a, b, out=out)
+        if bias is not None:
+            out += bias
         return out
     along_rows = M >= N
     n = M if along_rows else N
@@ -184,8 +188,12 @@ def product(a, b, out=None):
     def block(lo, hi):
         if along_rows:
             np.matmul(a[lo:hi], b, out=out[lo:hi])
+            if bias is not None:
+                out[lo:hi] += bias
         else:
             np.matmul(a, b[:, lo:hi], out=out[:, lo:hi])
+            if bias is not None:
+                out[:, lo:hi] += bias[lo:hi]
     with limit:
         _in_parallel([lambda lo=lo, hi=hi: block(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo])
     return out
