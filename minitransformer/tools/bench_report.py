@@ -67,9 +67,10 @@ def table(res):
              for m, v in res["adapter_latency_overhead_by_m"].items()]
     cpu = res["adapter_latency_overhead_cpu"]
     rows += [(f"adapter_latency_overhead_cpu (m={b['bottleneck']}, B=1, one thread's CPU time)",
-              f"{cpu['overhead']:9.3f}   median of {cpu['repeats']} paired repetitions, quartiles "
-              f"{cpu['q1']:.3f} to {cpu['q3']:.3f} ({cpu['base_ms']:.1f} ms bare, {cpu['adapters_ms']:.1f} ms "
-              f"with adapters)")]
+              f"{cpu['overhead']:9.3f}   median of {len(cpu['rounds'])} rounds of {cpu['pairs_per_round']} "
+              f"alternating pairs; rounds {min(cpu['rounds']):.3f} to {max(cpu['rounds']):.3f} (spread "
+              f"{cpu['spread']:.3f}); quartiles of every pair {cpu['q1']:.3f} to {cpu['q3']:.3f} "
+              f"({cpu['base_ms']:.1f} ms bare, {cpu['adapters_ms']:.1f} ms with adapters)")]
     what = {"adapter": f"adapters m={b['bottleneck']}", "lora": f"LoRA r={b['lora_rank']} (q, v), unmerged",
             "lora_merged": f"LoRA r={b['lora_rank']} merged into W", "prefix": f"prefix n={b['n_prefix']}",
             "prompt": f"prompt n={b['n_prompt']}"}
