@@ -180,15 +180,18 @@ def test_attend_with_a_prefix(size, dtype, n_prefix, causal):
     assert_close(kernels_attention.attend_backward(d, cf), attention.attend_backward(d, cr), dtype, "(dq, dk, dv), {}")
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("nonlinearity, skip, scaling", [("gelu", True, 1.0), ("relu", True, 1.0),
-                                                         ("tanh", True, 1.0), ("gelu", False, 4.0)])
-def test_adapter(dtype, nonlinearity, skip, scaling):
+                                                         ("tanh", True, 1.0), ("gelu", False, 4.0),
+                                                         ("gelu", True, 0.5)])
+def test_adapter(size, dtype, nonlinearity, skip, scaling):
+    """large: the products above runtime.MIN_PRODUCT_FLOPS, cut among the threads."""
     rng = np.random.default_rng(5)
-    C, m = 64, 8
+    (B, T, C), m = ((64, 32, 64), 8) if size == "small" else ((16, 128, 256), 64)
     w = {"W_down": randn(rng, dtype, C, m) * 0.3, "b_down": randn(rng, dtype, m),
          "W_up": randn(rng, dtype, m, C) * 0.3, "b_up": randn(rng, dtype, C)}
-    h, d = randn(rng, dtype, 64, 32, C), randn(rng, dtype, 64, 32, C)
+    h, d = randn(rng, dtype, B, T, C), randn(rng, dtype, B, T, C)
     (of, cf) = kernels_attention.adapter_forward(h, w, nonlinearity, skip, scaling)
     (orf, cr) = adapters.adapter_forward(h, w, nonlinearity, skip, scaling)
     assert_close(of, orf, dtype, "out")

@@ -180,6 +180,9 @@ def test_a_product_cut_among_threads_gives_one_calls_bits(dtype, M, K, N, transp
             with_bias = a @ b
             with_bias += bias
             assert_same_bits(with_bias, runtime.product(a, b, bias=bias))
+            residual = rng.standard_normal((M, N)).astype(dtype)
+            with_bias += residual
+            assert_same_bits(with_bias, runtime.product(a, b, bias=bias, residual=residual))
     finally:
         runtime.set_threads(before)
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..attention import split_heads
 from . import kernels
-from .runtime import matmul, products_by_rows
+from .runtime import matmul, product, products_by_rows
 
 
 def heads_matmul(a, b):
@@ -111,30 +111,38 @@ def attention_backward(dout, cache):
 
 
 def adapter_forward(h, w, nonlinearity="gelu", skip=True, scaling=1.0):
-    """Scaling and skip added in place on the branch's own output: two (N, C) arrays fewer."""
+    """Bias and skip added by the up-projection's threads while each block is in cache
+    (runtime.product), scaling in place: two (N, C) arrays and two passes on one core fewer."""
     act_forward = kernels.ACTIVATIONS[nonlinearity][0]
     z, cache_down = kernels.linear_forward(h, w["W_down"], w["b_down"])  # (N,m)
     a, cache_act = act_forward(z)  # (N,m)
-    u, cache_up = kernels.linear_forward(a, w["W_up"], w["b_up"])  # (N,C)
+    h2, a2 = kernels.rows(h), kernels.rows(a)  # (N,C), (N,m)
+    fused = skip and scaling == 1  # else the skip must wait for the scaling
+    u = product(a2, w["W_up"], bias=w["b_up"], residual=h2 if fused else None)  # (N,m) @ (m,C) + b_up (+ h)
     if scaling != 1:
         u *= h.dtype.type(scaling)
-    if skip:
-        u += h
+    if skip and not fused:
+        u += h2
+    cache_up = (a, w["W_up"])  # kernels.linear_forward's cache
     cache = (cache_down, cache_act, cache_up, nonlinearity, skip, scaling)
-    return u, cache
+    return u.reshape(h.shape), cache
 
 
 def adapter_backward(dout, cache, need_dx=True, need=None):
-    """The skip's gradient added in place into the fresh dh."""
+    """The skip's gradient added by dh's product threads while each block is in cache
+    (runtime.product, residual): one pass on one core fewer."""
     cache_down, cache_act, cache_up, nonlinearity, skip, scaling = cache
     need = {"W_down", "b_down", "W_up", "b_up"} if need is None else need
     act_backward = kernels.ACTIVATIONS[nonlinearity][1]
     du = dout * dout.dtype.type(scaling) if scaling != 1 else dout
     da, g_up = kernels.linear_backward(du, cache_up, need_dW="W_up" in need, need_db="b_up" in need)
     dz, _ = act_backward(da, cache_act)
-    dh, g_down = kernels.linear_backward(dz, cache_down, need_dx=need_dx, need_dW="W_down" in need,
-                                         need_db="b_down" in need)
-    if need_dx and skip:
-        dh += dout
+    _, g_down = kernels.linear_backward(dz, cache_down, need_dx=False, need_dW="W_down" in need,
+                                        need_db="b_down" in need)
+    dh = None
+    if need_dx:  # forward was z = h W_down + b_down, out = ... + h: both feed dh
+        W_down = cache_down[1]
+        dh = product(kernels.rows(dz), W_down.T, residual=kernels.rows(dout) if skip else None)  # (N,m) @ (m,C)
+        dh = dh.reshape(dout.shape)
     grads = {f"{n}_up": g for n, g in g_up.items()} | {f"{n}_down": g for n, g in g_down.items()}
     return dh, grads

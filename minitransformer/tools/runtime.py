@@ -157,9 +157,9 @@ MIN_PRODUCT_FLOPS = 1 << 23  # below this a product runs as one BLAS call: cutti
 ALIGN = 64  # block edges on multiples of 64 rows or columns: whole cache lines, whole BLAS panels
 
 
-def product(a, b, out=None, bias=None):
-    """a @ b (+ bias, a row of N) for 2-D a (M, K) and b (K, N), cut into one block of the
-    output per thread.
+def product(a, b, out=None, bias=None, residual=None):
+    """a @ b (+ bias, a row of N) (+ residual, an (M, N) array) for 2-D a (M, K) and b (K, N),
+    cut into one block of the output per thread.
 
     BLAS's own threads hand a product over, then spin on both cores after it, where they take
     the core from the elementwise threads. Above MIN_PRODUCT_FLOPS this cuts the output into
@@ -168,8 +168,9 @@ def product(a, b, out=None, bias=None):
     thread, on the same threads as by_rows. Every output entry is still one dot product of
     length K computed by BLAS: at these sizes the same bits as one call (tests/test_runtime.py;
     only blocks of a few thousand flops, which BLAS runs by another path, may differ in the
-    last bit). The bias is added to each block right after its product, by the block's thread,
-    while the block is still in cache: the same bits as out += bias afterwards.
+    last bit). The bias, then the residual, are added to each block right after its product, by
+    the block's thread, while the block is still in cache: the same bits as out += bias;
+    out += residual afterwards.
     """
     M, N = a.shape[0], b.shape[1]
     if out is None:
@@ -180,6 +181,8 @@ def product(a, b, out=None, bias=None):
         np.matmul(a, b, out=out)
         if bias is not None:
             out += bias
+        if residual is not None:
+            out += residual
         return out
     along_rows = M >= N
     n = M if along_rows else N
@@ -190,10 +193,14 @@ def product(a, b, out=None, bias=None):
             np.matmul(a[lo:hi], b, out=out[lo:hi])
             if bias is not None:
                 out[lo:hi] += bias
+            if residual is not None:
+                out[lo:hi] += residual[lo:hi]
         else:
             np.matmul(a, b[:, lo:hi], out=out[:, lo:hi])
             if bias is not None:
                 out[:, lo:hi] += bias[lo:hi]
+            if residual is not None:
+                out[:, lo:hi] += residual[:, lo:hi]
     with limit:
         _in_parallel([lambda lo=lo, hi=hi: block(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo])
     return out
