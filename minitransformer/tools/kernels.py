@@ -90,17 +90,26 @@ def linear_backward(dout, cache, need_dx=True, need_dW=True, need_db=True):
 
 
 def embedding_backward(dout, cache):
-    """Rows sorted by token once, then one segment sum per token (np.add.reduceat) in place of
-    np.add.at's row-by-row scatter: 5x less time on (B*T, C) = (2048, 256)."""
+    """np.add.at's scatter, one row at a time, replaced by one fancy-indexed add per rank: the
+    first occurrence of every token at once, then every second one, ... Each token's rows are
+    still added one after another in their order, so the bits are np.add.at's; on (B*T, C) =
+    (2048, 256) with V = 128 that is ~20 vectorised adds instead of 2048 scalar-loop rows."""
     ids, W_shape = cache
     ids = ids.reshape(-1)  # (N,)
+    d2 = rows(dout)  # (N, C)
+    dW = np.zeros(W_shape, dtype=dout.dtype)  # (V, C): rows of unused tokens stay 0
+    if not ids.size:
+        return None, {"W": dW}
     order = np.argsort(ids, kind="stable")  # each token's rows together, in their original order
     sorted_ids = ids[order]
-    starts = np.flatnonzero(np.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))  # (tokens used,)
-    dW = np.zeros(W_shape, dtype=dout.dtype)  # (V, C): rows of unused tokens stay 0
-    if ids.size:
-        rows_sorted = rows(dout)[order]  # (N, C)
-        dW[sorted_ids[starts]] = np.add.reduceat(rows_sorted, starts, axis=0)
+    starts = np.flatnonzero(np.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
+    counts = np.diff(np.append(starts, ids.size))  # rows per token used
+    rank = np.arange(ids.size) - np.repeat(starts, counts)  # 0 for a token's first row, 1 for its second, ...
+    by_rank = np.argsort(rank, kind="stable")
+    edges = np.cumsum(np.bincount(rank))
+    for lo, hi in zip(np.concatenate(([0], edges[:-1])), edges):
+        pos = by_rank[lo:hi]  # one row of each token that has this many: distinct tokens
+        dW[sorted_ids[pos]] += d2[order[pos]]
     return None, {"W": dW}
 
 
