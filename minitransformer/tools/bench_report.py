@@ -211,8 +211,8 @@ The table above gives each target's verdict for this run; what decides them:
   advance); the bare forward and the one with adapters as alternating pairs, 7 rounds of 43 pairs,
   both models built afresh in each round; the median of each round's pair ratios, and the median
   round is the figure. The table gives the rounds' range (the spread within the run) and the
-  quartiles of every pair. Five runs in separate processes on the 2-core machine under a load of 4.5
-  to 5.6 gave 0.095 to 0.108, within 0.02 of each other.
+  quartiles of every pair. Five runs in separate processes on the 2-core machine gave 0.095 to 0.108
+  under a load of 4.5 to 5.6, and 0.099 to 0.103 under a load of 1.2: within 0.02 of each other.
 - `gemm_efficiency` >= 0.75 (it was 0.50): the step at three quarters of the rate of its own
   products. Against the large weight products alone (`gemm_efficiency against weight_matmul_gflops`) it is lower: the small per-head
   and thin adapter products run below that rate even on their own.
