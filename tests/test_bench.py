@@ -190,9 +190,12 @@ def test_bad_repeats_is_refused(capsys):
 def test_the_latency_overhead_that_holds_still_is_reported_with_its_spread(quick_run):
     _, r, page = quick_run
     cpu = r["adapter_latency_overhead_cpu"]
-    assert cpu["repeats"] == bench.QUICK.cpu_repeats
-    assert cpu["q1"] <= cpu["overhead"] <= cpu["q3"] and cpu["base_ms"] > 0 and cpu["adapters_ms"] > 0
-    assert "adapter_latency_overhead_cpu" in page
+    q = bench.QUICK
+    assert len(cpu["rounds"]) == q.cpu_rounds and cpu["repeats"] == q.cpu_rounds * (q.cpu_repeats // q.cpu_rounds)
+    assert min(cpu["rounds"]) <= cpu["overhead"] <= max(cpu["rounds"])
+    assert cpu["spread"] == pytest.approx(max(cpu["rounds"]) - min(cpu["rounds"]))
+    assert cpu["q1"] <= cpu["q3"] and cpu["base_ms"] > 0 and cpu["adapters_ms"] > 0
+    assert "adapter_latency_overhead_cpu" in page and f"(spread {cpu['spread']:.3f})" in page
     assert r["adapter_step_gap_to_flops"] == pytest.approx(r["adapter_over_full_step"] - r["adapter_over_full_flops"])
 
 

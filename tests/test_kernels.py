@@ -64,7 +64,7 @@ SIZES = {"small": (3, 5, 16), "large": (16, 128, 256)}  # large: 2^19 elements, 
 def test_the_fast_path_has_a_kernel_for_every_heavy_operation():
     fast = backend.table("fast")
     own = {n for n in backend.REFERENCE if fast[n] is not backend.REFERENCE[n]}
-    assert own == {"linear_forward", "linear_backward", "layernorm_forward", "layernorm_backward",
+    assert own == {"linear_forward", "linear_backward", "embedding_backward", "layernorm_forward", "layernorm_backward",
                    "gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward",
                    "attention_forward", "attention_backward", "attend_forward", "attend_backward",
                    "adapter_forward", "adapter_backward",
@@ -83,6 +83,27 @@ def test_linear(size, dtype):
     assert_close(kernels.linear_backward(d, cf), layers.linear_backward(d, cr), dtype, "dx, grads")
     skip = dict(need_dx=False, need_dW=True, need_db=False)
     assert_close(kernels.linear_backward(d, cf, **skip), layers.linear_backward(d, cr, **skip), dtype, "dW only")
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_backward_with_repeated_and_unused_tokens(size, dtype):
+    rng = np.random.default_rng(8)
+    B, T, C = SIZES[size]
+    V = 11
+    ids, d = rng.integers(0, V - 2, (B, T)), randn(rng, dtype, B, T, C)  # the last two tokens unused
+    ids[0, :3] = 4  # one token three times in a row
+    (_, cf), (_, cr) = (layers.embedding_forward(ids, randn(rng, dtype, V, C)),) * 2
+    fast, ref = kernels.embedding_backward(d, cf), layers.embedding_backward(d, cr)
+    assert_close(fast, ref, dtype, "None, {W}")
+    assert np.array_equal(fast[1]["W"], ref[1]["W"])  # each token's rows added in the same order: np.add.at's bits
+    assert not fast[1]["W"][V - 2:].any()
+
+
+def test_embedding_backward_of_no_tokens():
+    _, cache = layers.embedding_forward(np.zeros((2, 0), int), np.ones((5, 3), np.float32))
+    _, grads = kernels.embedding_backward(np.zeros((2, 0, 3), np.float32), cache)
+    assert grads["W"].shape == (5, 3) and grads["W"].dtype == np.float32 and not grads["W"].any()
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -160,15 +181,18 @@ def test_attend_with_a_prefix(size, dtype, n_prefix, causal):
     assert_close(kernels_attention.attend_backward(d, cf), attention.attend_backward(d, cr), dtype, "(dq, dk, dv), {}")
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("nonlinearity, skip, scaling", [("gelu", True, 1.0), ("relu", True, 1.0),
-                                                         ("tanh", True, 1.0), ("gelu", False, 4.0)])
-def test_adapter(dtype, nonlinearity, skip, scaling):
+                                                         ("tanh", True, 1.0), ("gelu", False, 4.0),
+                                                         ("gelu", True, 0.5)])
+def test_adapter(size, dtype, nonlinearity, skip, scaling):
+    """large: the products above runtime.MIN_PRODUCT_FLOPS, cut among the threads."""
     rng = np.random.default_rng(5)
-    C, m = 64, 8
+    (B, T, C), m = ((64, 32, 64), 8) if size == "small" else ((16, 128, 256), 64)
     w = {"W_down": randn(rng, dtype, C, m) * 0.3, "b_down": randn(rng, dtype, m),
          "W_up": randn(rng, dtype, m, C) * 0.3, "b_up": randn(rng, dtype, C)}
-    h, d = randn(rng, dtype, 64, 32, C), randn(rng, dtype, 64, 32, C)
+    h, d = randn(rng, dtype, B, T, C), randn(rng, dtype, B, T, C)
     (of, cf) = kernels_attention.adapter_forward(h, w, nonlinearity, skip, scaling)
     (orf, cr) = adapters.adapter_forward(h, w, nonlinearity, skip, scaling)
     assert_close(of, orf, dtype, "out")

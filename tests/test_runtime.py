@@ -61,6 +61,9 @@ def rowwise_ops(rng, dtype):
         "heads matmul": lambda: kernels_attention.heads_matmul(datt, x[:, None, :, :4].repeat(2, axis=1)),
         "scores matmul": lambda: kernels_attention.scores_matmul(x[:, None, :, :8].repeat(2, axis=1),
                                                          dout[:, None, :, :8].repeat(2, axis=1)),
+        "attend": lambda: kernels_attention.attend_forward(x[..., :32], dout[..., :32], x[..., 1:], 4, att[:1, :1]),
+        "attend backward": lambda: kernels_attention.attend_backward(
+            x[..., :32], kernels_attention.attend_forward(x[..., :32], dout[..., :32], x[..., 1:], 4, att[:, :1])[1]),
     }
 
 
@@ -149,3 +152,60 @@ def test_the_process_settings_report_themselves():
     assert isinstance(runtime.keep_freed_memory(), bool)
     assert runtime.memory_status()
     assert "OPENBLAS_THREAD_TIMEOUT" in runtime.blas_timeout_status() or "default" in runtime.blas_timeout_status()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M, K, N", [(300, 40, 70), (70, 40, 300), (64, 8, 64), (520, 64, 256), (64, 256, 520)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_product_cut_among_threads_gives_one_calls_bits(dtype, M, K, N, transposed, monkeypatch):
+    """runtime.product against np.matmul, for cuts along rows (tall) and columns (wide), with the
+    operands as views of transposes (the backward's x.T @ dout and dout @ W.T): the same bits.
+    (Blocks this size and larger take BLAS's general path, as one call does; see the next test.)"""
+    monkeypatch.setattr(runtime, "MIN_PRODUCT_FLOPS", 1)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((K, M) if transposed else (M, K)).astype(dtype)
+    b = rng.standard_normal((N, K) if transposed else (K, N)).astype(dtype)
+    a, b = (a.T, b.T) if transposed else (a, b)
+    before = runtime.threads()
+    try:
+        for n in (1, 2, 3):
+            runtime.set_threads(n)
+            out = runtime.product(a, b)
+            assert out.dtype == dtype
+            assert_same_bits(a @ b, out)
+            into = np.full((M, N), np.nan, dtype)
+            assert runtime.product(a, b, out=into) is into
+            assert_same_bits(a @ b, into)
+            bias = rng.standard_normal(N).astype(dtype)
+            with_bias = a @ b
+            with_bias += bias
+            assert_same_bits(with_bias, runtime.product(a, b, bias=bias))
+            residual = rng.standard_normal((M, N)).astype(dtype)
+            with_bias += residual
+            assert_same_bits(with_bias, runtime.product(a, b, bias=bias, residual=residual))
+    finally:
+        runtime.set_threads(before)
+
+
+def test_tiny_blocks_agree_to_round_off(monkeypatch):
+    """A block of a few thousand flops may take BLAS's small-matrix path, which adds in another
+    order: still the product to round-off (relative 1e-12 in float64)."""
+    monkeypatch.setattr(runtime, "MIN_PRODUCT_FLOPS", 1)
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((129, 3)), rng.standard_normal((3, 5))
+    before = runtime.threads()
+    try:
+        runtime.set_threads(2)
+        out = runtime.product(a, b)
+    finally:
+        runtime.set_threads(before)
+    assert np.max(np.abs(out - a @ b)) <= 1e-12 * np.max(np.abs(a @ b))
+
+
+def test_a_small_product_is_one_call(monkeypatch):
+    """Under MIN_PRODUCT_FLOPS no thread is involved: a worker's error would show otherwise."""
+    calls = []
+    monkeypatch.setattr(runtime, "_in_parallel", calls.append)
+    a, b = np.ones((128, 4)), np.ones((4, 128))
+    assert_same_bits(runtime.product(a, b), a @ b)
+    assert calls == []

@@ -104,42 +104,54 @@ def median_time(fn, repeats, warmup=0):
     return statistics.median(times)
 
 
-def cpu_overhead(b, repeats=301):
-    """The adapters' latency overhead as work rather than elapsed time: {"overhead", "q1", "q3",
-    "base_ms", "adapters_ms", "repeats"}.
+def cpu_overhead(b, repeats=301, rounds=7):
+    """The adapters' latency overhead as work rather than elapsed time: {"overhead", "rounds",
+    "spread", "q1", "q3", "base_ms", "adapters_ms", "repeats", "pairs_per_round"}.
 
     Elapsed time on a shared machine moves with the load (0.03 to 0.26 over five runs here). So
     the latency of one request, one sequence of b.seq_len tokens, is measured on ONE thread (one
     BLAS thread, one elementwise thread) by that thread's CPU clock (time.thread_time), which other
-    processes do not advance: the forward with adapters (m = b.bottleneck) and the bare one, back to
-    back, `repeats` times. overhead: the median of the per-repetition ratios, - 1; q1, q3 their
-    quartiles; base_ms, adapters_ms: each one's median.
+    processes do not advance: the forward with adapters (m = b.bottleneck) and the bare one as a
+    pair, `repeats` pairs in all, in `rounds` rounds. Which of a pair goes first alternates (the
+    second meets a cache the first has warmed), and each round builds both models afresh (a new
+    place in memory: one layout's luck does not decide the figure). Per round the median of its
+    pairs' ratios; overhead: the median of the rounds' medians, - 1; rounds: each round's figure;
+    spread: their range; q1, q3: the quartiles of every pair's ratio; base_ms, adapters_ms: the
+    median times.
     """
     from dataclasses import replace
 
     from threadpoolctl import threadpool_limits
     one = replace(b, batch=1)
     ids, _ = make_batch(one)
-    base, adapted = Transformer(one.model_config(), 0), with_adapters(one, one.bottleneck)
-    jobs = [lambda: base.forward(ids, head="cls"), lambda: adapted.forward(ids, head="cls")]
+    pairs = max(1, repeats // rounds)
     before = runtime.threads()
-    times = ([], [])
+    times, per_round = ([], []), []
     try:
         runtime.set_threads(1)
         with threadpool_limits(limits=1, user_api="blas"), backend.using("fast"):
-            for fn in jobs:
-                fn()
-            for _ in range(repeats):
-                for fn, ts in zip(jobs, times):
-                    t0 = time.thread_time()
+            for _ in range(rounds):
+                base, adapted = Transformer(one.model_config(), 0), with_adapters(one, one.bottleneck)
+                jobs = [lambda: base.forward(ids, head="cls"), lambda: adapted.forward(ids, head="cls")]
+                for fn in jobs + jobs:  # warm-up: first touches of the new models' memory
                     fn()
-                    ts.append(time.thread_time() - t0)
+                got = ([], [])
+                for i in range(pairs):
+                    for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+                        t0 = time.thread_time()
+                        jobs[j]()
+                        got[j].append(time.thread_time() - t0)
+                per_round.append(statistics.median(a / c - 1 for c, a in zip(*got)))
+                times[0].extend(got[0])
+                times[1].extend(got[1])
     finally:
         runtime.set_threads(before)
     ratios = [a / c - 1 for c, a in zip(*times)]
     q = statistics.quantiles(ratios, n=4, method="inclusive")
-    return {"overhead": statistics.median(ratios), "q1": q[0], "q3": q[2], "repeats": repeats,
-            "base_ms": 1e3 * statistics.median(times[0]), "adapters_ms": 1e3 * statistics.median(times[1])}
+    return {"overhead": statistics.median(per_round), "rounds": per_round,
+            "spread": max(per_round) - min(per_round), "q1": q[0], "q3": q[2], "repeats": len(ratios),
+            "pairs_per_round": pairs, "base_ms": 1e3 * statistics.median(times[0]),
+            "adapters_ms": 1e3 * statistics.median(times[1])}
 
 
 def minor_faults():
@@ -438,7 +450,7 @@ def run(b):
             **{k: t[f"forward_{k}"] for k in ("lora", "lora_merged", "prefix", "prompt")}}
     res["forward_peft_s"] = peft
     res["peft_latency_overhead"] = {k: v / t["forward"] - 1 for k, v in peft.items()}
-    res["adapter_latency_overhead_cpu"] = cpu_overhead(b, b.cpu_repeats)
+    res["adapter_latency_overhead_cpu"] = cpu_overhead(b, b.cpu_repeats, b.cpu_rounds)
     res["environment"] = environment()
     res["runtime"] = {"elementwise_threads": runtime.threads(), "blas_idle": runtime.blas_timeout_status(),
                       "malloc": runtime.memory_status()}

@@ -67,9 +67,10 @@ def table(res):
              for m, v in res["adapter_latency_overhead_by_m"].items()]
     cpu = res["adapter_latency_overhead_cpu"]
     rows += [(f"adapter_latency_overhead_cpu (m={b['bottleneck']}, B=1, one thread's CPU time)",
-              f"{cpu['overhead']:9.3f}   median of {cpu['repeats']} paired repetitions, quartiles "
-              f"{cpu['q1']:.3f} to {cpu['q3']:.3f} ({cpu['base_ms']:.1f} ms bare, {cpu['adapters_ms']:.1f} ms "
-              f"with adapters)")]
+              f"{cpu['overhead']:9.3f}   median of {len(cpu['rounds'])} rounds of {cpu['pairs_per_round']} "
+              f"alternating pairs; rounds {min(cpu['rounds']):.3f} to {max(cpu['rounds']):.3f} (spread "
+              f"{cpu['spread']:.3f}); quartiles of every pair {cpu['q1']:.3f} to {cpu['q3']:.3f} "
+              f"({cpu['base_ms']:.1f} ms bare, {cpu['adapters_ms']:.1f} ms with adapters)")]
     what = {"adapter": f"adapters m={b['bottleneck']}", "lora": f"LoRA r={b['lora_rank']} (q, v), unmerged",
             "lora_merged": f"LoRA r={b['lora_rank']} merged into W", "prefix": f"prefix n={b['n_prefix']}",
             "prompt": f"prompt n={b['n_prompt']}"}
@@ -205,11 +206,13 @@ The table above gives each target's verdict for this run; what decides them:
 - `adapter_latency_overhead` <= 0.12 at m = 64: the adapters' own products are 8NCm flops per
   block against the block's 2N(4C^2 + 2CF) + 4BT^2C, about 7.7 % of the forward at these sizes; the
   thin products also wake sleeping BLAS threads, so the measured overhead moves from run to run
-  (0.03 to 0.26 over five runs on a shared machine). `adapter_latency_overhead_cpu` moves much less:
+  (0.03 to 0.26 over five runs on a shared machine). `adapter_latency_overhead_cpu` holds still:
   one request (B = 1), one thread, timed by that thread's CPU clock (which other processes do not
-  advance), the bare forward and the one with adapters back to back 301 times; the median of the 301
-  ratios, with their quartiles. Ten runs in separate processes on the loaded 2-core machine gave 0.09
-  to 0.12: closer than the elapsed-time figure, but not yet within 0.02 of each other.
+  advance); the bare forward and the one with adapters as alternating pairs, 7 rounds of 43 pairs,
+  both models built afresh in each round; the median of each round's pair ratios, and the median
+  round is the figure. The table gives the rounds' range (the spread within the run) and the
+  quartiles of every pair. Five runs in separate processes on the 2-core machine gave 0.095 to 0.108
+  under a load of 4.5 to 5.6, and 0.099 to 0.103 under a load of 1.2: within 0.02 of each other.
 - `gemm_efficiency` >= 0.75 (it was 0.50): the step at three quarters of the rate of its own
   products. Against the large weight products alone (`gemm_efficiency against weight_matmul_gflops`) it is lower: the small per-head
   and thin adapter products run below that rate even on their own.

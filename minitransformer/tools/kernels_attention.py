@@ -17,7 +17,7 @@ import numpy as np
 
 from ..attention import split_heads
 from . import kernels
-from .runtime import matmul
+from .runtime import matmul, product, products_by_rows
 
 
 def heads_matmul(a, b):
@@ -39,29 +39,50 @@ def scores_matmul(a, b):
 
 
 def attend_forward(q, k, v, n_heads, bias=None):
-    """Scale folded into q, heads as views, products per core, no merging copy."""
-    scale = 1 / math.sqrt(q.shape[-1] // n_heads)
-    q = q * scale  # on q (B,T,C) rather than on the scores (B,H,T,T); a new array, q is the caller's
-    q, k, v = (split_heads(a, n_heads) for a in (q, k, v))  # (B,H,T,hs) views
-    att = scores_matmul(q, k)  # (B,H,T,T)
-    if bias is not None:
-        att += bias
-    p, _ = kernels.softmax_forward(att)  # (B,H,T,T)
-    ctx = heads_matmul(p, v)  # (B,T,C)
+    """Scale folded into q, heads as views, no merging copy; the whole chain (scale, Q K^T, bias,
+    softmax, P V) on one block of sequences per core (`runtime.products_by_rows`): one hand-off
+    instead of three, the bias added by the threads, each block's scores still in cache."""
+    B, T, C = q.shape
+    qs = np.empty(q.shape, q.dtype)  # q * scale, a new array: q is the caller's
+    p = np.empty((B, n_heads, T, k.shape[1]), q.dtype)  # (B,H,T,T')
+    ctx = np.empty((B, T, v.shape[-1]), q.dtype)  # (B,T,C)
+    extra = () if bias is None else (np.broadcast_to(bias, (B, *bias.shape[1:])),)  # (B,1|H,T,T') view
+    scale = 1 / math.sqrt(C // n_heads)
+    products_by_rows(_attend_forward_rows, q, k, v, qs, p, ctx, *extra, scale=q.dtype.type(scale),
+                     n_heads=n_heads)
+    q, k, v = (split_heads(a, n_heads) for a in (qs, k, v))  # (B,H,T,hs) views
     return ctx, (q, k, v, p, scale, n_heads)
 
 
+def _attend_forward_rows(q, k, v, qs, p, ctx, *bias, scale, n_heads):
+    np.multiply(q, scale, out=qs)  # on q (B,T,C) rather than on the scores (B,H,T,T): T/hs times fewer
+    Q, K, V = (split_heads(a, n_heads) for a in (qs, k, v))  # (B,H,T,hs) views
+    np.matmul(Q, K.transpose(0, 1, 3, 2), out=p)  # (B,H,T,hs) @ (B,H,hs,T') -> (B,H,T,T')
+    if bias:
+        p += bias[0]
+    kernels._softmax_forward_rows(p, p)  # in place: (B,H,T,T')
+    np.matmul(p, V, out=split_heads(ctx, n_heads))  # (B,H,T,T') @ (B,H,T',hs) -> (B,H,T,hs) view of (B,T,C)
+
+
 def attend_backward(dctx, cache):
-    """The reference's steps with the products per core and no merging copies."""
+    """The reference's steps, no merging copies, the whole chain on one block of sequences per
+    core: one hand-off instead of five, dS made in place in dP."""
     q, k, v, p, scale, n_heads = cache
-    dctx = split_heads(dctx, n_heads)  # (B,H,T,hs) view
-    dp = scores_matmul(dctx, v)  # dP = dctx @ V^T: (B,H,T,T)
-    dv = heads_matmul(p.transpose(0, 1, 3, 2), dctx)  # dV = P^T @ dctx: (B,T,C)
-    datt, _ = kernels.softmax_backward(dp, p)  # dS: (B,H,T,T)
-    dq = heads_matmul(datt, k)  # dS @ K: (B,T,C)
-    dq *= scale  # q was scaled in the forward
-    dk = heads_matmul(datt.transpose(0, 1, 3, 2), q)  # dS^T @ (scaled) Q: (B,T,C)
+    dq, dk, dv = (np.empty((a.shape[0], a.shape[2], a.shape[1] * a.shape[3]), dctx.dtype) for a in (q, k, v))
+    products_by_rows(_attend_backward_rows, dctx, q, k, v, p, dq, dk, dv, scale=dctx.dtype.type(scale),
+                     n_heads=n_heads)
     return (dq, dk, dv), {}
+
+
+def _attend_backward_rows(dctx, Q, K, V, P, dq, dk, dv, scale, n_heads):
+    D = split_heads(dctx, n_heads)  # (B,H,T,hs) view
+    t = (0, 1, 3, 2)
+    ds = np.matmul(D, V.transpose(t))  # dP = dctx @ V^T: (B,H,T,T')
+    np.matmul(P.transpose(t), D, out=split_heads(dv, n_heads))  # dV = P^T @ dctx: (B,H,T',hs)
+    kernels._softmax_backward_rows(ds, P, ds)  # dS, in place in dP: (B,H,T,T')
+    np.matmul(ds, K, out=split_heads(dq, n_heads))  # dS @ K: (B,H,T,hs)
+    dq *= scale  # q was scaled in the forward
+    np.matmul(ds.transpose(t), Q, out=split_heads(dk, n_heads))  # dS^T @ (scaled) Q: (B,H,T',hs)
 
 
 def attention_forward(x, w, n_heads, bias=None):
@@ -90,30 +111,38 @@ def attention_backward(dout, cache):
 
 
 def adapter_forward(h, w, nonlinearity="gelu", skip=True, scaling=1.0):
-    """Scaling and skip added in place on the branch's own output: two (N, C) arrays fewer."""
+    """Bias and skip added by the up-projection's threads while each block is in cache
+    (runtime.product), scaling in place: two (N, C) arrays and two passes on one core fewer."""
     act_forward = kernels.ACTIVATIONS[nonlinearity][0]
     z, cache_down = kernels.linear_forward(h, w["W_down"], w["b_down"])  # (N,m)
     a, cache_act = act_forward(z)  # (N,m)
-    u, cache_up = kernels.linear_forward(a, w["W_up"], w["b_up"])  # (N,C)
+    h2, a2 = kernels.rows(h), kernels.rows(a)  # (N,C), (N,m)
+    fused = skip and scaling == 1  # else the skip must wait for the scaling
+    u = product(a2, w["W_up"], bias=w["b_up"], residual=h2 if fused else None)  # (N,m) @ (m,C) + b_up (+ h)
     if scaling != 1:
         u *= h.dtype.type(scaling)
-    if skip:
-        u += h
+    if skip and not fused:
+        u += h2
+    cache_up = (a, w["W_up"])  # kernels.linear_forward's cache
     cache = (cache_down, cache_act, cache_up, nonlinearity, skip, scaling)
-    return u, cache
+    return u.reshape(h.shape), cache
 
 
 def adapter_backward(dout, cache, need_dx=True, need=None):
-    """The skip's gradient added in place into the fresh dh."""
+    """The skip's gradient added by dh's product threads while each block is in cache
+    (runtime.product, residual): one pass on one core fewer."""
     cache_down, cache_act, cache_up, nonlinearity, skip, scaling = cache
     need = {"W_down", "b_down", "W_up", "b_up"} if need is None else need
     act_backward = kernels.ACTIVATIONS[nonlinearity][1]
     du = dout * dout.dtype.type(scaling) if scaling != 1 else dout
     da, g_up = kernels.linear_backward(du, cache_up, need_dW="W_up" in need, need_db="b_up" in need)
     dz, _ = act_backward(da, cache_act)
-    dh, g_down = kernels.linear_backward(dz, cache_down, need_dx=need_dx, need_dW="W_down" in need,
-                                         need_db="b_down" in need)
-    if need_dx and skip:
-        dh += dout
+    _, g_down = kernels.linear_backward(dz, cache_down, need_dx=False, need_dW="W_down" in need,
+                                        need_db="b_down" in need)
+    dh = None
+    if need_dx:  # forward was z = h W_down + b_down, out = ... + h: both feed dh
+        W_down = cache_down[1]
+        dh = product(kernels.rows(dz), W_down.T, residual=kernels.rows(dout) if skip else None)  # (N,m) @ (m,C)
+        dh = dh.reshape(dout.shape)
     grads = {f"{n}_up": g for n, g in g_up.items()} | {f"{n}_down": g for n, g in g_down.items()}
     return dh, grads

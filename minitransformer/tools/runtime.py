@@ -15,6 +15,8 @@ thread, because splitting it would change the order of its additions.
 
     by_rows(kernel, *arrays)   row-by-row work: LayerNorm, GELU, softmax (layers.py)
     matmul(a, b, out)          stacks of small products: attention's heads (attention.py)
+    products_by_rows(kernel, *arrays)  by_rows for a chain of such products (attention's)
+    product(a, b, bias=None)   one large 2-D product, one block of the output per thread (linear)
     for_each(fn, items, size)  many independent pieces: the optimizer's parameters (optim.py)
     keep_freed_memory()        fewer page faults; the command line calls it
 """
@@ -135,12 +137,73 @@ def matmul(a, b, out):
     threads: with both cores, BLAS spent more time handing each product over than computing
     it. Each product is still one whole BLAS call, so the numbers do not change.
     """
-    limit = _blas_limit(1) if _blocks(a) > 1 else None
+    products_by_rows(np.matmul, a, b, out)  # np.matmul(a_block, b_block, out_block)
+
+
+def products_by_rows(kernel, *arrays, **shared):
+    """by_rows for a kernel that makes BLAS products of its rows' own (attention's per-sequence
+    products, softmax between them): BLAS runs on one thread inside each block, as in matmul.
+    One hand-off for the whole chain, where one matmul per product would hand off each time."""
+    limit = _blas_limit(1) if _blocks(arrays[0]) > 1 else None
     if limit is None:
-        np.matmul(a, b, out=out)
+        by_rows(kernel, *arrays, **shared)
         return
     with limit:
-        by_rows(np.matmul, a, b, out)  # np.matmul(a_block, b_block, out_block)
+        by_rows(kernel, *arrays, **shared)
+
+
+MIN_PRODUCT_FLOPS = 1 << 23  # below this a product runs as one BLAS call: cutting it costs a
+# hand-off (about 0.1 ms) and a block's worth of packing, more than half of a product this small
+ALIGN = 64  # block edges on multiples of 64 rows or columns: whole cache lines, whole BLAS panels
+
+
+def product(a, b, out=None, bias=None, residual=None):
+    """a @ b (+ bias, a row of N) (+ residual, an (M, N) array) for 2-D a (M, K) and b (K, N),
+    cut into one block of the output per thread.
+
+    BLAS's own threads hand a product over, then spin on both cores after it, where they take
+    the core from the elementwise threads. Above MIN_PRODUCT_FLOPS this cuts the output into
+    one block per thread instead (rows of a, or columns of b when the output is wider than it is
+    tall), with edges on multiples of ALIGN, and runs each block as one BLAS call on one BLAS
+    thread, on the same threads as by_rows. Every output entry is still one dot product of
+    length K computed by BLAS: at these sizes the same bits as one call (tests/test_runtime.py;
+    only blocks of a few thousand flops, which BLAS runs by another path, may differ in the
+    last bit). The bias, then the residual, are added to each block right after its product, by
+    the block's thread, while the block is still in cache: the same bits as out += bias;
+    out += residual afterwards.
+    """
+    M, N = a.shape[0], b.shape[1]
+    if out is None:
+        out = np.empty((M, N), dtype=np.result_type(a, b))
+    k = min(threads(), max(M, N) // ALIGN)
+    limit = _blas_limit(1) if k > 1 and 2 * M * N * a.shape[1] >= MIN_PRODUCT_FLOPS else None
+    if limit is None:
+        np.matmul(a, b, out=out)
+        if bias is not None:
+            out += bias
+        if residual is not None:
+            out += residual
+        return out
+    along_rows = M >= N
+    n = M if along_rows else N
+    cuts = [0] + [min(n, -(-n * i // (k * ALIGN)) * ALIGN) for i in range(1, k)] + [n]
+
+    def block(lo, hi):
+        if along_rows:
+            np.matmul(a[lo:hi], b, out=out[lo:hi])
+            if bias is not None:
+                out[lo:hi] += bias
+            if residual is not None:
+                out[lo:hi] += residual[lo:hi]
+        else:
+            np.matmul(a, b[:, lo:hi], out=out[:, lo:hi])
+            if bias is not None:
+                out[:, lo:hi] += bias[lo:hi]
+            if residual is not None:
+                out[:, lo:hi] += residual[:, lo:hi]
+    with limit:
+        _in_parallel([lambda lo=lo, hi=hi: block(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo])
+    return out
 
 
 _blas = []  # threadpoolctl's handle on the BLAS NumPy uses, found on first use ([None]: none)
