@@ -8,8 +8,8 @@ reference. This module knows nothing of them: tools/fast.py installs them as the
 (install), and importing minitransformer.tools runs it.
 
     from minitransformer import backend
-    import minitransformer.tools      # installs the path "fast"
-    backend.use("fast")               # from now on, in this whole process
+    backend.use("fast")               # from now on, in this whole process (once the tools
+                                      # package was imported: it installs the path "fast")
     with backend.using("fast"): ...   # only inside the block
     backend.current()                 # "reference" or "fast"
 
