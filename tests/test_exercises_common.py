@@ -10,7 +10,9 @@ import pytest
 
 import minitransformer.exercises as exercises
 from minitransformer import AdapterConfig, ModelConfig, Transformer
+from minitransformer.exercises import _reference as ref
 from minitransformer.exercises import unit01, unit02, unit03, unit04, unit05, unit06, unit07
+from minitransformer.exercises._grads import run_case
 from minitransformer.tools.data import Split
 
 UNITS = [unit01, unit02, unit03, unit04, unit05, unit06, unit07]
@@ -162,3 +164,45 @@ def test_calling_the_fast_kernel_is_named_too():
         return fast(dout, (x, W), True, True, True)
     result = unit01.check_linear_backward(student)
     assert result.passed is False and "linear_backward" in result.message and "own" in result.message
+
+
+def cancelling_sum_case():
+    """A float32 linear backward whose db sums six terms of size ~1 to ~1e-5: the correct
+    float32 answer carries the terms' rounding, ~1e-7, large beside the sum itself."""
+    g = np.random.default_rng(3)
+    N, d_in, d_out = 6, 4, 1
+    x, W = g.standard_normal((N, d_in)).astype(np.float32), g.standard_normal((d_in, d_out)).astype(np.float32)
+    dout = g.standard_normal((N, d_out)).astype(np.float32)
+    dout[-1] = -dout[:-1].sum(axis=0, dtype=np.float64) + 1e-5  # the column now sums to ~1e-5
+    inputs = tuple(a.astype(np.float64) for a in (dout, x, W))
+    reference = (lambda *a: dict(zip(("dx", "dW", "db"), ref.linear_backward(*a))), inputs)
+    return (dout, x, W), reference
+
+
+def in_float32(dout, x, W):  # a correct answer, computed in float32 as a student would
+    return dout @ W.T, x.T @ dout, sum(dout[i] for i in range(len(dout)))
+
+
+def test_a_correct_float32_answer_passes_where_its_sum_cancels():
+    args, reference = cancelling_sum_case()
+    expected = reference[0](*reference[1])
+    _, _, db = in_float32(*args)
+    # the case is hard: beside the entry itself, the float32 rounding exceeds the float32 threshold
+    assert exercises.rel_error(db, expected["db"]) > exercises.TOL32
+    worst, failed = run_case("t", in_float32, args, ("dout", "x", "W"), expected, "here", reference)
+    assert failed is None and worst <= exercises.TOL32
+
+
+@pytest.mark.parametrize("slip", ["first rows", "last row twice"])
+def test_a_slip_still_fails_where_the_sum_cancels(slip):
+    """A slip that moves db by a term's size fails here too. (One that scales db, a mean for
+    a sum, moves it by ~1e-5 only, inside the terms' rounding: this case cannot tell, and
+    the checkers' other cases, where db does not cancel, name it.)"""
+    args, reference = cancelling_sum_case()
+    expected = reference[0](*reference[1])
+
+    def wrong(dout, x, W):
+        dx, dW, db = in_float32(dout, x, W)
+        return dx, dW, {"first rows": dout[:-1].sum(axis=0), "last row twice": db + dout[-1]}[slip]
+    _, failed = run_case("t", wrong, args, ("dout", "x", "W"), expected, "here", reference)
+    assert failed is not None and failed.passed is False and failed.message.startswith("db: max relative error")

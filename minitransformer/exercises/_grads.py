@@ -9,9 +9,15 @@ def tolerance(*arrays):
     return TOL32 if any(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays) else TOL64
 
 
-def run_case(name, fn, args, labels, expected, where, forbid=(), hint=None, passed=()):
+def run_case(name, fn, args, labels, expected, where, reference, forbid=(), hint=None, passed=()):
     """Call fn(*copies of args) and compare what it returns with `expected`, {name: array}
     (one entry: a single array is expected; several: a tuple in that order).
+
+    reference = (function, inputs): what computed `expected`, function(*inputs) in float64;
+    term_sizes measures with it how large the terms are that meet in each output, and the
+    error is taken relative to the larger of that size and the output's own entries. (A db
+    that sums six terms of size 1 to 0.001 carries their rounding, 6e-8 each in float32: a
+    correct answer is off by ~1e-4 of the sum, ~1e-7 of its terms.)
 
     -> (worst relative error, None), or (None, Result): the first problem, in one line.
     hint(key, got_array) -> "" or "; why" names a known slip when a value is wrong; when an
@@ -32,6 +38,7 @@ def run_case(name, fn, args, labels, expected, where, forbid=(), hint=None, pass
     else:
         got = [got]
     tol = tolerance(*args)
+    sizes = term_sizes(*reference)
     shapes = {k: v.shape for k, v in expected.items()}
     worst = 0.0
     for key, value in zip(keys, got):
@@ -43,7 +50,7 @@ def run_case(name, fn, args, labels, expected, where, forbid=(), hint=None, pass
                     problem += f": the shape of {other[0]}; return them in the order ({', '.join(keys)})"
             why = _safe(hint, key, value) if isinstance(value, np.ndarray) else ""
             return None, fail(name, f"{problem} on {where}{why}")
-        err = rel_error(arr, expected[key])
+        err = rel_error(arr, expected[key], floor=sizes[key])
         if not err <= tol:
             swapped = [k for k in keys if k != key and expected[k].shape == arr.shape and matches(arr, expected[k])]
             if swapped:
@@ -55,6 +62,25 @@ def run_case(name, fn, args, labels, expected, where, forbid=(), hint=None, pass
             return None, fail(name, f"{key}: max relative error {err:.1e} > {tol:.0e} on {where}{why}")
         worst = max(worst, err)
     return worst, None
+
+
+def term_sizes(function, inputs, u=2.0 ** -24, trials=3):
+    """How large the terms are that meet in each output of function(*inputs) -> {key: size}.
+
+    Every float input is moved by about a float32 rounding, x * (1 +- u) with random signs,
+    and each output moves by about u times the size of its terms, whether they cancel or not
+    (a sum of terms of size 1 moves by ~u, though it may itself be 0.001). The size is the
+    largest move over `trials` such nudges, divided by u. The nudges are drawn from a fixed
+    seed: the same inputs always give the same sizes."""
+    g = np.random.default_rng(0)
+    base = function(*inputs)
+    sizes = dict.fromkeys(base, 0.0)
+    for _ in range(trials):
+        nudged = [a * (1 + u * g.choice([-1.0, 1.0], a.shape)) if isinstance(a, np.ndarray) and a.dtype.kind == "f"
+                  else a for a in inputs]
+        for key, value in function(*nudged).items():
+            sizes[key] = max(sizes[key], float(np.max(np.abs(value - base[key]), initial=0.0)) / u)
+    return sizes
 
 
 def _safe(hint, key, value):

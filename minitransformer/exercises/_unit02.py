@@ -64,6 +64,8 @@ def check_attention_backward(fn):
                 return "; you computed P dctx; forward was ctx = P V, so dV = P^T dctx"
             return ""
         _, failed = run_case(name, fn, (dctx, Q, K, V, P), ("dctx", "Q", "K", "V", "P"), expected, where,
+                             (lambda *a: dict(zip(("dQ", "dK", "dV"), ref.head_backward(*a))),
+                              (d64, Q64, K64, V64, P64)),
                              forbid=package_ops("attention_backward"), hint=hint, passed=passed)
         if failed is not None:
             return failed

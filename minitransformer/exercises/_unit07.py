@@ -27,7 +27,8 @@ def check_lora_backward(fn):
         A, B = g.standard_normal((d_in, r)).astype(dt), g.standard_normal((r, d_out)).astype(dt)
         where = f"x {x.shape}, r={r}, d_out={d_out}, s={s:.3g}, {np.dtype(dt).name}"
         f64 = (lambda a: a.astype(np.float64))
-        expected = dict(zip(("dx", "dA", "dB"), ref.lora_backward(f64(dout), f64(x), f64(A), f64(B), s)))
+        inputs = (f64(dout), f64(x), f64(A), f64(B), s)
+        expected = dict(zip(("dx", "dA", "dB"), ref.lora_backward(*inputs)))
 
         def hint(key, got):
             if np.shape(got) == expected[key].shape and matches(got * s, expected[key]):
@@ -41,6 +42,7 @@ def check_lora_backward(fn):
                 return ": dB = u^T dv with u = x A, the rank-r rows, not x"
             return ""
         _, failed = run_case(name, fn, (dout, x, A, B, s), ("dout", "x", "A", "B", "s"), expected, where,
+                             (lambda *a: dict(zip(("dx", "dA", "dB"), ref.lora_backward(*a))), inputs),
                              forbid=package_ops("lora_backward"), hint=hint, passed=passed)
         if failed is not None:
             return failed
@@ -128,8 +130,9 @@ def check_prefix_backward(fn):
                      (dk[:, :T], "the prefix rows come first: the sequence's own are dk[:, n:]"),
                      (dk[:, :n].sum(axis=1), "sum over the batch axis (0), not over the prefix rows")]
             return next((f"; {t}" for v, t in wrong if matches(got, v)), "")
-        _, failed = run_case(name, fn, (dk, n), ("dk", "n"), expected, where, forbid=package_ops("prompt_backward"),
-                             hint=hint, passed=passed)
+        _, failed = run_case(name, fn, (dk, n), ("dk", "n"), expected, where,
+                             (lambda *a: dict(zip(("dP", "dk_own"), ref.prefix_backward(*a))), (dk, n)),
+                             forbid=package_ops("prompt_backward"), hint=hint, passed=passed)
         if failed is not None:
             return failed
         passed.append(where)
