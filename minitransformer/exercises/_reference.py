@@ -14,12 +14,12 @@ from ..layers import gelu_forward, layernorm_forward, softmax_forward
 # ----------------------------------------------------------------------------- unit 01
 
 
-def count_evaluations(m, n):
-    return 2 * m * n  # every entry moved up once and down once
+def count_evaluations(d1, d2):
+    return 2 * d1 * d2  # every entry of a (d1, d2) input moved up once and down once
 
 
-def best_step(u, f, f3):
-    return (3 * u * f / f3) ** (1 / 3)  # E'(h) = h f3 / 3 - u f / h^2 = 0
+def best_step(u, f0, f3):
+    return (3 * u * f0 / f3) ** (1 / 3)  # E'(h) = h f3 / 3 - u f0 / h^2 = 0
 
 
 def linear_backward(dout, x, W):
