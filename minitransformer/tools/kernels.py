@@ -13,8 +13,8 @@ Each kernel says in one line which trick it uses and what it saves. The tricks:
 - folded constants: k and a of GELU multiplied once into one scalar, AdamW's bias corrections
   folded into two scalars, so each costs one pass instead of two or three.
 - blocks that stay in cache (`chunked`): a long chain of elementwise passes (GELU's, LayerNorm's)
-  runs on one block of about 256 KiB at a time, so every pass after the first
-  reads the core's cache instead of memory. Every element goes through the same operations in the
+  runs on one block of about 1 MiB at a time, so every pass after the first
+  reads the cache instead of memory. Every element goes through the same operations in the
   same order, so the results are bit for bit those of one pass over the whole array.
 
 Attention and the adapter are in kernels_attention.py. Shape legend as in layers.py.
@@ -27,9 +27,12 @@ from .. import layers
 from .runtime import by_rows, for_each, product
 
 
-CHUNK = 1 << 16  # elements per block of `chunked` (256 KiB of float32): several arrays of this size
-# fit in one core's L2 cache; measured on a (16, 128, 1024) GELU forward and backward, one thread's
-# CPU time went from 11.5 to 9.3 ms (blocks of 2^15 to 2^18 elements all gain, 2^12 loses to overhead)
+CHUNK = 1 << 18  # elements per block of `chunked` (1 MiB of float32). Blocks trade passes over
+# memory for Python calls, and the balance is the machine's: on an Intel Xeon, blocks of 2^16 took a
+# (16, 128, 1024) GELU forward and backward from 11.5 to 9.3 ms of one thread's CPU time; on a 2-core
+# AMD EPYC they cost more than they saved (LayerNorm on (16, 128, 256): 0.9 ms in blocks of 2^16, 0.5 in
+# one), and 2^18 took the full step, the adapter step and the forward to 0.92, 0.91 and 0.93 of their
+# 2^16 times (wall time, 2 threads, medians of 8 alternating rounds; bits unchanged)
 
 
 def chunked(kernel):
