@@ -92,8 +92,10 @@ def check_linear_backward(linear_backward):
         x, W, dout = (g.standard_normal(s).astype(dt) for s in ((N, d_in), (d_in, d_out), (N, d_out)))
         where = f"N={N}, d_in={d_in}, d_out={d_out}, {np.dtype(dt).name}"
         inputs = tuple(a.astype(np.float64) for a in (dout, x, W))
-        reference = (lambda *a: dict(zip(("dx", "dW", "db"), ref.linear_backward(*a))), inputs)
-        expected = reference[0](*inputs)
+
+        def reference(*a):
+            return dict(zip(("dx", "dW", "db"), ref.linear_backward(*a)))
+        expected = reference(*inputs)
 
         def hint(key, got):
             if key == "db" and np.shape(got) == (N,):
@@ -106,7 +108,7 @@ def check_linear_backward(linear_backward):
                 return "; divided by N: the rows' gradients add, they are not averaged"
             return ""
         worst, failed = run_case(name, linear_backward, (dout, x, W), ("dout", "x", "W"), expected, where,
-                                 reference, forbid=package_ops("linear_backward"), hint=hint, passed=passed)
+                                 (reference, inputs), forbid=package_ops("linear_backward"), hint=hint, passed=passed)
         if failed is not None:
             return failed
         passed.append(where)
@@ -134,7 +136,11 @@ def check_softmax_cross_entropy_backward(softmax_cross_entropy_backward):
         logits = (scale * g.standard_normal((N, n_cls)) + offset * g.choice([-1, 1], (N, 1))).astype(dt)
         targets = g.integers(0, n_cls, N)
         where = f"N={N}, n_cls={n_cls}, {np.dtype(dt).name}" + (f", logits near +-{offset:g}" if offset else "")
-        expected = ref.cross_entropy_backward(logits, targets)
+        inputs = (logits.astype(np.float64), targets)
+
+        def reference(z, t):
+            return {"dlogits": ref.cross_entropy_backward(z, t)}
+        expected = reference(*inputs)["dlogits"]
 
         def hint(key, got):
             p = ref.softmax(logits.astype(np.float64))
@@ -150,10 +156,7 @@ def check_softmax_cross_entropy_backward(softmax_cross_entropy_backward):
                 return f"; divided by n_cls = {n_cls}: the mean is over the N rows"
             return ""
         _, failed = run_case(name, softmax_cross_entropy_backward, (logits, targets), ("logits", "targets"),
-                             {"dlogits": expected}, where,
-                             (lambda z, t: {"dlogits": ref.cross_entropy_backward(z, t)},
-                              (logits.astype(np.float64), targets)),
-                             forbid=forbid, hint=hint, passed=passed)
+                             {"dlogits": expected}, where, (reference, inputs), forbid=forbid, hint=hint, passed=passed)
         if failed is not None:
             if offset and "NaN or inf" in failed.message:
                 failed.message += (": np.exp overflowed on large logits; subtract each row's maximum "
@@ -218,15 +221,17 @@ def _check_norm(name, fn, centre):
         dout = g.standard_normal((N, C)).astype(dt)
         where = f"N={N}, C={C}, {np.dtype(dt).name}"
         inputs = tuple(a.astype(np.float64) for a in (dout, xhat, rstd, gamma))
-        expected = ref.norm_backward(*inputs, centre)
+
+        def reference(*a):
+            return {"dx": ref.norm_backward(*a, centre)}
+        expected = reference(*inputs)["dx"]
 
         def hint(key, got):
             return _norm_hint(fn, centre, *(a.astype(np.float64) for a in (xhat, rstd, gamma, dout)), got)
         forbid = package_ops("layernorm_backward")
         _, failed = run_case(name, fn, (dout, xhat, rstd, gamma), ("dout", "xhat", "rstd", "gamma"),
-                             {"dx": expected}, where,
-                             (lambda *a: {"dx": ref.norm_backward(*a, centre)}, inputs),
-                             forbid=forbid, hint=hint, passed=passed)
+                             {"dx": expected}, where, (reference, inputs), forbid=forbid, hint=hint,
+                             passed=passed)
         if failed is not None:
             return failed
         passed.append(where)

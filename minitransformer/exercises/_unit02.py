@@ -35,7 +35,11 @@ def check_attention_backward(fn):
         Q, K, V, dctx, P = (a.astype(dt) for a in (Q, K, V, dctx, P))
         where = f"T={T}, hs={hs}, {'causal' if causal else 'no'} mask, {np.dtype(dt).name}"
         Q64, K64, V64, d64, P64 = (a.astype(np.float64) for a in (Q, K, V, dctx, P))
-        expected = dict(zip(("dQ", "dK", "dV"), ref.head_backward(d64, Q64, K64, V64, P64)))
+        inputs = (d64, Q64, K64, V64, P64)
+
+        def reference(*a):
+            return dict(zip(("dQ", "dK", "dV"), ref.head_backward(*a)))
+        expected = reference(*inputs)
 
         def hint(key, got):
             s = math.sqrt(hs)
@@ -64,9 +68,7 @@ def check_attention_backward(fn):
                 return "; you computed P dctx; forward was ctx = P V, so dV = P^T dctx"
             return ""
         _, failed = run_case(name, fn, (dctx, Q, K, V, P), ("dctx", "Q", "K", "V", "P"), expected, where,
-                             (lambda *a: dict(zip(("dQ", "dK", "dV"), ref.head_backward(*a))),
-                              (d64, Q64, K64, V64, P64)),
-                             forbid=package_ops("attention_backward"), hint=hint, passed=passed)
+                             (reference, inputs), forbid=package_ops("attention_backward"), hint=hint, passed=passed)
         if failed is not None:
             return failed
         passed.append(where)

@@ -28,7 +28,10 @@ def check_lora_backward(fn):
         where = f"x {x.shape}, r={r}, d_out={d_out}, s={s:.3g}, {np.dtype(dt).name}"
         f64 = (lambda a: a.astype(np.float64))
         inputs = (f64(dout), f64(x), f64(A), f64(B), s)
-        expected = dict(zip(("dx", "dA", "dB"), ref.lora_backward(*inputs)))
+
+        def reference(*a):
+            return dict(zip(("dx", "dA", "dB"), ref.lora_backward(*a)))
+        expected = reference(*inputs)
 
         def hint(key, got):
             if np.shape(got) == expected[key].shape and matches(got * s, expected[key]):
@@ -42,8 +45,7 @@ def check_lora_backward(fn):
                 return ": dB = u^T dv with u = x A, the rank-r rows, not x"
             return ""
         _, failed = run_case(name, fn, (dout, x, A, B, s), ("dout", "x", "A", "B", "s"), expected, where,
-                             (lambda *a: dict(zip(("dx", "dA", "dB"), ref.lora_backward(*a))), inputs),
-                             forbid=package_ops("lora_backward"), hint=hint, passed=passed)
+                             (reference, inputs), forbid=package_ops("lora_backward"), hint=hint, passed=passed)
         if failed is not None:
             return failed
         passed.append(where)
@@ -120,7 +122,10 @@ def check_prefix_backward(fn):
     for B, n, T, C in cases:
         dk = g.standard_normal((B, n + T, C))
         where = f"B={B}, n={n}, T={T}, C={C}"
-        expected = dict(zip(("dP", "dk_own"), ref.prefix_backward(dk, n)))
+
+        def reference(*a):
+            return dict(zip(("dP", "dk_own"), ref.prefix_backward(*a)))
+        expected = reference(dk, n)
 
         def hint(key, got):
             wrong = [(dk[0, :n], "the same P went in front of every sequence: sum over the batch"),
@@ -131,8 +136,7 @@ def check_prefix_backward(fn):
                      (dk[:, :n].sum(axis=1), "sum over the batch axis (0), not over the prefix rows")]
             return next((f"; {t}" for v, t in wrong if matches(got, v)), "")
         _, failed = run_case(name, fn, (dk, n), ("dk", "n"), expected, where,
-                             (lambda *a: dict(zip(("dP", "dk_own"), ref.prefix_backward(*a))), (dk, n)),
-                             forbid=package_ops("prompt_backward"), hint=hint, passed=passed)
+                             (reference, (dk, n)), forbid=package_ops("prompt_backward"), hint=hint, passed=passed)
         if failed is not None:
             return failed
         passed.append(where)
