@@ -20,6 +20,7 @@ thread, because splitting it would change the order of its additions.
     for_each(fn, items, size)  many independent pieces: the optimizer's parameters (optim.py)
     keep_freed_memory()        fewer page faults; the command line calls it
 """
+import contextlib
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -145,10 +146,7 @@ def products_by_rows(kernel, *arrays, **shared):
     products, softmax between them): BLAS runs on one thread inside each block, as in matmul.
     One hand-off for the whole chain, where one matmul per product would hand off each time."""
     limit = _blas_limit(1) if _blocks(arrays[0]) > 1 else None
-    if limit is None:
-        by_rows(kernel, *arrays, **shared)
-        return
-    with limit:
+    with limit or contextlib.nullcontext():
         by_rows(kernel, *arrays, **shared)
 
 
@@ -175,32 +173,23 @@ def product(a, b, out=None, bias=None, residual=None):
     M, N = a.shape[0], b.shape[1]
     if out is None:
         out = np.empty((M, N), dtype=np.result_type(a, b))
-    k = min(threads(), max(M, N) // ALIGN)
-    limit = _blas_limit(1) if k > 1 and 2 * M * N * a.shape[1] >= MIN_PRODUCT_FLOPS else None
-    if limit is None:
-        np.matmul(a, b, out=out)
-        if bias is not None:
-            out += bias
-        if residual is not None:
-            out += residual
-        return out
     along_rows = M >= N
     n = M if along_rows else N
-    cuts = [0] + [min(n, -(-n * i // (k * ALIGN)) * ALIGN) for i in range(1, k)] + [n]
 
-    def block(lo, hi):
-        if along_rows:
-            np.matmul(a[lo:hi], b, out=out[lo:hi])
-            if bias is not None:
-                out[lo:hi] += bias
-            if residual is not None:
-                out[lo:hi] += residual[lo:hi]
-        else:
-            np.matmul(a, b[:, lo:hi], out=out[:, lo:hi])
-            if bias is not None:
-                out[:, lo:hi] += bias[lo:hi]
-            if residual is not None:
-                out[:, lo:hi] += residual[:, lo:hi]
+    def block(lo, hi):  # rows lo:hi of the output, or its columns lo:hi
+        r, c = (slice(lo, hi), slice(None)) if along_rows else (slice(None), slice(lo, hi))
+        np.matmul(a[r], b[:, c], out=out[r, c])
+        if bias is not None:
+            out[r, c] += bias[c]
+        if residual is not None:
+            out[r, c] += residual[r, c]
+
+    k = min(threads(), n // ALIGN)
+    limit = _blas_limit(1) if k > 1 and 2 * M * N * a.shape[1] >= MIN_PRODUCT_FLOPS else None
+    if limit is None:
+        block(0, n)  # one BLAS call, on BLAS's own threads
+        return out
+    cuts = [0] + [min(n, -(-n * i // (k * ALIGN)) * ALIGN) for i in range(1, k)] + [n]
     with limit:
         _in_parallel([lambda lo=lo, hi=hi: block(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo])
     return out
