@@ -1,6 +1,8 @@
 """runtime.py and the fast kernels that use it: splitting elementwise work among threads gives
 bit-for-bit the one-thread result, errors come back to the caller, and the settings are checked."""
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -119,6 +121,38 @@ def test_a_kernels_error_reaches_the_caller(split_everything):
             raise FloatingPointError("in the second block")
     with pytest.raises(FloatingPointError, match="second block"):
         runtime.by_rows(kernel, a)
+
+
+def test_each_thread_runs_its_own_block_and_the_workers_are_reused(split_everything):
+    runtime.set_threads(3)
+    seen = []
+
+    def kernel(block):
+        seen.append((threading.get_ident(), block.shape[0]))
+    for _ in range(3):
+        runtime.by_rows(kernel, np.zeros((9, 2)))
+    assert sorted(n for _, n in seen) == [3] * 9  # every row once per call, three blocks of three
+    assert len({ident for ident, _ in seen}) == 3  # three threads, the same ones every call
+
+
+def test_a_call_from_inside_a_job_runs_on_its_own_thread_and_does_not_wait_forever(split_everything):
+    runtime.set_threads(2)
+    inner = np.zeros((6, 2))
+
+    def kernel(block):  # each block hands work over again while the workers are busy
+        runtime.by_rows(lambda b: b.__iadd__(1), inner[:3] if block[0, 0] == 0 else inner[3:])
+    runtime.by_rows(kernel, np.arange(8.0).reshape(4, 2))
+    assert np.array_equal(inner, np.ones((6, 2)))
+
+
+def test_two_user_threads_calling_at_once_both_get_their_results(split_everything):
+    runtime.set_threads(2)
+    x = np.random.default_rng(0).standard_normal((64, 33)).astype(np.float32)
+    one = kernels.gelu_forward(x)[0]
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: kernels.gelu_forward(x)[0], range(40)))
+    for out in outs:
+        assert np.array_equal(out, one)
 
 
 def test_arrays_of_different_lengths_are_refused(split_everything):

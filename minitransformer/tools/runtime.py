@@ -23,7 +23,7 @@ thread, because splitting it would change the order of its additions.
 import contextlib
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor, wait
+import threading
 
 # After each matrix product, OpenBLAS's worker threads wait for the next one by spinning on
 # a core for about 0.1 s. In that time they take the core from our own elementwise threads.
@@ -44,8 +44,9 @@ MIN_SIZE = 1 << 18  # elements (1 MiB of float32): below this, handing work to a
 
 MAX_THREADS = 256  # more threads than this only cost memory and hand-offs, on any machine
 _threads = None  # how many threads by_rows uses (None: not decided yet, see threads())
-_pool = None  # the worker threads, made on first use
+_pool = None  # the worker threads (a list of _Worker), made on first use
 _pool_pid = None  # the process that made them: a forked child must make its own
+_busy = threading.Lock()  # held while the workers run one caller's jobs
 _memory = "returned to the OS (glibc's default)"  # what keep_freed_memory did, in words
 
 
@@ -69,7 +70,8 @@ def set_threads(n):
     global _threads, _pool
     _threads = _check_threads(n, "n")
     if _pool is not None:
-        _pool.shutdown()
+        for worker in _pool:
+            worker.stop()
         _pool = None
 
 
@@ -80,11 +82,51 @@ def _check_threads(n, name):
 
 
 def _workers():
-    global _pool, _pool_pid
+    global _pool, _pool_pid, _busy
     if _pool is None or _pool_pid != os.getpid():
-        _pool = ThreadPoolExecutor(max_workers=threads() - 1, thread_name_prefix="minitransformer")
-        _pool_pid = os.getpid()
+        _pool = [_Worker() for _ in range(threads() - 1)]
+        _pool_pid, _busy = os.getpid(), threading.Lock()
     return _pool
+
+
+class _Worker:
+    """A thread that runs one job at a time, handed over and back through two locks.
+
+    A step hands work to the threads about 150 times. concurrent.futures costs about 50 us per
+    hand-off (a Future, a queue and a condition each time); two locks cost about 13 us."""
+
+    def __init__(self):
+        self._go, self._done = threading.Lock(), threading.Lock()
+        self._go.acquire()  # held: the thread waits for it
+        self._done.acquire()  # held: the caller waits for it
+        self._job, self._error = None, None
+        threading.Thread(target=self._run, daemon=True, name="minitransformer").start()
+
+    def start(self, job):
+        self._job = job
+        self._go.release()
+
+    def finish(self):
+        """Wait until the job is done; its error, if any, is raised here."""
+        self._done.acquire()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def stop(self):
+        self.start(None)
+
+    def _run(self):
+        while True:
+            self._go.acquire()
+            job, self._job = self._job, None
+            if job is None:
+                return
+            try:
+                job()
+            except BaseException as e:  # handed to the caller, which raises it
+                self._error = e
+            self._done.release()
 
 
 def by_rows(kernel, *arrays, **shared):
@@ -120,14 +162,32 @@ def _blocks(first):
 
 def _in_parallel(jobs):
     """Run the zero-argument callables at once: the first on the calling thread, the rest on
-    the workers. Returns when all are done; a job's error is raised here."""
-    futures = [_workers().submit(job) for job in jobs[1:]]
+    the workers. Returns when all are done; a job's error is raised here. A call made while
+    the workers are busy (from a job, or from a second thread of the user's) runs its jobs one
+    after another on the calling thread."""
+    workers = _workers()
+    if len(jobs) - 1 > len(workers) or not _busy.acquire(blocking=False):
+        for job in jobs:
+            job()
+        return
     try:
-        jobs[0]()
+        started = []
+        try:
+            for worker, job in zip(workers, jobs[1:]):
+                worker.start(job)
+                started.append(worker)
+            jobs[0]()
+        finally:
+            errors = []
+            for worker in started:  # no job may still be writing when we return, or raise
+                try:
+                    worker.finish()
+                except BaseException as e:
+                    errors.append(e)
+        if errors:
+            raise errors[0]
     finally:
-        wait(futures)  # no job may still be writing when we return, or raise
-    for f in futures:
-        f.result()  # re-raises a worker's exception here
+        _busy.release()
 
 
 def matmul(a, b, out):
