@@ -251,8 +251,11 @@ PyTorch's CPU build) builds the same model in PyTorch from the same weights
 (`minitransformer/tools/torch_twin.py`: every parameter under the same name; F.linear, F.layer_norm,
 F.gelu, the attention as its products and softmax, F.cross_entropy, torch.optim.AdamW with the decay
 on matrices only), checks in float64 that both give the same loss and gradients, then times both in
-float32, each case's two runs back to back in every repetition. The ratio is taken repetition by
-repetition; the table gives its median and quartiles.
+float32, case by case: all the repetitions of one case, then the next, the case's two runs back to
+back in every repetition, which goes first alternating. (One repetition of every case after another
+would put each run after a different workload, and what ran just before changes a run's time: PyTorch's
+forward right after a PyTorch training step measured 113 ms, after a forward 120-125 ms.) The ratio is
+taken repetition by repetition; the table gives its median and quartiles.
 """
 
 
