@@ -123,26 +123,28 @@ def test_a_kernels_error_reaches_the_caller(split_everything):
         runtime.by_rows(kernel, a)
 
 
-def test_each_thread_runs_its_own_block_and_the_workers_are_reused(split_everything):
+def test_every_row_is_done_once_and_the_same_threads_do_it_every_call(split_everything):
     runtime.set_threads(3)
-    seen = []
+    seen, idents = [], set()
 
     def kernel(block):
-        seen.append((threading.get_ident(), block.shape[0]))
+        seen.extend(block[:, 0].tolist())
+        idents.add(threading.get_ident())
     for _ in range(3):
-        runtime.by_rows(kernel, np.zeros((9, 2)))
-    assert sorted(n for _, n in seen) == [3] * 9  # every row once per call, three blocks of three
-    assert len({ident for ident, _ in seen}) == 3  # three threads, the same ones every call
+        runtime.by_rows(kernel, np.arange(18.0).reshape(9, 2))
+    assert sorted(seen) == sorted(np.arange(0.0, 18.0, 2).tolist() * 3)  # every row once per call
+    assert len(idents) <= 3  # the calling thread and two workers, the same ones every call
 
 
 def test_a_call_from_inside_a_job_runs_on_its_own_thread_and_does_not_wait_forever(split_everything):
     runtime.set_threads(2)
-    inner = np.zeros((6, 2))
+    inner = np.zeros((4, 2, 3))
 
-    def kernel(block):  # each block hands work over again while the workers are busy
-        runtime.by_rows(lambda b: b.__iadd__(1), inner[:3] if block[0, 0] == 0 else inner[3:])
-    runtime.by_rows(kernel, np.arange(8.0).reshape(4, 2))
-    assert np.array_equal(inner, np.ones((6, 2)))
+    def kernel(block):  # each row hands work over again while the workers are busy
+        for i in block[:, 0].astype(int):
+            runtime.by_rows(lambda b: b.__iadd__(1), inner[i])
+    runtime.by_rows(kernel, np.arange(4.0).repeat(2).reshape(4, 2))
+    assert np.array_equal(inner, np.ones((4, 2, 3)))
 
 
 def test_two_user_threads_calling_at_once_both_get_their_results(split_everything):
