@@ -31,10 +31,9 @@ def switch_setup():
 
 
 def checkers():
-    for unit in UNITS:
-        for name in unit.__all__:
-            if name.startswith("check_"):
-                yield pytest.param(unit, name, id=f"{unit.__name__[-6:]}.{name}")
+    """Every unit's check_ functions, as pytest parameters (a list: pytest takes no generators)."""
+    return [pytest.param(unit, name, id=f"{unit.__name__[-6:]}.{name}")
+            for unit in UNITS for name in unit.__all__ if name.startswith("check_")]
 
 
 def run(unit, name, student):
