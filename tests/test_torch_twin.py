@@ -7,7 +7,7 @@ import pytest
 from minitransformer import backend, gradcheck
 from minitransformer.tools import gradcheck_command
 from minitransformer.__main__ import main as cli
-from minitransformer.tools import bench, torch_twin
+from minitransformer.tools import bench, torch_ops, torch_twin
 
 VARIANTS = gradcheck_command.model_variants()
 
@@ -107,7 +107,45 @@ def test_bench_against_torch_checks_then_times_every_case(capsys):
     for c in res["cases"].values():
         assert c["numpy_ms"] > 0 and c["torch_ms"] > 0
         assert c["ratio_min"] <= c["ratio_q1"] <= c["ratio"] <= c["ratio_q3"] <= c["ratio_max"]
+    assert set(res["operations"]) == {"linear (C -> F)", "layernorm", "gelu (B, T, F)", "softmax (B, H, T, T)",
+                                      "attention", "adapter"}
     text = torch_twin.table(res)
-    assert all(f"| {case} |" in text for case in torch_twin.CASES)
+    assert all(f"| {case} |" in text for case in torch_twin.CASES + tuple(res["operations"]))
     assert cli(["bench", "--quick", "--against", "torch", "--repeats", "2"]) == 0
     assert "NumPy / PyTorch" in capsys.readouterr().out
+
+
+def test_side_by_side_runs_each_library_in_blocks_of_its_own():
+    calls = []
+    res = torch_ops.side_by_side(lambda: calls.append("n"), lambda: calls.append("t"), repeats=10)
+    blocks = res["blocks"]
+    assert blocks == 3  # 10 timed runs each, in blocks of 4
+    runs = "".join(calls)
+    block = 1 + torch_ops.BLOCK  # one untimed run, then the timed ones
+    assert len(runs) == 2 * blocks * block
+    expected = "".join(("n" * block + "t" * block) if p % 2 == 0 else ("t" * block + "n" * block)
+                       for p in range(blocks))
+    assert runs == expected  # NumPy first, then PyTorch first, ...
+    assert res["ratio_min"] <= res["ratio_q1"] <= res["ratio"] <= res["ratio_q3"] <= res["ratio_max"]
+
+
+def test_each_operation_compared_computes_the_same_gradients_in_both_libraries():
+    """The per-operation table times the same work on both sides: every gradient agrees (float32)."""
+    pytest.importorskip("torch")
+    b = bench.QUICK
+    a = torch_ops._arrays(b)
+    ours, theirs = torch_ops._numpy_calls(a, b.n_heads), torch_ops._torch_calls(a, b.n_heads)
+    order = {"linear (C -> F)": ["W", "b"], "layernorm": ["gamma", "beta"], "gelu (B, T, F)": [],
+             "softmax (B, H, T, T)": [], "attention": [f"{k}_{n}" for n in "qkvo" for k in "Wb"],
+             "adapter": ["W_down", "b_down", "W_up", "b_up"]}
+    assert set(order) == set(ours) == set(theirs)
+    with backend.using("fast"):
+        for name, names in order.items():
+            dx, grads = ours[name]()
+            got = [dx] + [grads[n] for n in names]
+            want = [g.numpy() for g in theirs[name]()]
+            want = want[:1] + [g.T if n.startswith("W") else g for n, g in zip(names, want[1:])]  # PyTorch: (out, in)
+            assert len(got) == len(want), name
+            for mine, other in zip(got, want):
+                assert mine.shape == other.shape, name
+                assert np.max(np.abs(mine - other)) <= 1e-4 * max(1.0, np.max(np.abs(other))), name

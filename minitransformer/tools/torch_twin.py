@@ -18,8 +18,6 @@ torch.optim.AdamW), the attention as its matrix products and softmax, as attenti
 Dropout replays the model's masks: the same generator draws the same arrays in the same order.
 """
 import math
-import statistics
-import time
 
 import numpy as np
 
@@ -333,15 +331,14 @@ def check_float64(b):
 
 
 def against_torch(b, repeats=None, log=print):
-    """Check (float64), then time the NumPy fast path against PyTorch eager (float32), case by case:
-    the case's two runs back to back in every repetition, which goes first alternating. Returns a
+    """Check (float64), then time the NumPy fast path against PyTorch eager (float32): each case
+    (full step, adapter step, LayerNorm-frozen step, forward) by torch_ops.side_by_side, each library
+    in runs of its own, then each fast kernel beside PyTorch's operation (torch_ops). Returns a
     JSON-ready dict.
 
-    Case by case, not one repetition of every case after another: a run's time depends on what ran
-    just before it. PyTorch's forward right after a PyTorch training step took 113 ms where after a
-    forward of either library it took 120-125 ms, and NumPy's right after a PyTorch step 125 ms where
-    after its own forward 116 ms (medians of 12, one process, 2 cores). Round-robin over the cases
-    put each forward after the other library's step and charged that to the ratio."""
+    Case by case: a run's time depends on what ran just before it. With one repetition of every
+    case after another, PyTorch's forward right after a PyTorch training step took 113 ms where
+    after a forward of either library it took 120-125 ms (medians of 12, one process, 2 cores)."""
     import os
 
     import torch
@@ -349,6 +346,7 @@ def against_torch(b, repeats=None, log=print):
     from .. import backend
     from . import runtime
     from .bench import make_batch, train_step
+    from .torch_ops import operation_times, side_by_side
     torch.set_num_threads(runtime.threads())  # as many threads as the fast path's (bench --threads)
     checks = check_float64(b)
     worst = max(max(v) for v in checks.values())
@@ -376,35 +374,21 @@ def against_torch(b, repeats=None, log=print):
                 twin.loss(ids, labels, head="cls")[1].backward()
                 topt.step()
         jobs[case] = (np_job, torch_job)
-    repeats = repeats or max(b.repeats, 15)
-    times = {case: ([], []) for case in jobs}
+    repeats = repeats or max(b.repeats, 16)
     load = os.getloadavg()[0]
     with backend.using("fast"):
-        for case, pair in jobs.items():  # case by case: what ran just before a run changes its time
-            for _ in range(b.warmup + 1):
-                pair[0](), pair[1]()
-            for rep in range(repeats):
-                order = pair if rep % 2 == 0 else pair[::-1]  # who goes first alternates
-                for fn in order:
-                    t0 = time.perf_counter()
-                    fn()
-                    dt = time.perf_counter() - t0
-                    times[case][0 if fn is pair[0] else 1].append(dt)
+        timed = {case: side_by_side(*pair, repeats) for case, pair in jobs.items()}
+    operations = operation_times(b, repeats)
     res = {"checks": {c: {"loss_difference": v[0], "worst_gradient_error": v[1]} for c, v in checks.items()},
            "check_passed": worst <= THRESHOLD, "repeats": repeats, "torch": torch.__version__,
-           "torch_threads": torch.get_num_threads(), "load_average_before_after": [load, os.getloadavg()[0]],
-           "cases": {}}
-    for case, (tn, tt) in times.items():
-        ratios = sorted(a / c for a, c in zip(tn, tt))
-        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
-        res["cases"][case] = {"numpy_ms": 1e3 * statistics.median(tn), "torch_ms": 1e3 * statistics.median(tt),
-                              "ratio": statistics.median(ratios), "ratio_q1": q[0], "ratio_q3": q[2],
-                              "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+           "torch_threads": torch.get_num_threads(), "load_average_before_after": [load, os.getloadavg()[0]]}
+    res["cases"], res["operations"] = timed, operations
     return res
 
 
 def table(res):
-    """The comparison as printed (and on docs/performance.md)."""
+    """The comparison as printed (and on docs/performance.md): the steps, then the operations."""
+    from .torch_ops import BLOCK, table as operations_table
     lines = ["| | NumPy fast path | PyTorch eager | NumPy / PyTorch (median; quartiles) |",
              "|---|---:|---:|---:|"]
     for case, c in res["cases"].items():
@@ -412,10 +396,13 @@ def table(res):
                      f"{c['ratio']:.2f} ({c['ratio_q1']:.2f}-{c['ratio_q3']:.2f}) |")
     load = res["load_average_before_after"]
     n = res["torch_threads"]
-    lines.append(f"\nPyTorch {res['torch']} ({n} thread{'s' if n > 1 else ''}), float32, eager; {res['repeats']} "
-                 f"repetitions case by case, each case's two runs back to back (which goes first alternates); "
-                 f"ratios are per repetition. Load average {load[0]:.1f} before, {load[1]:.1f} after.")
+    blocks = next(iter(res["cases"].values()))["blocks"]
+    lines.append(f"\nPyTorch {res['torch']} ({n} thread{'s' if n > 1 else ''}), float32, eager; case by case, each "
+                 f"library in {blocks} blocks of {BLOCK} timed runs after one untimed, the blocks alternating; the "
+                 f"ratio over pairs of neighbouring blocks. Load average {load[0]:.1f} before, {load[1]:.1f} after.")
     worst = max(max(c.values()) for c in res["checks"].values())
     lines.append(f"Same model, same weights: in float64 the loss and every gradient agree to {worst:.1e} "
                  f"(relative, worst of the four cases).")
+    if res.get("operations"):
+        lines.append("\n" + operations_table(res["operations"]))
     return "\n".join(lines)
