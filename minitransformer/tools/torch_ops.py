@@ -37,7 +37,7 @@ def _arrays(b, seed=0):
 def _numpy_calls(a, H):
     """{operation: zero-argument call} on the fast kernels: forward, then backward."""
     from . import kernels, kernels_attention as ka
-    attention_w = {k: a[k] for k in a if k[:2] in ("W_", "b_") and k[2] in "qkvo"}
+    attention_w = {f"{k}_{n}": a[f"{k}_{n}"] for n in "qkvo" for k in "Wb"}
     adapter_w = {k: a[k] for k in ("W_down", "b_down", "W_up", "b_up")}
 
     def both(forward, backward, args, dout):
