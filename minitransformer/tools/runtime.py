@@ -92,8 +92,9 @@ def _workers():
 class _Worker:
     """A thread that runs one job at a time, handed over and back through two locks.
 
-    A step hands work to the threads about 150 times. concurrent.futures costs about 50 us per
-    hand-off (a Future, a queue and a condition each time); two locks cost about 13 us."""
+    A step hands work to the threads about 125 times. concurrent.futures made a Future, a queue
+    entry and a condition for each: side by side in one process an empty hand-off took 75 us that
+    way and 21 us with two locks."""
 
     def __init__(self):
         self._go, self._done = threading.Lock(), threading.Lock()
