@@ -133,8 +133,8 @@ def test_each_operation_compared_computes_the_same_gradients_in_both_libraries()
     """The per-operation table times the same work on both sides: every gradient agrees (float32)."""
     pytest.importorskip("torch")
     b = bench.QUICK
-    a = torch_ops._arrays(b)
-    ours, theirs = torch_ops._numpy_calls(a, b.n_heads), torch_ops._torch_calls(a, b.n_heads)
+    a = bench.operation_arrays(b)
+    ours, theirs = torch_ops.numpy_calls(b, a), torch_ops.torch_calls(b, a)
     order = {"linear (C -> F)": ["W", "b"], "layernorm": ["gamma", "beta"], "gelu (B, T, F)": [],
              "softmax (B, H, T, T)": [], "attention": [f"{k}_{n}" for n in "qkvo" for k in "Wb"],
              "adapter": ["W_down", "b_down", "W_up", "b_up"]}

@@ -220,48 +220,60 @@ def on_path(path, fn):
     return run
 
 
-def operation_inputs(b, seed=0):
-    """{operation: (reference call, fast call)} on the benchmark's shapes: every operation that
-    has a fast kernel (backend.table("fast")), each forward with its own backward."""
-    from .. import adapters, attention, layers
+def operation_arrays(b, seed=0):
+    """The float32 inputs and output gradients of operation_inputs, by name, at b's sizes (the
+    comparison with PyTorch, torch_ops.py, runs its operations on the same arrays)."""
     from ..attention import attention_bias
-    from . import kernels, kernels_attention
     rng = np.random.default_rng(seed)
     B, T, C, F, H, m = b.batch, b.seq_len, b.d_model, b.d_ff, b.n_heads, b.bottleneck
 
     def randn(*shape):
         return rng.standard_normal(shape, dtype=np.float32)
-    x, xf, W, Wf, bias = randn(B, T, C), randn(B, T, F), randn(C, F), randn(F), randn(B, T, C)
-    g, be, att = randn(C), randn(C), randn(B, H, T, T)
-    w = {f"{k}_{n}": randn(C, C) * 0.05 if k == "W" else randn(C) for n in "qkvo" for k in "Wb"}
-    aw = {"W_down": randn(C, m) * 0.05, "b_down": randn(m), "W_up": randn(m, C) * 0.05, "b_up": randn(C)}
-    mask = attention_bias(T, False, np.ones((B, T), bool), np.float32)
-    p = [randn(F, C) for _ in range(3)]
+    a = {"x": randn(B, T, C), "xf": randn(B, T, F), "W": randn(C, F), "bf": randn(F), "dx": randn(B, T, C),
+         "gamma": randn(C), "beta": randn(C), "att": randn(B, H, T, T)}
+    a.update({f"{k}_{n}": randn(C, C) * 0.05 if k == "W" else randn(C) for n in "qkvo" for k in "Wb"})
+    a.update({"W_down": randn(C, m) * 0.05, "b_down": randn(m), "W_up": randn(m, C) * 0.05, "b_up": randn(C)})
+    a["mask"] = attention_bias(T, False, np.ones((B, T), bool), np.float32)  # (B,1,1,T): padding, none hidden
+    return a
+
+
+def operation_inputs(b, a=None):
+    """{operation: (reference call, fast call)} on the benchmark's shapes (the arrays `a` of
+    operation_arrays): every operation that has a fast kernel (backend.table("fast")), each
+    forward with its own backward; a call returns the backward's (dx, {name: gradient})."""
+    from .. import adapters, attention, layers
+    from . import kernels, kernels_attention
+    a = operation_arrays(b) if a is None else a
+    H, x, xf, dx = b.n_heads, a["x"], a["xf"], a["dx"]
+    w = {f"{k}_{n}": a[f"{k}_{n}"] for n in "qkvo" for k in "Wb"}
+    aw = {k: a[k] for k in ("W_down", "b_down", "W_up", "b_up")}
 
     def pair(ref, fast, fwd_args, dout):
         """forward then backward, for both paths"""
         def both(fw, bw):
             def go():
                 out, cache = fw(*fwd_args)
-                bw(dout, cache)
+                return bw(dout, cache)
             return go
         return both(*ref), both(*fast)
     ops = {
         "linear (C -> F)": pair((layers.linear_forward, layers.linear_backward),
-                                (kernels.linear_forward, kernels.linear_backward), (x, W, Wf), xf),
+                                (kernels.linear_forward, kernels.linear_backward), (x, a["W"], a["bf"]), xf),
         "layernorm": pair((layers.layernorm_forward, layers.layernorm_backward),
-                          (kernels.layernorm_forward, kernels.layernorm_backward), (x, g, be), bias),
+                          (kernels.layernorm_forward, kernels.layernorm_backward), (x, a["gamma"], a["beta"]), dx),
         "gelu (B, T, F)": pair((layers.gelu_forward, layers.gelu_backward),
                                (kernels.gelu_forward, kernels.gelu_backward), (xf,), xf),
         "softmax (B, H, T, T)": pair((layers.softmax_forward, layers.softmax_backward),
-                                     (kernels.softmax_forward, kernels.softmax_backward), (att,), att),
-        "attention": pair((lambda x: attention.attention_forward(x, w, H, mask), attention.attention_backward),
-                          (lambda x: kernels_attention.attention_forward(x, w, H, mask),
-                           kernels_attention.attention_backward), (x,), bias),
+                                     (kernels.softmax_forward, kernels.softmax_backward), (a["att"],), a["att"]),
+        "attention": pair((lambda x: attention.attention_forward(x, w, H, a["mask"]), attention.attention_backward),
+                          (lambda x: kernels_attention.attention_forward(x, w, H, a["mask"]),
+                           kernels_attention.attention_backward), (x,), dx),
         "adapter": pair((lambda h: adapters.adapter_forward(h, aw), adapters.adapter_backward),
                         (lambda h: kernels_attention.adapter_forward(h, aw), kernels_attention.adapter_backward),
-                        (x,), bias),
+                        (x,), dx),
     }
+    rng = np.random.default_rng(1)
+    p = [rng.standard_normal((b.d_ff, b.d_model), dtype=np.float32) for _ in range(3)]
     states = [[q.copy(), np.zeros_like(q), np.zeros_like(q)] for q in p]
     ops["adamw update (3 x (F, C))"] = tuple(
         (lambda upd=upd: [upd(w_, p[0], m_, v_, 1, 1e-3, 0.9, 0.999, 1e-8, 0.01) for w_, m_, v_ in states])

@@ -5,69 +5,41 @@
     side_by_side(ours, theirs, repeats)   the timing protocol, the steps' too
     table(res)           the rows printed under the steps' table
 
-Every operation runs its forward then its backward, on the same float32 arrays in both libraries:
-the NumPy side calls the fast kernels (kernels.py, kernels_attention.py) with the backward's
-output gradient, the PyTorch side the functions the twin uses (F.linear, F.layer_norm, F.gelu,
-torch.softmax, the attention as its products) and torch.autograd.grad with the same gradient.
+Every operation runs its forward then its backward, on the same float32 arrays in both libraries
+(bench.operation_arrays): the NumPy side is bench.operation_inputs' fast call, the PyTorch side the
+functions the twin uses (F.linear, F.layer_norm, F.gelu, torch.softmax, the attention as its
+products) and torch.autograd.grad with the same output gradient.
 Timed as the steps are (side_by_side): each library in runs of its own. Needs PyTorch.
 """
 import math
 import statistics
 import time
 
-import numpy as np
+OPERATIONS = ("linear (C -> F)", "layernorm", "gelu (B, T, F)", "softmax (B, H, T, T)", "attention", "adapter")
 
 
-def _arrays(b, seed=0):
-    """The inputs and output gradients, float32, at b's sizes."""
-    rng = np.random.default_rng(seed)
-    B, T, C, F, H, m = b.batch, b.seq_len, b.d_model, b.d_ff, b.n_heads, b.bottleneck
-
-    def randn(*shape, scale=1.0):
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-    a = {"x": randn(B, T, C), "xf": randn(B, T, F), "dx": randn(B, T, C), "dxf": randn(B, T, F),
-         "W": randn(C, F, scale=0.05), "bf": randn(F), "gamma": randn(C), "beta": randn(C),
-         "att": randn(B, H, T, T)}
-    a.update({f"{k}_{n}": randn(C, C, scale=0.05) if k == "W" else randn(C) for n in "qkvo" for k in "Wb"})
-    a.update({"W_down": randn(C, m, scale=0.05), "b_down": randn(m), "W_up": randn(m, C, scale=0.05),
-              "b_up": randn(C)})
-    return a
+def numpy_calls(b, a):
+    """{operation: zero-argument call} on the fast kernels, bench.operation_inputs' own: forward,
+    then backward, which the call returns."""
+    from .bench import operation_inputs
+    return {name: fast for name, (_, fast) in operation_inputs(b, a).items() if name in OPERATIONS}
 
 
-def _numpy_calls(a, H):
-    """{operation: zero-argument call} on the fast kernels: forward, then backward."""
-    from . import kernels, kernels_attention as ka
-    attention_w = {f"{k}_{n}": a[f"{k}_{n}"] for n in "qkvo" for k in "Wb"}
-    adapter_w = {k: a[k] for k in ("W_down", "b_down", "W_up", "b_up")}
-
-    def both(forward, backward, args, dout):
-        def go():  # -> the backward's (dx, {name: gradient})
-            _, cache = forward(*args)
-            return backward(dout, cache)
-        return go
-    return {
-        "linear (C -> F)": both(kernels.linear_forward, kernels.linear_backward, (a["x"], a["W"], a["bf"]), a["dxf"]),
-        "layernorm": both(kernels.layernorm_forward, kernels.layernorm_backward,
-                          (a["x"], a["gamma"], a["beta"]), a["dx"]),
-        "gelu (B, T, F)": both(kernels.gelu_forward, kernels.gelu_backward, (a["xf"],), a["dxf"]),
-        "softmax (B, H, T, T)": both(kernels.softmax_forward, kernels.softmax_backward, (a["att"],), a["att"]),
-        "attention": both(lambda x: ka.attention_forward(x, attention_w, H), ka.attention_backward,
-                          (a["x"],), a["dx"]),
-        "adapter": both(lambda h: ka.adapter_forward(h, adapter_w), ka.adapter_backward, (a["x"],), a["dx"]),
-    }
-
-
-def _torch_calls(a, H):
-    """{operation: zero-argument call} in PyTorch: forward, then autograd's backward."""
+def torch_calls(b, a):
+    """{operation: zero-argument call} in PyTorch on the same arrays: forward, then autograd's
+    backward, which the call returns (the gradients of the inputs, then of the weights)."""
     import torch
     import torch.nn.functional as F
-    t = {k: torch.from_numpy(v.T.copy() if k.startswith("W") else v).requires_grad_(not k.startswith("d"))
-         for k, v in a.items()}  # weights as PyTorch keeps them: (out, in)
+    H = b.n_heads
+    t = {k: torch.from_numpy(v.T.copy() if k.startswith("W") else v) for k, v in a.items()}  # weights: (out, in)
+    for k in t:
+        t[k].requires_grad_(k not in ("dx", "mask"))
+    x, xf, dx = t["x"], t["xf"], t["dx"]
 
     def attention(x):
         B, T, C = x.shape
         q, k, v = (F.linear(x, t[f"W_{n}"], t[f"b_{n}"]).view(B, T, H, C // H).transpose(1, 2) for n in "qkv")
-        s = q @ k.transpose(-1, -2) * (1 / math.sqrt(C // H))  # (B,H,T,T)
+        s = q @ k.transpose(-1, -2) * (1 / math.sqrt(C // H)) + t["mask"]  # (B,H,T,T)
         ctx = (torch.softmax(s, dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
         return F.linear(ctx, t["W_o"], t["b_o"])
 
@@ -76,20 +48,17 @@ def _torch_calls(a, H):
         return h + F.linear(F.gelu(z, approximate="tanh"), t["W_up"], t["b_up"])
 
     def both(forward, inputs, dout, weights=()):
-        def go():  # -> the gradients of the inputs, then of the weights
+        def go():
             out = forward(*inputs)
-            return torch.autograd.grad(out, [*inputs, *weights], dout)  # every gradient NumPy's gives
+            return torch.autograd.grad(out, [*inputs, *weights], dout.detach())  # every gradient NumPy's gives
         return go
-    attention_w = [t[f"{k}_{n}"] for n in "qkvo" for k in "Wb"]
-    adapter_w = [t[k] for k in ("W_down", "b_down", "W_up", "b_up")]
-    x, dx, dxf = t["x"], t["dx"], t["dxf"]
     return {
-        "linear (C -> F)": both(F.linear, [x, t["W"], t["bf"]], dxf),
+        "linear (C -> F)": both(F.linear, [x, t["W"], t["bf"]], xf),
         "layernorm": both(lambda x, g, b_: F.layer_norm(x, (x.shape[-1],), g, b_), [x, t["gamma"], t["beta"]], dx),
-        "gelu (B, T, F)": both(lambda x: F.gelu(x, approximate="tanh"), [t["xf"]], dxf),
-        "softmax (B, H, T, T)": both(lambda s: torch.softmax(s, dim=-1), [t["att"]], t["att"].detach()),
-        "attention": both(attention, [x], dx, attention_w),
-        "adapter": both(adapter, [x], dx, adapter_w),
+        "gelu (B, T, F)": both(lambda x: F.gelu(x, approximate="tanh"), [xf], xf),
+        "softmax (B, H, T, T)": both(lambda s: torch.softmax(s, dim=-1), [t["att"]], t["att"]),
+        "attention": both(attention, [x], dx, [t[f"{k}_{n}"] for n in "qkvo" for k in "Wb"]),
+        "adapter": both(adapter, [x], dx, [t[k] for k in ("W_down", "b_down", "W_up", "b_up")]),
     }
 
 
@@ -137,8 +106,9 @@ def operation_times(b, repeats=None):
     from .. import backend
     from . import runtime
     torch.set_num_threads(runtime.threads())  # as many threads as the fast path's
-    a = _arrays(b)
-    ours, theirs = _numpy_calls(a, b.n_heads), _torch_calls(a, b.n_heads)
+    from .bench import operation_arrays
+    a = operation_arrays(b)
+    ours, theirs = numpy_calls(b, a), torch_calls(b, a)
     with backend.using("fast"):
         return {name: side_by_side(ours[name], theirs[name], repeats or max(b.repeats, 16)) for name in ours}
 
