@@ -144,6 +144,29 @@ def test_softmax_with_masked_entries_and_rows(size, dtype):
     assert_close(kernels.softmax_backward(d, cf), layers.softmax_backward(d, cr), dtype, "dx")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 7), (4, 1), (2, 0, 6), (6, 0), (1, 128)])
+def test_row_max_is_the_rows_maximum_bit_for_bit(dtype, shape):
+    """row_max (np.maximum.reduceat over the rows laid end to end) against x.max(axis=-1),
+    with -inf, NaN and signed zeros in rows, on arrays and on views that are not contiguous."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(dtype)
+    if x.size:
+        flat = x.reshape(-1, shape[-1])
+        flat[0] = -np.inf  # a fully masked row
+        flat[-1, 0] = np.nan
+        flat[len(flat) // 2] = -0.0
+    for a in (x, x[..., ::-1], np.swapaxes(x, 0, -1).copy().swapaxes(0, -1)):
+        if shape[-1] == 0:  # rows of nothing have no maximum, and both say so
+            for fn in (kernels.row_max, lambda a: a.max(axis=-1, keepdims=True)):
+                with pytest.raises(ValueError):
+                    fn(a)
+            continue
+        got, want = kernels.row_max(a), a.max(axis=-1, keepdims=True)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert np.array_equal(got, want, equal_nan=True)
+
+
 @pytest.mark.parametrize("size", ["small", "large"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_with_masks(size, dtype):
