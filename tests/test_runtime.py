@@ -245,3 +245,43 @@ def test_a_small_product_is_one_call(monkeypatch):
     a, b = np.ones((128, 4)), np.ones((4, 128))
     assert_same_bits(runtime.product(a, b), a @ b)
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_adapter_as_one_chain_per_row_block_gives_the_step_by_step_bits(dtype, split_everything, monkeypatch):
+    """The published adapter (GELU, skip) runs its row-wise steps on each thread's rows; the
+    output, every cached array and every gradient are bit for bit those of its steps run one
+    after another (the path every other adapter takes), on 1, 2 and 3 threads."""
+    monkeypatch.setattr(runtime, "MIN_PRODUCT_FLOPS", 1)
+    rng = np.random.default_rng(5)
+    h = rng.standard_normal((3, 70, 24)).astype(dtype)  # 210 rows
+    w = {"W_down": rng.standard_normal((24, 6)).astype(dtype), "b_down": rng.standard_normal(6).astype(dtype),
+         "W_up": rng.standard_normal((6, 24)).astype(dtype), "b_up": rng.standard_normal(24).astype(dtype)}
+
+    def step_by_step():
+        z, cache_down = kernels.linear_forward(h, w["W_down"], w["b_down"])
+        a, cache_act = kernels.gelu_forward(z)
+        u = runtime.product(kernels.rows(a), w["W_up"], bias=w["b_up"], residual=kernels.rows(h))
+        return u.reshape(h.shape), (cache_down, cache_act, (a, w["W_up"]), "gelu", True, 1.0)
+
+    dout = rng.standard_normal(h.shape).astype(dtype)
+
+    def backward_step_by_step(cache):
+        da, g_up = kernels.linear_backward(dout, cache[2])
+        dz, _ = kernels.gelu_backward(da, cache[1])
+        _, g_down = kernels.linear_backward(dz, cache[0], need_dx=False)
+        dh = runtime.product(kernels.rows(dz), w["W_down"].T, residual=kernels.rows(dout)).reshape(h.shape)
+        return dh, {"W_up": g_up["W"], "b_up": g_up["b"], "W_down": g_down["W"], "b_down": g_down["b"]}
+
+    want = on_threads(1, step_by_step)
+    want_back = on_threads(1, lambda: backward_step_by_step(want[1]))
+    for n in (1, 2, 3):
+        out, cache = on_threads(n, lambda: kernels_attention.adapter_forward(h, w))
+        assert_same_bits(want[0], out)
+        assert_same_bits(list(want[1][:3]), list(cache[:3]))
+        assert cache[3:] == ("gelu", True, 1.0)
+        assert_same_bits(want_back, on_threads(n, lambda: kernels_attention.adapter_backward(dout, cache)))
+        dh, grads = on_threads(n, lambda: kernels_attention.adapter_backward(dout, cache, need_dx=False,
+                                                                               need={"W_down", "b_up"}))
+        assert dh is None and list(grads) == ["b_up", "W_down"]
+        assert_same_bits([want_back[1]["b_up"], want_back[1]["W_down"]], [grads["b_up"], grads["W_down"]])

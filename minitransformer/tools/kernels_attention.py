@@ -10,6 +10,8 @@ The tricks, each named again where it is used:
 - attention's batched products run one block of sequences per core, each on one BLAS thread
   (`runtime.matmul`): BLAS's own threads cost more than they save on (T x hs) products;
 - the adapter scales and adds its skip in place on its own output: two (N, C) arrays fewer.
+- the published adapter (GELU, skip) runs its row-wise steps on one block of rows per core in
+  one hand-off: the forward whole, the backward up to the weight gradients.
 """
 import math
 
@@ -112,7 +114,10 @@ def attention_backward(dout, cache):
 
 def adapter_forward(h, w, nonlinearity="gelu", skip=True, scaling=1.0):
     """Bias and skip added by the up-projection's threads while each block is in cache
-    (runtime.product), scaling in place: two (N, C) arrays and two passes on one core fewer."""
+    (runtime.product), scaling in place: two (N, C) arrays and two passes on one core fewer.
+    The published adapter (GELU, skip, no scaling) runs whole on one block of rows per core."""
+    if nonlinearity == "gelu" and skip and scaling == 1:
+        return _houlsby_forward(h, w)
     act_forward = kernels.ACTIVATIONS[nonlinearity][0]
     z, cache_down = kernels.linear_forward(h, w["W_down"], w["b_down"])  # (N,m)
     a, cache_act = act_forward(z)  # (N,m)
@@ -128,11 +133,39 @@ def adapter_forward(h, w, nonlinearity="gelu", skip=True, scaling=1.0):
     return u.reshape(h.shape), cache
 
 
+def _houlsby_forward(h, w):
+    """adapter_forward with GELU and the skip: the whole chain (down-projection, GELU,
+    up-projection, biases, skip) on one block of rows per core (`runtime.products_by_rows`): one
+    hand-off instead of two, and the GELU, under by_rows' size for splitting at these sizes, on
+    every core too. Each row is computed as by adapter_forward's other path: the same bits."""
+    h2 = kernels.rows(h)  # (N,C)
+    N, m = h2.shape[0], w["W_down"].shape[1]
+    z, a, g = (np.empty((N, m), h.dtype) for _ in range(3))  # (N,m): pre-activation, GELU, its gate
+    u = np.empty(h2.shape, h.dtype)  # (N,C)
+    products_by_rows(_houlsby_forward_rows, h2, z, a, g, u, W_down=w["W_down"], b_down=w["b_down"],
+                     W_up=w["W_up"], b_up=w["b_up"])
+    z, a, g = (x.reshape(*h.shape[:-1], m) for x in (z, a, g))  # (..., m) views, as the other path's
+    cache = ((h, w["W_down"]), (z, g), (a, w["W_up"]), "gelu", True, 1.0)  # the caches of the other path
+    return u.reshape(h.shape), cache
+
+
+def _houlsby_forward_rows(h, z, a, g, u, W_down, b_down, W_up, b_up):
+    np.matmul(h, W_down, out=z)  # (n,C) @ (C,m)
+    z += b_down
+    kernels._gelu_forward_rows(z, a, g)  # a = GELU(z); g, its gate, for the backward
+    np.matmul(a, W_up, out=u)  # (n,m) @ (m,C)
+    u += b_up
+    u += h  # the skip
+
+
 def adapter_backward(dout, cache, need_dx=True, need=None):
     """The skip's gradient added by dh's product threads while each block is in cache
-    (runtime.product, residual): one pass on one core fewer."""
+    (runtime.product, residual): one pass on one core fewer. The published adapter's row-wise
+    steps run on one block of rows per core (_houlsby_backward)."""
     cache_down, cache_act, cache_up, nonlinearity, skip, scaling = cache
     need = {"W_down", "b_down", "W_up", "b_up"} if need is None else need
+    if nonlinearity == "gelu" and skip and scaling == 1:
+        return _houlsby_backward(dout, cache, need_dx, need)
     act_backward = kernels.ACTIVATIONS[nonlinearity][1]
     du = dout * dout.dtype.type(scaling) if scaling != 1 else dout
     da, g_up = kernels.linear_backward(du, cache_up, need_dW="W_up" in need, need_db="b_up" in need)
@@ -146,3 +179,35 @@ def adapter_backward(dout, cache, need_dx=True, need=None):
         dh = dh.reshape(dout.shape)
     grads = {f"{n}_up": g for n, g in g_up.items()} | {f"{n}_down": g for n, g in g_down.items()}
     return dh, grads
+
+
+def _houlsby_backward(dout, cache, need_dx, need):
+    """adapter_backward with GELU and the skip: the row-wise steps (the up-projection's input
+    gradient, GELU's backward, dh with the skip's gradient) on one block of rows per core in one
+    hand-off, then the weight gradients, each a product over every row. Each entry is computed
+    as by the other path: the same bits."""
+    (h, W_down), (z, g), (a, W_up) = cache[:3]
+    d2 = kernels.rows(dout)  # (N,C)
+    N, m = d2.shape[0], W_down.shape[1]
+    da, dz = np.empty((N, m), dout.dtype), np.empty((N, m), dout.dtype)  # (N,m)
+    dh = [np.empty(d2.shape, dout.dtype)] if need_dx else []  # (N,C)
+    products_by_rows(_houlsby_backward_rows, d2, kernels.rows(z), kernels.rows(g), da, dz, *dh, W_up=W_up,
+                     W_down=W_down)
+    grads = {}
+    if "W_up" in need:
+        grads["W_up"] = product(kernels.rows(a).T, d2)  # (m,N) @ (N,C)
+    if "b_up" in need:
+        grads["b_up"] = d2.sum(axis=0)
+    if "W_down" in need:
+        grads["W_down"] = product(kernels.rows(h).T, dz)  # (C,N) @ (N,m)
+    if "b_down" in need:
+        grads["b_down"] = dz.sum(axis=0)
+    return (dh[0].reshape(dout.shape) if dh else None), grads
+
+
+def _houlsby_backward_rows(dout, z, g, da, dz, *dh, W_up, W_down):
+    np.matmul(dout, W_up.T, out=da)  # undoes u = a W_up: (n,C) @ (C,m)
+    kernels._gelu_backward_rows(da, z, g, dz)  # undoes a = GELU(z)
+    if dh:  # undoes z = h W_down + b_down, and the skip out = ... + h
+        np.matmul(dz, W_down.T, out=dh[0])  # (n,m) @ (m,C)
+        np.add(dh[0], dout, out=dh[0])
