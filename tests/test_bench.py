@@ -207,3 +207,17 @@ def test_the_page_has_the_comparison_with_pytorch_or_says_how_to_get_it(quick_ru
         assert "| full step |" in page.split("## Against PyTorch")[1] and "NumPy / PyTorch" in page
     else:
         assert "pip install .[compare]" in page
+
+
+def test_the_floor_is_the_steps_products_at_their_own_rate():
+    """floor_text's figures follow from the run's: 45 GFLOP at 180 GFLOP/s is 250 ms, beside
+    steps of 330 ms (NumPy) and 320 ms (PyTorch)."""
+    from minitransformer.tools import bench_report
+    res = {"full_step_gflop": 45.0, "matmul_gflops": 180.0}
+    torch_res = {"cases": {"full step": {"numpy_ms": 330.0, "torch_ms": 320.0}},
+                 "operations": {"linear (C -> F)": {"ratio": 0.92}}}
+    text = bench_report.floor_text(res, torch_res)
+    for figure in ("(45.0 GFLOP)", "180 GFLOP/s", "take 250 ms", "0.76 of NumPy's", "0.78 of PyTorch's",
+                   "(the linear row: 0.92)", "took 80 ms in NumPy and 70 ms in PyTorch", "leave 6 ms"):
+        assert figure in text, figure
+    assert bench_report.floor_text(res, {"cases": {}}) == ""
