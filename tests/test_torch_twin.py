@@ -149,3 +149,20 @@ def test_each_operation_compared_computes_the_same_gradients_in_both_libraries()
             for mine, other in zip(got, want):
                 assert mine.shape == other.shape, name
                 assert np.max(np.abs(mine - other)) <= 1e-4 * max(1.0, np.max(np.abs(other))), name
+
+
+def test_the_table_judges_each_target_case_against_one():
+    """The verdict line names every target case with its ratio, on the right side of 1.00."""
+    case = {"numpy_ms": 1.0, "torch_ms": 1.0, "ratio_q1": 0.9, "ratio_q3": 1.1, "blocks": 4}
+    res = {"cases": {"full step": dict(case, ratio=0.98), "adapter step": dict(case, ratio=1.00),
+                     "adapter step, LayerNorms frozen": dict(case, ratio=1.30),
+                     "forward with adapters": dict(case, ratio=1.02)},
+           "load_average_before_after": (0.5, 0.6), "torch_threads": 2, "torch": "x",
+           "checks": {"full step": {"loss": 1e-15}}}
+    text = torch_twin.table(res)
+    assert ("NOT met in this run (at most 1.00: full step 0.98, adapter step 1.00; above: forward with adapters 1.02)"
+            in text)
+    res["cases"]["forward with adapters"]["ratio"] = 0.97
+    text = torch_twin.table(res)
+    assert "met in this run (at most 1.00: full step 0.98, adapter step 1.00, forward with adapters 0.97; above: none)" \
+        in text and "NOT met" not in text

@@ -297,6 +297,8 @@ def gradcheck_lines(model, ids, targets, pad_mask=None, head="lm", dropout_seed=
 
 
 CASES = ("full step", "adapter step", "adapter step, LayerNorms frozen", "forward with adapters")
+TARGET = 1.00  # NumPy / PyTorch at most this, each, for the cases below
+TARGET_CASES = ("full step", "adapter step", "forward with adapters")
 
 
 def _models(b, seed=0):
@@ -400,6 +402,13 @@ def table(res):
     lines.append(f"\nPyTorch {res['torch']} ({n} thread{'s' if n > 1 else ''}), float32, eager; case by case, each "
                  f"library in {blocks} blocks of {BLOCK} timed runs after one untimed, the blocks alternating; the "
                  f"ratio over pairs of neighbouring blocks. Load average {load[0]:.1f} before, {load[1]:.1f} after.")
+    judged = [(case, res["cases"][case]["ratio"]) for case in TARGET_CASES if case in res["cases"]]
+    if judged:
+        met = [f"{case} {r:.2f}" for case, r in judged if r <= TARGET]
+        missed = [f"{case} {r:.2f}" for case, r in judged if r > TARGET]
+        lines.append(f"Target, NumPy / PyTorch at most {TARGET:.2f} for each of {', '.join(c for c, _ in judged)}: "
+                     + ("met" if not missed else "NOT met") + f" in this run (at most {TARGET:.2f}: "
+                     f"{', '.join(met) or 'none'}; above: {', '.join(missed) or 'none'}).")
     worst = max(max(c.values()) for c in res["checks"].values())
     lines.append(f"Same model, same weights: in float64 the loss and every gradient agree to {worst:.1e} "
                  f"(relative, worst of the four cases).")
