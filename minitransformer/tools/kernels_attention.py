@@ -19,7 +19,7 @@ import numpy as np
 
 from ..attention import split_heads
 from . import kernels
-from .runtime import matmul, product, products_by_rows
+from .runtime import ALIGN, matmul, product, products_by_rows
 
 
 def heads_matmul(a, b):
@@ -142,8 +142,8 @@ def _houlsby_forward(h, w):
     N, m = h2.shape[0], w["W_down"].shape[1]
     z, a, g = (np.empty((N, m), h.dtype) for _ in range(3))  # (N,m): pre-activation, GELU, its gate
     u = np.empty(h2.shape, h.dtype)  # (N,C)
-    products_by_rows(_houlsby_forward_rows, h2, z, a, g, u, W_down=w["W_down"], b_down=w["b_down"],
-                     W_up=w["W_up"], b_up=w["b_up"])
+    products_by_rows(_houlsby_forward_rows, h2, z, a, g, u, row_step=ALIGN, W_down=w["W_down"], b_down=w["b_down"],
+                     W_up=w["W_up"], b_up=w["b_up"])  # blocks on product's edges: its bits
     z, a, g = (x.reshape(*h.shape[:-1], m) for x in (z, a, g))  # (..., m) views, as the other path's
     cache = ((h, w["W_down"]), (z, g), (a, w["W_up"]), "gelu", True, 1.0)  # the caches of the other path
     return u.reshape(h.shape), cache
@@ -191,8 +191,8 @@ def _houlsby_backward(dout, cache, need_dx, need):
     N, m = d2.shape[0], W_down.shape[1]
     da, dz = np.empty((N, m), dout.dtype), np.empty((N, m), dout.dtype)  # (N,m)
     dh = [np.empty(d2.shape, dout.dtype)] if need_dx else []  # (N,C)
-    products_by_rows(_houlsby_backward_rows, d2, kernels.rows(z), kernels.rows(g), da, dz, *dh, W_up=W_up,
-                     W_down=W_down)
+    products_by_rows(_houlsby_backward_rows, d2, kernels.rows(z), kernels.rows(g), da, dz, *dh, row_step=ALIGN,
+                     W_up=W_up, W_down=W_down)
     grads = {}
     if "W_up" in need:
         grads["W_up"] = product(kernels.rows(a).T, d2)  # (m,N) @ (N,C)

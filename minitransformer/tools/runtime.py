@@ -130,7 +130,7 @@ class _Worker:
             self._done.release()
 
 
-def by_rows(kernel, *arrays, **shared):
+def by_rows(kernel, *arrays, row_step=1, **shared):
     """Run kernel(*blocks, **shared) on matching blocks of rows of `arrays`, in parallel.
 
     Every array is cut along its first axis at the same places, and all of them must have
@@ -139,9 +139,10 @@ def by_rows(kernel, *arrays, **shared):
     gamma or a scalar. The calling thread does the first block itself. A kernel's error
     comes back as the same exception, raised here. Arrays under MIN_SIZE elements, 1-D
     arrays and set_threads(1) run kernel(*arrays, **shared) once, on the calling thread.
+    Blocks start on multiples of row_step rows (see products_by_rows).
     """
     first = arrays[0]
-    k = _blocks(first)
+    k = _blocks(first, row_step)
     if k == 1:
         kernel(*arrays, **shared)
         return
@@ -149,16 +150,16 @@ def by_rows(kernel, *arrays, **shared):
     if any(a.shape[0] != n for a in arrays):
         raise ValueError(f"arrays: expected the same first axis everywhere, got shapes "
                          f"{[a.shape for a in arrays]}")
-    cuts = [n * i // k for i in range(k + 1)]  # k blocks of n/k rows, give or take one
+    cuts = [n * i // k // row_step * row_step for i in range(k)] + [n]  # k blocks of about n/k rows
     _in_parallel([lambda lo=lo, hi=hi: kernel(*(a[lo:hi] for a in arrays), **shared)
                   for lo, hi in zip(cuts[:-1], cuts[1:])])
 
 
-def _blocks(first):
+def _blocks(first, row_step=1):
     """How many blocks by_rows cuts an array into: 1 for a small or 1-D array."""
     if first.ndim < 2 or first.size < MIN_SIZE:  # a 1-D array is one row
         return 1
-    return min(threads(), first.shape[0])
+    return max(1, min(threads(), first.shape[0] // row_step))
 
 
 def _in_parallel(jobs):
@@ -202,13 +203,18 @@ def matmul(a, b, out):
     products_by_rows(np.matmul, a, b, out)  # np.matmul(a_block, b_block, out_block)
 
 
-def products_by_rows(kernel, *arrays, **shared):
+def products_by_rows(kernel, *arrays, row_step=1, **shared):
     """by_rows for a kernel that makes BLAS products of its rows' own (attention's per-sequence
     products, softmax between them): BLAS runs on one thread inside each block, as in matmul.
-    One hand-off for the whole chain, where one matmul per product would hand off each time."""
-    limit = _blas_limit(1) if _blocks(arrays[0]) > 1 else None
+    One hand-off for the whole chain, where one matmul per product would hand off each time.
+
+    A kernel whose products take its rows as the rows of a matrix (the adapter's) passes
+    row_step=ALIGN: BLAS works on panels of rows, and a block starting off a panel's edge may
+    compute its rows in another order, in the last bit (float32 (303, 40) @ (40, 70) cut after
+    row 151 did); on multiples of ALIGN the blocks give one call's bits, as product's do."""
+    limit = _blas_limit(1) if _blocks(arrays[0], row_step) > 1 else None
     with limit or contextlib.nullcontext():
-        by_rows(kernel, *arrays, **shared)
+        by_rows(kernel, *arrays, row_step=row_step, **shared)
 
 
 MIN_PRODUCT_FLOPS = 1 << 23  # below this a product runs as one BLAS call: cutting it costs a
