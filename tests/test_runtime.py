@@ -285,3 +285,41 @@ def test_the_adapter_as_one_chain_per_row_block_gives_the_step_by_step_bits(dtyp
                                                                                need={"W_down", "b_up"}))
         assert dh is None and list(grads) == ["b_up", "W_down"]
         assert_same_bits([want_back[1]["b_up"], want_back[1]["W_down"]], [grads["b_up"], grads["W_down"]])
+
+
+ZEN4 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "flags\t\t: fpu sse avx2 avx512f avx512dq\n\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\n")
+
+
+@pytest.mark.parametrize("text, zen4", [
+    (ZEN4, True),
+    (ZEN4.replace(" avx512f avx512dq", ""), False),  # Zen 3: family 25, no AVX-512
+    (ZEN4.replace("cpu family\t: 25", "cpu family\t: 26"), False),  # Zen 5: AVX-512 at full width
+    (ZEN4.replace("AuthenticAMD", "GenuineIntel").replace(": 25", ": 6"), False),
+    ("", False)])
+def test_the_zen4_kernels_are_asked_for_on_zen4_only(text, zen4):
+    assert runtime._zen4(text) is zen4
+
+
+@pytest.mark.parametrize("numpy_first", [False, True])
+def test_a_fresh_process_asks_for_the_kernels_and_writes_down_what_it_has(numpy_first):
+    """Imported before NumPy, the runtime asks for the Zen kernels on a Zen 4 and leaves OpenBLAS's
+    choice elsewhere; after NumPy, it writes the kernels in use into the environment, for the
+    processes a command starts. Either way the status says which."""
+    import json
+    import os
+    import subprocess
+    import sys
+    code = ("import numpy\n" if numpy_first else "") + (
+        "import json, os\nfrom minitransformer.tools import runtime\nfrom threadpoolctl import threadpool_info\n"
+        "print(json.dumps([os.environ.get('OPENBLAS_CORETYPE'), runtime.blas_kernels_status(),"
+        " [l.get('architecture') for l in threadpool_info() if l.get('internal_api') == 'openblas']]))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    coretype, status, arch = json.loads(out)
+    if numpy_first:
+        assert coretype == (arch[0] if arch else None) and "imported before minitransformer" in status
+    elif runtime._zen4():
+        assert coretype == "Zen" and "AMD Zen 4" in status and arch in ([], ["Haswell"], ["Zen"])
+    else:
+        assert coretype is None and status == "OpenBLAS's choice"

@@ -465,7 +465,7 @@ def run(b):
     res["adapter_latency_overhead_cpu"] = cpu_overhead(b, b.cpu_repeats, b.cpu_rounds)
     res["environment"] = environment()
     res["runtime"] = {"elementwise_threads": runtime.threads(), "blas_idle": runtime.blas_timeout_status(),
-                      "malloc": runtime.memory_status()}
+                      "blas_kernels": runtime.blas_kernels_status(), "malloc": runtime.memory_status()}
     return res
 
 

@@ -93,7 +93,8 @@ def table(res):
                 f"{res['repeats_done']} repetitions")
     rt = res["runtime"]
     foot.append(f"runtime: {rt['elementwise_threads']} elementwise threads; BLAS idle spin: "
-                f"{rt['blas_idle']}; freed memory: {rt['malloc']}")
+                f"{rt['blas_idle']}; BLAS kernels: {rt.get('blas_kernels', 'not recorded')}; "
+                f"freed memory: {rt['malloc']}")
     if max(load) > 0.5 * (env["cores"] or 1):
         foot.append("WARNING: other processes are using the CPU: BLAS threads wait for each other "
                     "and times can be many times longer; ratios are still from one run")
@@ -191,6 +192,16 @@ PROCESS = """\
 - *OpenBLAS's idle threads* spin for about 0.1 s after each product and take the core from the
   elementwise threads; importing minitransformer sets `OPENBLAS_THREAD_TIMEOUT=19` (about 0.2 ms)
   unless you set it yourself. It only takes effect if minitransformer is imported before numpy.
+- *OpenBLAS's kernels for the CPU.* OpenBLAS chooses its product kernels by the instructions a CPU
+  has, and gives an AMD Zen 4 (it has AVX-512) those written for Intel's Skylake-X. Zen 4 runs
+  AVX-512 as two halves, and its Zen (AVX2) kernels were faster there: float32 products of the
+  benchmark's shapes at 104-111 GFLOP/s on one core against 98-106. In three runs of
+  `bench --against torch` with each, alternating, the full step took 0.91-0.97 of PyTorch's time
+  with them (1.00-1.01 without), the adapter step 0.98-1.00 (0.97-1.03), the forward 0.96-1.00
+  (1.03-1.05). On a Zen 4, importing minitransformer sets `OPENBLAS_CORETYPE=Zen` unless you set it
+  yourself; like the idle spin, only if minitransformer is imported before numpy. The products'
+  last bits depend on the kernels, so a command's numbers repeat bit for bit on the same kernels;
+  the worker processes a command starts are given its kernels.
 - *Freed memory kept for reuse.* Every command calls `runtime.keep_freed_memory()` (glibc's
   `mallopt`), so a step does not meet its activations as fresh pages each time;
   `MINITRANSFORMER_KEEP_MEMORY=0` turns it off.

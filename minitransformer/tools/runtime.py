@@ -36,7 +36,54 @@ _BLAS_TIMEOUT_BEFORE = os.environ.get("OPENBLAS_THREAD_TIMEOUT")  # the user's, 
 _NUMPY_WAS_LOADED = "numpy" in sys.modules
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "19")
 
+
+def _zen4(cpuinfo=None):
+    """True on an AMD Zen 4 core (family 25 with AVX-512), as /proc/cpuinfo (or the text
+    `cpuinfo`) describes the first core."""
+    head = cpuinfo
+    if head is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                head = f.read(1 << 16)
+        except OSError:  # not Linux
+            return False
+    fields = dict(line.split(":", 1) for line in head.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return (fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
+            and "avx512f" in fields.get("flags", "").split())
+
+
+# OpenBLAS picks its matrix-product kernels by the instructions a CPU has, and gives an AMD Zen 4
+# (which has AVX-512) those written for Intel's Skylake-X. Zen 4 runs AVX-512 as two halves, and
+# there OpenBLAS's Zen (AVX2) kernels were faster: float32 products of the benchmark's shapes ran at
+# 104-111 GFLOP/s on one core against 98-106, and the full step took 0.91-0.97 of PyTorch's time
+# against 1.00-1.01 (three runs each; docs/performance.md). Like the idle time above, OpenBLAS reads this once,
+# when NumPy loads it. When NumPy was loaded first, the kernels it has are written down instead, so
+# that the worker processes a command starts (a fresh interpreter each) use the same ones: their
+# results are then bit for bit the parent's. A value the user has set is kept.
+_BLAS_CORE_BEFORE = os.environ.get("OPENBLAS_CORETYPE")  # the user's, or None
+if _BLAS_CORE_BEFORE is None and not _NUMPY_WAS_LOADED and _zen4():
+    os.environ["OPENBLAS_CORETYPE"] = "Zen"
+
 import numpy as np  # noqa: E402  (after the environment is set)
+
+
+def _write_down_blas_core():
+    """NumPy was loaded before this module: put the kernels its OpenBLAS uses in the environment
+    (for the processes this one starts), unless the variable is set already."""
+    if "OPENBLAS_CORETYPE" in os.environ:
+        return
+    try:
+        from threadpoolctl import threadpool_info
+        found = [lib.get("architecture") for lib in threadpool_info() if lib.get("internal_api") == "openblas"]
+    except ImportError:
+        return
+    if found and found[0]:
+        os.environ["OPENBLAS_CORETYPE"] = found[0]
+
+
+if _NUMPY_WAS_LOADED:
+    _write_down_blas_core()
 
 MIN_SIZE = 1 << 18  # elements (1 MiB of float32): below this, handing work to a thread costs
 # more than it saves. Waking a sleeping thread took about 0.1 ms on the benchmark's
@@ -349,6 +396,17 @@ def keep_freed_memory():
 def memory_status():
     """What happens to freed memory in this process, in words (see keep_freed_memory)."""
     return _memory
+
+
+def blas_kernels_status():
+    """Which OpenBLAS kernels this process asked for, and why, in words (see _zen4)."""
+    if _BLAS_CORE_BEFORE is not None:
+        return f"OPENBLAS_CORETYPE={_BLAS_CORE_BEFORE} (set by the user)"
+    if _NUMPY_WAS_LOADED:
+        return "OpenBLAS's choice (numpy was imported before minitransformer)"
+    if os.environ.get("OPENBLAS_CORETYPE") == "Zen":
+        return "OPENBLAS_CORETYPE=Zen (set by minitransformer: AMD Zen 4)"
+    return "OpenBLAS's choice"
 
 
 def blas_timeout_status():
