@@ -154,7 +154,7 @@ def test_each_operation_compared_computes_the_same_gradients_in_both_libraries()
 def test_the_table_judges_each_target_case_against_one():
     """The verdict line names every target case with its ratio, on the right side of 1.00."""
     case = {"numpy_ms": 1.0, "torch_ms": 1.0, "ratio_q1": 0.9, "ratio_q3": 1.1, "blocks": 4}
-    res = {"cases": {"full step": dict(case, ratio=0.98), "adapter step": dict(case, ratio=1.00),
+    res = {"cases": {"full step": dict(case, ratio=0.98), "adapter step": dict(case, ratio=1.004),  # prints 1.00
                      "adapter step, LayerNorms frozen": dict(case, ratio=1.30),
                      "forward with adapters": dict(case, ratio=1.02)},
            "load_average_before_after": (0.5, 0.6), "torch_threads": 2, "torch": "x",

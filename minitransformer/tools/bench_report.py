@@ -220,7 +220,10 @@ The table above gives each target's verdict for this run; what decides them:
   (attention's softmax, every LayerNorm, the GELUs) is paid in full by both steps; a gap within 0.03
   means the fast path adds little of its own beyond what the flops predict.
 - Against PyTorch (`bench --against torch`, above): each of the full step, the adapter step and the
-  forward at most 1.00 times PyTorch's eager time, in one run.
+  forward at most 1.00 times PyTorch's eager time, in one run; the verdict is the line under the
+  steps' table, on the ratios as printed. A goal beyond, 0.80, is out of reach here: the paragraph
+  under the operations' table gives what the step's products alone take, which leaves almost
+  nothing for the rest of the step.
 - `adapter_latency_overhead` <= 0.12 at m = 64: the adapters' own products are 8NCm flops per
   block against the block's 2N(4C^2 + 2CF) + 4BT^2C, about 7.7 % of the forward at these sizes; the
   thin products also wake sleeping BLAS threads, so the measured overhead moves from run to run
@@ -281,9 +284,8 @@ iterator, one short inner loop per row: multiplying a (1024, 256) float32 block 
 row took 1.75 times as long as by a (1024, 256) array, where on (16, 16384) it took 0.76 times as
 long. The fast LayerNorm makes six passes over its rows forward (four of them such broadcasts) and
 nine backward (four); PyTorch's kernel takes each row once or twice while it is in cache. The
-softmax's row maxima were the softmax's slowest step (x.max(-1) spends most of its time
-starting each row of 128); np.maximum.reduceat over the rows end to end takes half that, and the
-fast softmax uses it.
+row maxima were the softmax's slowest step (x.max(-1) spends most of its time starting each row of
+128); np.maximum.reduceat over the rows end to end takes half that, and the fast softmax uses it.
 """
 
 

