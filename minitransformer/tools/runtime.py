@@ -57,10 +57,10 @@ def _zen4(cpuinfo=None):
 # (which has AVX-512) those written for Intel's Skylake-X. Zen 4 runs AVX-512 as two halves, and
 # there OpenBLAS's Zen (AVX2) kernels were faster: float32 products of the benchmark's shapes ran at
 # 104-111 GFLOP/s on one core against 98-106, and the full step took 0.91-0.97 of PyTorch's time
-# against 1.00-1.01 (three runs each; docs/performance.md). Like the idle time above, OpenBLAS reads this once,
-# when NumPy loads it. When NumPy was loaded first, the kernels it has are written down instead, so
-# that the worker processes a command starts (a fresh interpreter each) use the same ones: their
-# results are then bit for bit the parent's. A value the user has set is kept.
+# against 1.00-1.01 (three runs each; docs/performance.md). Like the idle time above, OpenBLAS
+# reads this once, when NumPy loads it. When NumPy was loaded first, the kernels it has are written
+# down instead, so that the worker processes a command starts (a fresh interpreter each) use the
+# same ones: their results are then bit for bit the parent's. A value the user has set is kept.
 _BLAS_CORE_BEFORE = os.environ.get("OPENBLAS_CORETYPE")  # the user's, or None
 if _BLAS_CORE_BEFORE is None and not _NUMPY_WAS_LOADED and _zen4():
     os.environ["OPENBLAS_CORETYPE"] = "Zen"
