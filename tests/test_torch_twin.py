@@ -166,3 +166,17 @@ def test_the_table_judges_each_target_case_against_one():
     text = torch_twin.table(res)
     assert "met in this run (at most 1.00: full step 0.98, adapter step 1.00, forward with adapters 0.97; above: none)" \
         in text and "NOT met" not in text
+
+
+def test_a_shorter_case_gets_more_runs_so_that_each_is_timed_about_as_long(monkeypatch):
+    """_time_alike on calls that take 300, 100 and 30 units of a fake clock: 1, 3 and the cap 4."""
+    import time
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    def takes(units):
+        def call():
+            clock[0] += units
+        return call
+    assert torch_twin._time_alike({"step": takes(300), "forward": takes(100), "tiny": takes(30)}) == \
+        {"step": 1, "forward": 3, "tiny": 4}

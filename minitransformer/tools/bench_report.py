@@ -274,7 +274,8 @@ F.gelu, the attention as its products and softmax, F.cross_entropy, torch.optim.
 on matrices only), checks in float64 that both give the same loss and gradients, then times both in
 float32, case by case, each library in runs of its own (`minitransformer/tools/torch_ops.py`,
 `side_by_side`): a block of one untimed run and four timed ones, then the other library's block,
-which goes first alternating. A run right after the other library's measures the handover, not the
+which goes first alternating; a shorter case runs in more blocks (the forward, a third of a step, in
+three times as many), so that each case is timed about as long. A run right after the other library's measures the handover, not the
 library: PyTorch's threads spin for some milliseconds after its work and take a core from whatever
 follows, and after a pause they start cold. The second table times each fast kernel beside
 PyTorch's operation in the same way (`tests/test_torch_twin.py` checks that both compute the same
