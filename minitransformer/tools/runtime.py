@@ -47,8 +47,8 @@ def _zen4(cpuinfo=None):
                 head = f.read(1 << 16)
         except OSError:  # not Linux
             return False
-    fields = dict(line.split(":", 1) for line in head.split("\n\n")[0].splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    fields = {k.strip(): v.strip() for k, v in
+              (line.split(":", 1) for line in head.split("\n\n")[0].splitlines() if ":" in line)}
     return (fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
             and "avx512f" in fields.get("flags", "").split())
 
@@ -62,28 +62,11 @@ def _zen4(cpuinfo=None):
 # down instead, so that the worker processes a command starts (a fresh interpreter each) use the
 # same ones: their results are then bit for bit the parent's. A value the user has set is kept.
 _BLAS_CORE_BEFORE = os.environ.get("OPENBLAS_CORETYPE")  # the user's, or None
-if _BLAS_CORE_BEFORE is None and not _NUMPY_WAS_LOADED and _zen4():
-    os.environ["OPENBLAS_CORETYPE"] = "Zen"
+_BLAS_CORE_ASKED = "Zen" if _BLAS_CORE_BEFORE is None and not _NUMPY_WAS_LOADED and _zen4() else None
+if _BLAS_CORE_ASKED:
+    os.environ["OPENBLAS_CORETYPE"] = _BLAS_CORE_ASKED
 
 import numpy as np  # noqa: E402  (after the environment is set)
-
-
-def _write_down_blas_core():
-    """NumPy was loaded before this module: put the kernels its OpenBLAS uses in the environment
-    (for the processes this one starts), unless the variable is set already."""
-    if "OPENBLAS_CORETYPE" in os.environ:
-        return
-    try:
-        from threadpoolctl import threadpool_info
-        found = [lib.get("architecture") for lib in threadpool_info() if lib.get("internal_api") == "openblas"]
-    except ImportError:
-        return
-    if found and found[0]:
-        os.environ["OPENBLAS_CORETYPE"] = found[0]
-
-
-if _NUMPY_WAS_LOADED:
-    _write_down_blas_core()
 
 MIN_SIZE = 1 << 18  # elements (1 MiB of float32): below this, handing work to a thread costs
 # more than it saves. Waking a sleeping thread took about 0.1 ms on the benchmark's
@@ -312,9 +295,9 @@ def product(a, b, out=None, bias=None, residual=None):
 _blas = []  # threadpoolctl's handle on the BLAS NumPy uses, found on first use ([None]: none)
 
 
-def _blas_limit(n):
-    """A context that runs BLAS on n threads, or None when the BLAS cannot be told
-    (threadpoolctl is not installed, or it finds no BLAS)."""
+def _blas_controller():
+    """threadpoolctl's handle on the BLAS NumPy uses, or None (threadpoolctl is not installed, or
+    it finds no BLAS); found once."""
     if not _blas:
         try:
             from threadpoolctl import ThreadpoolController
@@ -322,8 +305,26 @@ def _blas_limit(n):
         except ImportError:
             found = []
         _blas.append(found[0] if found else None)
-    blas = _blas[0]
+    return _blas[0]
+
+
+def _blas_limit(n):
+    """A context that runs BLAS on n threads, or None when the BLAS cannot be told."""
+    blas = _blas_controller()
     return None if blas is None else _BlasThreads(blas, n)
+
+
+def _write_down_blas_core():
+    """NumPy was loaded before this module: put the kernels its OpenBLAS uses in the environment
+    (for the processes this one starts), unless the variable is set already."""
+    blas = _blas_controller()
+    core = getattr(blas, "architecture", None) if blas is not None and blas.internal_api == "openblas" else None
+    if core and "OPENBLAS_CORETYPE" not in os.environ:
+        os.environ["OPENBLAS_CORETYPE"] = core
+
+
+if _NUMPY_WAS_LOADED:
+    _write_down_blas_core()
 
 
 class _BlasThreads:
@@ -404,8 +405,8 @@ def blas_kernels_status():
         return f"OPENBLAS_CORETYPE={_BLAS_CORE_BEFORE} (set by the user)"
     if _NUMPY_WAS_LOADED:
         return "OpenBLAS's choice (numpy was imported before minitransformer)"
-    if os.environ.get("OPENBLAS_CORETYPE") == "Zen":
-        return "OPENBLAS_CORETYPE=Zen (set by minitransformer: AMD Zen 4)"
+    if _BLAS_CORE_ASKED:
+        return f"OPENBLAS_CORETYPE={_BLAS_CORE_ASKED} (set by minitransformer: AMD Zen 4)"
     return "OpenBLAS's choice"
 
 
