@@ -115,7 +115,8 @@ def test_bench_against_torch_checks_then_times_every_case(capsys):
     assert "NumPy / PyTorch" in capsys.readouterr().out
 
 
-def test_side_by_side_runs_each_library_in_blocks_of_its_own():
+def test_side_by_side_runs_each_library_in_blocks_of_its_own(monkeypatch):
+    monkeypatch.setattr(torch_ops, "SETTLE", 0)  # one untimed run a block
     calls = []
     res = torch_ops.side_by_side(lambda: calls.append("n"), lambda: calls.append("t"), repeats=10)
     blocks = res["blocks"]
@@ -127,6 +128,29 @@ def test_side_by_side_runs_each_library_in_blocks_of_its_own():
                        for p in range(blocks))
     assert runs == expected  # NumPy first, then PyTorch first, ...
     assert res["ratio_min"] <= res["ratio_q1"] <= res["ratio"] <= res["ratio_q3"] <= res["ratio_max"]
+
+
+def test_side_by_side_times_a_block_only_after_it_settled(monkeypatch):
+    """Untimed runs fill the first SETTLE seconds of every block, so that the other library's
+    spinning threads are quiet before the first timed run. On a clock that each run moves by 1 ms,
+    SETTLE = 10.5 ms makes 11 untimed runs a block."""
+    from types import SimpleNamespace
+    clock = [0.0]
+    monkeypatch.setattr(torch_ops, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(torch_ops, "SETTLE", 0.0105)
+    calls = []
+
+    def call(lib):
+        def run():
+            clock[0] += 0.001
+            calls.append(lib)
+        return run
+    res = torch_ops.side_by_side(call("n"), call("t"), repeats=4)
+    block = 11 + torch_ops.BLOCK
+    expected = "".join(("n" * block + "t" * block) if p % 2 == 0 else ("t" * block + "n" * block)
+                       for p in range(res["blocks"]))
+    assert "".join(calls) == expected
+    assert res["numpy_ms"] == pytest.approx(1.0) and res["ratio"] == pytest.approx(1.0)
 
 
 def test_each_operation_compared_computes_the_same_gradients_in_both_libraries():

@@ -273,11 +273,13 @@ PyTorch's CPU build) builds the same model in PyTorch from the same weights
 F.gelu, the attention as its products and softmax, F.cross_entropy, torch.optim.AdamW with the decay
 on matrices only), checks in float64 that both give the same loss and gradients, then times both in
 float32, case by case, each library in runs of its own (`minitransformer/tools/torch_ops.py`,
-`side_by_side`): a block of one untimed run and four timed ones, then the other library's block,
-which goes first alternating; a shorter case runs in more blocks (the forward, a third of a step, in
-three times as many), so that each case is timed about as long. A run right after the other
-library's measures the handover, not the library: PyTorch's threads spin for some milliseconds
-after its work and take a core from whatever follows, and after a pause they start cold. The second table times each fast kernel beside
+`side_by_side`): a block of untimed runs (30 ms' worth, at least one) and four timed ones, then the
+other library's block, which goes first alternating; a shorter case runs in more blocks (the
+forward, a third of a step, in three times as many), so that each case is timed about as long. A
+run right after the other library's measures the handover, not the library: PyTorch's threads spin
+for about 8 ms after its work and take a core from whatever follows (NumPy's LayerNorm took
+1.45-1.71 ms in the four runs after PyTorch's, 1.13-1.21 ms once 15 ms had passed), and after a
+pause they start cold. The second table times each fast kernel beside
 PyTorch's operation in the same way (`tests/test_torch_twin.py` checks that both compute the same
 gradients), and the line under it sorts them by this run's ratios. LayerNorm and the softmax apply
 per-row means, sums and scales as broadcasts; NumPy runs each broadcast through its buffered

@@ -62,21 +62,26 @@ def torch_calls(b, a):
     }
 
 
-BLOCK = 4  # timed runs in a row of one library, after one run that is not timed
+BLOCK = 4  # timed runs in a row of one library, after the untimed runs of SETTLE
+SETTLE = 0.03  # seconds of untimed runs at the start of each block, at least one run. PyTorch's
+# OpenMP threads (GNU libgomp) spin on a core for about 8 ms after an operation. Right after five
+# PyTorch LayerNorms, NumPy's next four (forward and backward) took 1.45-1.71 ms against 1.13-1.21
+# once 15 ms had passed; its softmax 2.0-2.6 against 1.3-1.5 (medians of 40 rounds, run by run)
 
 
 def side_by_side(ours, theirs, repeats):
     """Time two zero-argument calls, NumPy's and PyTorch's: {"numpy_ms", "torch_ms", "ratio",
     "ratio_q1", "ratio_q3", "ratio_min", "ratio_max", "blocks"}.
 
-    Each library runs in blocks of its own: one run not timed, then BLOCK timed runs; the blocks
-    alternate, which library goes first alternating too, until each has about `repeats` timed runs
-    (at least 3 blocks). A run right after the other library's measures the handover, not the
-    library: PyTorch's threads keep spinning for some milliseconds after an operation and took a
-    core from the NumPy call that followed (the adapter's forward and backward, 4.1 ms alone, took
-    7.9 ms right after PyTorch's), and after a pause PyTorch's threads start cold (its LayerNorm,
-    0.4 ms alone, took 9 ms after 20 ms asleep). In a block, every run but the first follows a run
-    of the same library, as in a training loop. The times are the medians of every timed run; the
+    Each library runs in blocks of its own: untimed runs for SETTLE seconds (at least one), then
+    BLOCK timed runs; the blocks alternate, which library goes first alternating too, until each
+    has about `repeats` timed runs (at least 3 blocks). A run right after the other library's
+    measures the handover, not the library: PyTorch's threads keep spinning for some milliseconds
+    after an operation and took a core from the NumPy call that followed (the adapter's forward
+    and backward, 4.1 ms alone, took 7.9 ms right after PyTorch's), and after a pause PyTorch's
+    threads start cold (its LayerNorm, 0.4 ms alone, took 9 ms after 20 ms asleep). In a block,
+    every timed run follows a run of the same library, as in a training loop, and starts after the
+    other library's threads have gone quiet. The times are the medians of every timed run; the
     ratio is the median over the pairs of neighbouring blocks of median / median, and its quartiles.
     """
     pairs = max(3, -(-repeats // BLOCK))
@@ -85,7 +90,10 @@ def side_by_side(ours, theirs, repeats):
         got = ([], [])
         for i in ((0, 1) if p % 2 == 0 else (1, 0)):
             fn = (ours, theirs)[i]
+            settled = time.perf_counter() + SETTLE
             fn()  # the handover from the other library, not timed
+            while time.perf_counter() < settled:
+                fn()
             for _ in range(BLOCK):
                 t0 = time.perf_counter()
                 fn()

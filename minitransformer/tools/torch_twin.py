@@ -402,7 +402,7 @@ def _time_alike(calls, most=4):
 
 def table(res):
     """The comparison as printed (and on docs/performance.md): the steps, then the operations."""
-    from .torch_ops import BLOCK, table as operations_table
+    from .torch_ops import BLOCK, SETTLE, table as operations_table
     lines = ["| | NumPy fast path | PyTorch eager | NumPy / PyTorch (median; quartiles) |",
              "|---|---:|---:|---:|"]
     for case, c in res["cases"].items():
@@ -412,9 +412,9 @@ def table(res):
     n = res["torch_threads"]
     blocks = ", ".join(f"{case} {c['blocks']}" for case, c in res["cases"].items())
     lines.append(f"\nPyTorch {res['torch']} ({n} thread{'s' if n > 1 else ''}), float32, eager; case by case, each "
-                 f"library in blocks of {BLOCK} timed runs after one untimed, the blocks alternating, a shorter case "
-                 f"in more blocks so that each is timed about as long ({blocks} blocks); the ratio over pairs of "
-                 f"neighbouring blocks. Load average {load[0]:.1f} before, {load[1]:.1f} after.")
+                 f"library in blocks of {BLOCK} timed runs after {SETTLE * 1e3:.0f} ms of untimed ones, the blocks "
+                 f"alternating, a shorter case in more blocks so that each is timed about as long ({blocks} blocks); "
+                 f"the ratio over pairs of neighbouring blocks. Load average {load[0]:.1f} before, {load[1]:.1f} after.")
     judged = [(case, round(res["cases"][case]["ratio"], 2))  # as printed: 1.004 is the 1.00 the table shows
               for case in TARGET_CASES if case in res["cases"]]
     if judged:
