@@ -112,11 +112,16 @@ def attention_backward(dout, cache):
     return dx, grads
 
 
+def _published(nonlinearity, skip, scaling):
+    """The published adapter (GELU, skip, no scaling): the one that runs as a chain per row block."""
+    return nonlinearity == "gelu" and skip and scaling == 1
+
+
 def adapter_forward(h, w, nonlinearity="gelu", skip=True, scaling=1.0):
     """Bias and skip added by the up-projection's threads while each block is in cache
     (runtime.product), scaling in place: two (N, C) arrays and two passes on one core fewer.
     The published adapter (GELU, skip, no scaling) runs whole on one block of rows per core."""
-    if nonlinearity == "gelu" and skip and scaling == 1:
+    if _published(nonlinearity, skip, scaling):
         return _houlsby_forward(h, w)
     act_forward = kernels.ACTIVATIONS[nonlinearity][0]
     z, cache_down = kernels.linear_forward(h, w["W_down"], w["b_down"])  # (N,m)
@@ -164,7 +169,7 @@ def adapter_backward(dout, cache, need_dx=True, need=None):
     steps run on one block of rows per core (_houlsby_backward)."""
     cache_down, cache_act, cache_up, nonlinearity, skip, scaling = cache
     need = {"W_down", "b_down", "W_up", "b_up"} if need is None else need
-    if nonlinearity == "gelu" and skip and scaling == 1:
+    if _published(nonlinearity, skip, scaling):
         return _houlsby_backward(dout, cache, need_dx, need)
     act_backward = kernels.ACTIVATIONS[nonlinearity][1]
     du = dout * dout.dtype.type(scaling) if scaling != 1 else dout
@@ -177,8 +182,12 @@ def adapter_backward(dout, cache, need_dx=True, need=None):
         W_down = cache_down[1]
         dh = product(kernels.rows(dz), W_down.T, residual=kernels.rows(dout) if skip else None)  # (N,m) @ (m,C)
         dh = dh.reshape(dout.shape)
-    grads = {f"{n}_up": g for n, g in g_up.items()} | {f"{n}_down": g for n, g in g_down.items()}
-    return dh, grads
+    return dh, _adapter_grads(g_up, g_down)
+
+
+def _adapter_grads(g_up, g_down):
+    """The two projections' gradients ({"W": ..., "b": ...} each) under the adapter's names."""
+    return {f"{n}_up": g for n, g in g_up.items()} | {f"{n}_down": g for n, g in g_down.items()}
 
 
 def _houlsby_backward(dout, cache, need_dx, need):
@@ -193,16 +202,11 @@ def _houlsby_backward(dout, cache, need_dx, need):
     dh = [np.empty(d2.shape, dout.dtype)] if need_dx else []  # (N,C)
     products_by_rows(_houlsby_backward_rows, d2, kernels.rows(z), kernels.rows(g), da, dz, *dh, row_step=ALIGN,
                      W_up=W_up, W_down=W_down)
-    grads = {}
-    if "W_up" in need:
-        grads["W_up"] = product(kernels.rows(a).T, d2)  # (m,N) @ (N,C)
-    if "b_up" in need:
-        grads["b_up"] = d2.sum(axis=0)
-    if "W_down" in need:
-        grads["W_down"] = product(kernels.rows(h).T, dz)  # (C,N) @ (N,m)
-    if "b_down" in need:
-        grads["b_down"] = dz.sum(axis=0)
-    return (dh[0].reshape(dout.shape) if dh else None), grads
+    _, g_up = kernels.linear_backward(d2, (a, W_up), need_dx=False, need_dW="W_up" in need,
+                                      need_db="b_up" in need)  # (m,N) @ (N,C), and the rows' sum
+    _, g_down = kernels.linear_backward(dz, (h, W_down), need_dx=False, need_dW="W_down" in need,
+                                        need_db="b_down" in need)  # (C,N) @ (N,m), and the rows' sum
+    return (dh[0].reshape(dout.shape) if dh else None), _adapter_grads(g_up, g_down)
 
 
 def _houlsby_backward_rows(dout, z, g, da, dz, *dh, W_up, W_down):
