@@ -1,6 +1,7 @@
 """The benchmark runs end to end in --quick mode, its numbers are consistent, and a float32
 model stays float32. No test asserts a timing: the machine is shared and timings are noisy."""
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -66,7 +67,15 @@ def test_quick_bench_writes_every_number(quick_run):
 
 def test_ratios_are_computed_from_the_timings(quick_run):
     _, r, _ = quick_run
-    assert r["adapter_over_full_step"] == pytest.approx(r["adapter_step_s"] / r["full_step_s"])
+    steps = r["step_times_s"]  # every repetition's time of each step, in the order they ran
+    assert len(steps["full"]) == r["repeats_done"] and r["full_step_s"] == statistics.median(steps["full"])
+    # the targets' ratio: the median of its own pairs' ratios (the two steps back to back)
+    pairs = r["adapter_over_full_step_pairs"]
+    assert pairs["pairs"] == len(pairs["top_s"]) == len(pairs["bottom_s"]) == bench.QUICK.step_pairs
+    per_pair = [a / f for a, f in zip(pairs["top_s"], pairs["bottom_s"])]
+    assert r["adapter_over_full_step"] == pairs["ratio"] == pytest.approx(statistics.median(per_pair))
+    assert pairs["q1"] <= r["adapter_over_full_step"] <= pairs["q3"]
+    assert r["adapter_over_full_step_of_medians"] == pytest.approx(r["adapter_step_s"] / r["full_step_s"])
     assert r["adapter_over_base_full_step"] == pytest.approx(r["adapter_step_s"] / r["base_full_step_s"])
     assert r["adapter_ln_frozen_over_full_step"] == pytest.approx(r["adapter_ln_frozen_step_s"] / r["full_step_s"])
     assert r["gemm_efficiency"] == pytest.approx(r["step_gflops"] / r["matmul_gflops"])
@@ -221,3 +230,32 @@ def test_the_floor_is_the_steps_products_at_their_own_rate():
                    "(the linear row: 0.92)", "took 80 ms in NumPy and 70 ms in PyTorch", "leave 6 ms"):
         assert figure in text, figure
     assert bench_report.floor_text(res, {"cases": {}}) == ""
+
+
+def test_a_ratio_of_steps_is_the_median_of_the_pairs_timed_together():
+    # a burst of load that slows one repetition slows both of its steps: the pair's ratio holds,
+    # where a median of each step's times taken apart can pair one slow step with one fast one
+    adapter = [0.72, 1.44, 0.73, 0.74, 2.16]
+    full = [1.00, 2.00, 1.00, 1.00, 3.00]
+    pairs = bench.paired_ratio(adapter, full)
+    assert pairs["ratio"] == pytest.approx(0.72) and pairs["pairs"] == 5
+    assert statistics.median(adapter) / statistics.median(full) == pytest.approx(0.74)
+    assert pairs["q1"] == pytest.approx(0.72) and pairs["q3"] == pytest.approx(0.73)
+    assert bench.paired_ratio([0.5], [1.0]) == {"ratio": 0.5, "q1": 0.5, "q3": 0.5, "pairs": 1}
+    with pytest.raises(ValueError):
+        bench.paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_step_pairs_alternates_which_step_goes_first_and_pairs_the_neighbours():
+    ran, clock = [], iter(range(10_000))  # a fake clock: one tick per reading
+
+    def step(name, cost):  # each call advances the fake clock by `cost` ticks
+        def run():
+            ran.append(name)
+            for _ in range(cost - 1):
+                next(clock)
+        return run
+    got = bench.step_pairs(step("top", 3), step("bottom", 4), pairs=4, clock=lambda: next(clock))
+    assert ran == ["top", "bottom", "bottom", "top", "top", "bottom", "bottom", "top"]
+    assert got["top_s"] == [3] * 4 and got["bottom_s"] == [4] * 4
+    assert got["ratio"] == 0.75 and got["pairs"] == 4

@@ -104,6 +104,32 @@ def median_time(fn, repeats, warmup=0):
     return statistics.median(times)
 
 
+def paired_ratio(top, bottom):
+    """The median of top[i] / bottom[i] over the pairs i (each pair timed back to back), with the
+    quartiles of those ratios: {"ratio", "q1", "q3", "pairs"}."""
+    ratios = [t / b for t, b in zip(top, bottom, strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"ratio": statistics.median(ratios), "q1": q1, "q3": q3, "pairs": len(ratios)}
+
+
+def step_pairs(top, bottom, pairs, clock=time.perf_counter):
+    """top's time over bottom's as `pairs` pairs, the two run back to back in each (which goes
+    first alternates: the second meets what the first left in the caches), timed by `clock`:
+    paired_ratio of them, plus each one's times {"top_s", "bottom_s"}.
+
+    The ratio of two medians from the benchmark's few interleaved repetitions pairs one step's
+    middle repetition with another's: a burst of load can slow one and not the other, and each
+    step always follows the same job there. A burst that slows a pair slows both of its steps;
+    docs/performance.md ("The targets") gives both figures over five runs."""
+    got = ([], [])
+    for i in range(pairs):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = clock()
+            (top, bottom)[j]()
+            got[j].append(clock() - t0)
+    return {**paired_ratio(*got), "top_s": got[0], "bottom_s": got[1]}
+
+
 def cpu_overhead(b, repeats=301, rounds=7):
     """The adapters' latency overhead as work rather than elapsed time: {"overhead", "rounds",
     "spread", "q1", "q3", "base_ms", "adapters_ms", "repeats", "pairs_per_round"}.
@@ -132,18 +158,13 @@ def cpu_overhead(b, repeats=301, rounds=7):
         with threadpool_limits(limits=1, user_api="blas"), backend.using("fast"):
             for _ in range(rounds):
                 base, adapted = Transformer(one.model_config(), 0), with_adapters(one, one.bottleneck)
-                jobs = [lambda: base.forward(ids, head="cls"), lambda: adapted.forward(ids, head="cls")]
+                jobs = [lambda: adapted.forward(ids, head="cls"), lambda: base.forward(ids, head="cls")]
                 for fn in jobs + jobs:  # warm-up: first touches of the new models' memory
                     fn()
-                got = ([], [])
-                for i in range(pairs):
-                    for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-                        t0 = time.thread_time()
-                        jobs[j]()
-                        got[j].append(time.thread_time() - t0)
-                per_round.append(statistics.median(a / c - 1 for c, a in zip(*got)))
-                times[0].extend(got[0])
-                times[1].extend(got[1])
+                got = step_pairs(*jobs, pairs, clock=time.thread_time)  # adapted / bare, pair by pair
+                per_round.append(got["ratio"] - 1)
+                times[0].extend(got["bottom_s"])
+                times[1].extend(got["top_s"])
     finally:
         runtime.set_threads(before)
     ratios = [a / c - 1 for c, a in zip(*times)]
@@ -410,6 +431,7 @@ def run(b):
             faults[name].append(minor_faults() - f0)
         matmul.append(matmul_gflops(b, repeats=3))
         weight_matmul.append(weight_matmul_gflops(b, repeats=3))
+    pairs = step_pairs(jobs["adapter_step"], jobs["full_step"], b.step_pairs)
     for model, opt in ((full, full_opt), (adapted, adapted_opt), (base, base_opt)):
         check_float32(model, opt)
     t = {name: statistics.median(v) for name, v in times.items()}
@@ -436,13 +458,17 @@ def run(b):
         "page_faults_per_step": {k: statistics.median(faults[f"{k}_step"])
                                  for k in ("full", "adapter", "base_full")},
         "repeats_done": len(times["full_step"]),
+        "step_times_s": {k: times[f"{k}_step"] for k in ("full", "adapter", "base_full", "adapter_ln_frozen")},
         "load_average_before_after": [load_before, os.getloadavg()[0]],
         "path": "fast",
         "reference": {f"{k}_s": t[f"reference_{k}"] for k in ("full_step", "adapter_step", "forward")},
     }
     res["reference_over_fast"] = {k: t[f"reference_{k}"] / t[k] for k in ("full_step", "adapter_step", "forward")}
     res["operations"] = operation_times(b)
-    res["adapter_over_full_step"] = res["adapter_step_s"] / res["full_step_s"]
+    # the targets' ratio from its own pairs (step_pairs): the ratio of the two medians beside it
+    res["adapter_over_full_step"] = pairs["ratio"]
+    res["adapter_over_full_step_pairs"] = pairs
+    res["adapter_over_full_step_of_medians"] = res["adapter_step_s"] / res["full_step_s"]
     # the same ratio of counted matrix-product work: what the ratio would be with no elementwise cost
     res["adapter_over_full_flops"] = res["adapter_step_gflop"] / res["full_step_gflop"]
     res["adapter_step_gap_to_flops"] = res["adapter_over_full_step"] - res["adapter_over_full_flops"]

@@ -30,6 +30,7 @@ class BenchConfig:
     repeats: int = 7  # timed repetitions per measurement (after warm-up); the median is kept
     warmup: int = 1  # untimed rounds first: first touches of memory, BLAS thread start-up
     budget_s: float = 60.0  # stop repeating (after 3 repetitions at least) once this much time passed
+    step_pairs: int = 30  # adapter step and full step timed back to back this many times: their ratio (bench.step_pairs)
     cpu_repeats: int = 301  # paired repetitions of the one-thread latency overhead (bench.cpu_overhead)
     cpu_rounds: int = 7  # ... in this many rounds, each with its models built afresh; the median round is kept
     dtype: str = "float32"  # what is timed; float64 for the check against PyTorch (torch_twin.py)
@@ -42,7 +43,7 @@ class BenchConfig:
 
 QUICK = BenchConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=16, batch=4,
                     bottleneck=8, sizes=(2, 8, 16), lora_rank=2, n_prefix=4, n_prompt=4, repeats=3, warmup=1,
-                    cpu_repeats=21, cpu_rounds=3)
+                    step_pairs=4, cpu_repeats=21, cpu_rounds=3)
 
 def step_flops(b, trains="all", train_layernorm=True, adapters=True):
     """Floating-point operations of the matrix products of one training step.
