@@ -230,6 +230,9 @@ def test_the_floor_is_the_steps_products_at_their_own_rate():
                    "(the linear row: 0.92)", "took 80 ms in NumPy and 70 ms in PyTorch", "leave 6 ms"):
         assert figure in text, figure
     assert bench_report.floor_text(res, {"cases": {}}) == ""
+    slow_products = {"full_step_gflop": 45.0, "matmul_gflops": 150.0}  # 300 ms, past 0.8 x 320 = 256 ms
+    assert "A step at 0.80 of PyTorch's (256 ms) would be shorter than its products alone." in (
+        bench_report.floor_text(slow_products, torch_res))
 
 
 def test_a_ratio_of_steps_is_the_median_of_the_pairs_timed_together():
