@@ -158,7 +158,9 @@ and an AdamW update, with the classification head.
 
 - `full_step_s`: the base with m = 64 adapters, every weight trainable. `adapter_step_s`: the same
   step on the same model, training only the adapters, the task's LayerNorms and its head. Their
-  ratio is what freezing saves. `base_full_step_s`: full fine-tuning of the bare base.
+  ratio is what freezing saves; it is measured on its own as well, the two steps in 30 pairs
+  (`adapter step / full step, time`; see the targets). `base_full_step_s`: full fine-tuning of
+  the bare base.
   `adapter_ln_frozen_step_s`: the adapter step with the LayerNorms frozen (`train_layernorm=False`).
 - `forward_s`, `forward_adapters_s`: inference forwards of the bare base and with adapters of size m.
 - `reference path`: the full step, the adapter step and the forward on the textbook code, and how
