@@ -167,10 +167,10 @@ def cpu_overhead(b, repeats=301, rounds=7):
                 times[1].extend(got["top_s"])
     finally:
         runtime.set_threads(before)
-    ratios = [a / c - 1 for c, a in zip(*times)]
-    q = statistics.quantiles(ratios, n=4, method="inclusive")
+    every = paired_ratio(times[1], times[0])  # every pair of every round: adapted / bare
     return {"overhead": statistics.median(per_round), "rounds": per_round,
-            "spread": max(per_round) - min(per_round), "q1": q[0], "q3": q[2], "repeats": len(ratios),
+            "spread": max(per_round) - min(per_round), "q1": every["q1"] - 1, "q3": every["q3"] - 1,
+            "repeats": every["pairs"],
             "pairs_per_round": pairs, "base_ms": 1e3 * statistics.median(times[0]),
             "adapters_ms": 1e3 * statistics.median(times[1])}
 
